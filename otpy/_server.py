@@ -1,0 +1,372 @@
+"""GenServer, the base class of every otpy server, and the values its callbacks return.
+
+A server is a class whose callbacks are plain synchronous functions of explicit state.
+The node steps them directly on its one trio loop: there is no task or thread per
+server, so a callback must not block (no ``time.sleep``, no socket reads); run I/O with
+:meth:`GenServer.start_task` and receive its result as a message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import inspect
+import marshal
+import typing
+from collections import deque
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, TypeVar
+
+from ._exceptions import BadReturn
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from ._scheduler import Scheduler, TaskRef, TimerRef
+    from ._supervisor import Child, SupervisorRuntime
+
+S = TypeVar("S")
+
+_CALLBACKS = (
+    "init",
+    "handle_call",
+    "handle_cast",
+    "handle_info",
+    "terminate",
+    "code_change",
+    "upgrade_request",
+    "downgrade_reply",
+)
+# Public helpers a subclass inherits; a near-miss of these is not a typo of a callback.
+_HELPERS = ("call", "cast", "send", "send_after", "start_task", "name")
+
+
+class _Nothing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<no reply>"
+
+
+NOTHING: Any = _Nothing()
+
+
+class Reply(NamedTuple, Generic[S]):
+    """``handle_call`` result: answer the caller with ``reply`` and continue with ``state``."""
+
+    reply: Any
+    state: S
+
+
+class NoReply(NamedTuple, Generic[S]):
+    """``handle_call`` result: continue with ``state`` and answer later with
+    ``caller.reply(value)``."""
+
+    state: S
+
+
+class Stop(NamedTuple, Generic[S]):
+    """Result of any handler (or ``init``): stop the server with ``reason``.
+
+    ``"normal"`` and ``"shutdown"`` are normal exits (a transient child is not restarted);
+    any other reason is abnormal. From ``handle_call``, ``reply`` (if given) answers the
+    caller before ``terminate(reason, state)`` runs."""
+
+    reason: Any
+    state: S
+    reply: Any = NOTHING
+
+
+class _IgnoreType:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "otpy.Ignore"
+
+    def __reduce__(self) -> str:
+        return "Ignore"
+
+
+Ignore: Any = _IgnoreType()
+"""``init`` result: do not run this child; its supervisor keeps it listed as not running."""
+
+NORMAL_REASONS = frozenset({"normal", "shutdown"})
+
+
+def is_normal_reason(reason: object) -> bool:
+    """``"normal"``, ``"shutdown"`` and ``("shutdown", detail)`` are normal exits."""
+    if isinstance(reason, str):
+        return reason in NORMAL_REASONS
+    return isinstance(reason, tuple) and len(reason) == 2 and reason[0] == "shutdown"
+
+
+class TaskDone(NamedTuple):
+    """Message delivered to ``handle_info`` when a task from ``start_task`` returns."""
+
+    tag: Any
+    result: Any
+
+
+class TaskFailed(NamedTuple):
+    """Message delivered to ``handle_info`` when a task from ``start_task`` raises."""
+
+    tag: Any
+    error: BaseException
+
+
+class Caller:
+    """Who is waiting for a ``handle_call`` reply.
+
+    Return ``NoReply(state)`` from ``handle_call``, keep the caller, and answer later
+    with ``caller.reply(value)`` (from any later callback of any server). Replying to a
+    caller that gave up (its timeout passed) or replying twice does nothing;
+    ``caller.alive`` says whether anyone still waits."""
+
+    __slots__ = ("_status",)
+
+    # _status: 0 waiting, 1 answered, 2 gave up
+    def __init__(self) -> None:
+        self._status = 0
+
+    @property
+    def alive(self) -> bool:
+        """True while the caller still waits for its reply."""
+        return self._status == 0
+
+    def reply(self, value: Any) -> None:
+        """Send ``value`` as the reply. Later replies, and replies after the caller gave
+        up, are dropped."""
+        if self._status == 0:
+            self._status = 1
+            self._resolve(value)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._status == 0:
+            self._status = 1
+            self._reject(exc)
+
+    def _resolve(self, value: Any) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _reject(self, exc: BaseException) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class InlineCaller(Caller):
+    """The caller of a call stepped inline: the answer is ready when the step returns."""
+
+    __slots__ = ("error", "value")
+
+    def __init__(self) -> None:
+        self._status = 0
+        self.error: BaseException | None = None
+
+    def _resolve(self, value: Any) -> None:
+        self.value = value
+
+    def _reject(self, exc: BaseException) -> None:
+        self.error = exc
+
+
+def _derive_vsn(cls: type) -> str:
+    """A version from the class's code, as OTP derives a module's vsn from its checksum."""
+    h = hashlib.blake2b(digest_size=6)
+    h.update(cls.__qualname__.encode())
+    for name in sorted(vars(cls)):
+        value = inspect.unwrap(vars(cls)[name]) if callable(vars(cls)[name]) else None
+        code = getattr(value, "__code__", None)
+        if code is not None:
+            h.update(name.encode())
+            h.update(marshal.dumps(code))
+    return h.hexdigest()
+
+
+def _declared_state_type(cls: type) -> Any:
+    for base in getattr(cls, "__orig_bases__", ()):
+        if typing.get_origin(base) is GenServer:
+            (arg,) = typing.get_args(base)
+            return Any if isinstance(arg, TypeVar) else arg
+    for base in cls.__mro__[1:]:
+        if "_state_type" in vars(base):
+            return vars(base)["_state_type"]
+    return Any
+
+
+def _check_callbacks(cls: type) -> None:
+    known = set(_CALLBACKS) | set(_HELPERS)
+    for attr, value in vars(cls).items():
+        if attr.startswith("__"):
+            continue
+        func = inspect.unwrap(value) if callable(value) else value
+        if attr in _CALLBACKS and (
+            inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func)
+        ):
+            raise TypeError(
+                f"{cls.__qualname__}.{attr} is an async function, but otpy steps callbacks "
+                f"synchronously on the node's loop (no task per server). Write "
+                f"'def {attr}(...)' and run I/O with self.start_task(async_fn, ...), whose "
+                f"result arrives in handle_info as otpy.TaskDone / otpy.TaskFailed."
+            )
+        if attr not in known and callable(value):
+            close = difflib.get_close_matches(attr, _CALLBACKS, n=1, cutoff=0.85)
+            if close:
+                raise TypeError(
+                    f"{cls.__qualname__} defines {attr!r}, which is not an otpy callback; "
+                    f"did you mean {close[0]!r}? Rename it (or give a helper a name that "
+                    f"does not look like a callback, e.g. '_{attr}')."
+                )
+
+
+class GenServer(Generic[S]):
+    """A generic server: a state machine that otpy steps inline, supervised.
+
+    Subclass it with the state type as the type argument, set ``vsn`` and write the
+    callbacks as plain functions of explicit state::
+
+        class Counter(otpy.GenServer[int]):
+            vsn = "1"
+
+            def init(self, arg) -> int:
+                return 0
+
+            def handle_call(self, request, caller, state):
+                if request == "incr":
+                    return otpy.Reply("ok", state + 1)
+                return otpy.Reply(state, state)
+
+    Callbacks and what the runtime does with their results:
+
+    - ``init(arg)`` returns the first state; ``otpy.Ignore`` (do not run, keep listed);
+      ``otpy.Stop(reason, state)`` or an exception makes the start fail.
+    - ``handle_call(request, caller, state)`` returns ``Reply(reply, state)``,
+      ``NoReply(state)`` (answer later with ``caller.reply``) or ``Stop(reason, state,
+      reply=...)``.
+    - ``handle_cast(message, state)`` and ``handle_info(message, state)`` return the new
+      state or ``Stop(reason, state)``.
+    - ``terminate(reason, state)`` runs whenever a running server stops.
+    - ``code_change(old_vsn, state, extra)`` returns the migrated state (see releases).
+
+    Anything else returned crashes the server with :class:`otpy.BadReturn`; a callback
+    that raises crashes it, and its supervisor decides what follows.
+
+    Class attributes: ``vsn`` (derived from the code when not set), ``step_timeout``
+    (seconds a callback may run) and ``max_mailbox`` (queued messages before
+    ``cast``/``send`` raise :class:`otpy.MailboxFull`).
+    """
+
+    __slots__ = ("_flags", "_mbox", "_name", "_node", "_restarts", "_spec", "_state", "_sup",
+                 "_tasks")
+
+    vsn: ClassVar[str]
+    step_timeout: ClassVar[float] = 1.0
+    max_mailbox: ClassVar[int] = 100_000
+    _state_type: ClassVar[Any] = Any
+
+    _name: str
+    _state: Any
+    _mbox: deque[tuple[int, Any, Caller | None]] | None
+    _flags: int
+    _node: Scheduler
+    _sup: SupervisorRuntime
+    _spec: Child
+    _restarts: int
+    _tasks: set[TaskRef] | None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_callbacks(cls)
+        cls._state_type = _declared_state_type(cls)
+        if "vsn" not in vars(cls):
+            cls.vsn = _derive_vsn(cls)
+        elif not isinstance(vars(cls)["vsn"], str):
+            raise TypeError(
+                f"{cls.__qualname__}.vsn must be a string such as \"2\", "
+                f"got {vars(cls)['vsn']!r}"
+            )
+
+    # -- callbacks (defaults) -------------------------------------------------------
+
+    def init(self, arg: Any) -> S:
+        """Return the first state (the default: ``arg`` itself)."""
+        return typing.cast(S, arg)
+
+    def handle_call(self, request: Any, caller: Caller, state: S) -> Any:
+        """Handle a call. The default crashes: the class handles no calls."""
+        raise BadReturn(
+            f"server {self._name!r} ({type(self).__qualname__}) got call {request!r} but "
+            f"defines no handle_call; define handle_call(self, request, caller, state)"
+        )
+
+    def handle_cast(self, message: Any, state: S) -> Any:
+        """Handle a cast. The default crashes: the class handles no casts."""
+        raise BadReturn(
+            f"server {self._name!r} ({type(self).__qualname__}) got cast {message!r} but "
+            f"defines no handle_cast; define handle_cast(self, message, state)"
+        )
+
+    def handle_info(self, message: Any, state: S) -> Any:
+        """Handle any other message. The default logs it as unexpected and keeps going."""
+        self._node.log.warning(
+            "unexpected_message", server=self._name, message=repr(message)[:200]
+        )
+        return state
+
+    def terminate(self, reason: Any, state: S) -> None:
+        """Called when a running server stops (crash, Stop, shutdown). Default: nothing."""
+
+    def code_change(self, old_vsn: Any, state: Any, extra: Any) -> Any:
+        """Migrate ``state`` from ``old_vsn`` (or ``otpy.Down(vsn)``). Default: unchanged."""
+        return state
+
+    # -- helpers for callbacks ------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The name this server is registered under."""
+        return self._name
+
+    def call(self, name: str, request: Any) -> Any:
+        """Call another server synchronously, stepping it inline.
+
+        Never blocks: raises :class:`otpy.WouldBlock` when the target cannot answer
+        within this step (it is suspended, is already in the current chain of calls,
+        or defers its reply)."""
+        return self._node.call_nowait(name, request)
+
+    def cast(self, name: str, message: Any) -> None:
+        """Queue ``message`` for ``name``'s ``handle_cast``; returns at once."""
+        self._node.cast(name, message)
+
+    def send(self, name: str, message: Any) -> None:
+        """Queue ``message`` for ``name``'s ``handle_info``; returns at once."""
+        self._node.send(name, message)
+
+    def send_after(self, seconds: float, name: str, message: Any) -> TimerRef:
+        """Deliver ``message`` to ``name``'s ``handle_info`` after ``seconds``.
+
+        Returns a timer with ``cancel()``. The timer is addressed to the name: it reaches
+        whichever server holds the name when it fires (none: it is dropped)."""
+        return self._node.send_after(seconds, name, message)
+
+    def start_task(
+        self, fn: Callable[..., Awaitable[Any]], *args: Any, tag: Any = None
+    ) -> TaskRef:
+        """Run ``await fn(*args)`` as a trio task owned by this server.
+
+        Its outcome arrives in ``handle_info`` as ``otpy.TaskDone(tag, result)`` or
+        ``otpy.TaskFailed(tag, error)``. The task is cancelled when the server stops
+        (after the child's ``shutdown`` grace on an orderly shutdown); it survives
+        release upgrades."""
+        return self._node.start_task(self, fn, args, tag)
+
+
+def check_server_class(cls: object, what: str) -> type[GenServer[Any]]:
+    if not (isinstance(cls, type) and issubclass(cls, GenServer)):
+        raise TypeError(f"{what} must be a subclass of otpy.GenServer, got {cls!r}")
+    return cls
+
+
+def bad_return(server: GenServer[Any], callback: str, value: Any, expected: str) -> BadReturn:
+    return BadReturn(
+        f"server {server._name!r} ({type(server).__qualname__}.{callback}) returned "
+        f"{value!r:.200}; expected {expected}"
+    )

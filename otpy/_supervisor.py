@@ -1,0 +1,445 @@
+"""Child specs, supervisors, restart strategies and restart intensity.
+
+A supervisor's decisions are synchronous acts of the node: when a child exits, the
+terminations, restarts and any escalation are carried out before the step that caused
+the exit returns, so a server's name is never missing between a crash and its restart.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from ._exceptions import RestartIntensityExceeded, StartFailed, SupervisorError
+from ._server import GenServer, check_server_class, is_normal_reason
+
+if TYPE_CHECKING:
+    from ._scheduler import Scheduler
+
+
+class Strategy(enum.StrEnum):
+    """What a supervisor restarts when a child fails."""
+
+    ONE_FOR_ONE = "one_for_one"
+    """Only the failed child."""
+    REST_FOR_ONE = "rest_for_one"
+    """The failed child and every child started after it."""
+    ONE_FOR_ALL = "one_for_all"
+    """All children."""
+
+
+class Restart(enum.StrEnum):
+    """When a child is restarted."""
+
+    PERMANENT = "permanent"
+    """Always."""
+    TRANSIENT = "transient"
+    """Only after an abnormal exit (a reason other than "normal" or "shutdown")."""
+    TEMPORARY = "temporary"
+    """Never; its spec is removed when it exits."""
+
+
+def _enum(cls: type[enum.StrEnum], value: object, what: str) -> Any:
+    try:
+        return cls(value)  # type: ignore[arg-type]
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in cls)
+        raise SupervisorError(f"{what} must be one of {choices}, got {value!r}") from None
+
+
+def _check_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SupervisorError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+class Child:
+    """A worker child spec: run ``server_class`` under the name ``id``.
+
+    ``otpy.Child("kv1", KVStore, arg={"x": 1}, restart="transient", shutdown=5.0)``.
+    ``id`` is the server's name in the node; ``arg`` goes to ``init``; ``restart`` is
+    ``"permanent"`` (default), ``"transient"`` or ``"temporary"``; ``shutdown`` is how
+    many seconds the server's own tasks get to finish after an orderly stop."""
+
+    __slots__ = ("arg", "id", "restart", "server_class", "shutdown")
+
+    def __init__(
+        self,
+        id: str,
+        server_class: type[GenServer[Any]],
+        arg: Any = None,
+        *,
+        restart: str = "permanent",
+        shutdown: float = 5.0,
+    ) -> None:
+        self.id = _check_id(id, "Child id")
+        self.server_class = check_server_class(server_class, f"Child {id!r} server_class")
+        self.arg = arg
+        self.restart: Restart = _enum(Restart, restart, f"Child {id!r} restart")
+        if not isinstance(shutdown, int | float) or shutdown < 0:
+            raise SupervisorError(
+                f"Child {id!r} shutdown must be seconds >= 0, got {shutdown!r}")
+        self.shutdown = float(shutdown)
+
+    def __repr__(self) -> str:
+        return (f"Child({self.id!r}, {self.server_class.__qualname__}, arg={self.arg!r}, "
+                f"restart={self.restart.value!r})")
+
+
+class Supervisor:
+    """A supervisor spec: children started in order, restarted by ``strategy``.
+
+    ``otpy.Supervisor([otpy.Child("a", A), otpy.Child("b", B)], strategy="rest_for_one",
+    max_restarts=3, max_seconds=5.0, name="sub")``. More than ``max_restarts`` restarts
+    within ``max_seconds`` make it stop its children and fail; its parent treats that as
+    a child failure (``("shutdown", RestartIntensityExceeded)``, so a ``transient``
+    supervisor is not restarted). The root's default name is ``"root"``."""
+
+    __slots__ = ("children", "id", "max_restarts", "max_seconds", "name", "restart",
+                 "shutdown", "strategy")
+
+    def __init__(
+        self,
+        children: Sequence[Child | Supervisor],
+        *,
+        strategy: str = "one_for_one",
+        max_restarts: int = 3,
+        max_seconds: float = 5.0,
+        name: str | None = None,
+        restart: str = "permanent",
+    ) -> None:
+        self.name = self.id = _check_id("root" if name is None else name, "Supervisor name")
+        if isinstance(children, Child | Supervisor) or not isinstance(children, Iterable):
+            raise SupervisorError(
+                f"Supervisor {self.name!r} children must be a list of otpy.Child / "
+                f"otpy.Supervisor, got {children!r}")
+        self.children = list(children)
+        seen: set[str] = set()
+        for child in self.children:
+            if not isinstance(child, Child | Supervisor):
+                raise SupervisorError(
+                    f"Supervisor {self.name!r}: each child must be an otpy.Child or "
+                    f"otpy.Supervisor, got {child!r}")
+            if child.id in seen:
+                raise SupervisorError(
+                    f"Supervisor {self.name!r} has two children with id {child.id!r}; "
+                    f"ids must be unique within a supervisor")
+            seen.add(child.id)
+        self.strategy: Strategy = _enum(Strategy, strategy, f"Supervisor {self.name!r} strategy")
+        if not isinstance(max_restarts, int) or max_restarts < 0:
+            raise SupervisorError(
+                f"Supervisor {self.name!r} max_restarts must be an int >= 0, "
+                f"got {max_restarts!r}")
+        if not isinstance(max_seconds, int | float) or max_seconds <= 0:
+            raise SupervisorError(
+                f"Supervisor {self.name!r} max_seconds must be > 0, got {max_seconds!r}")
+        self.max_restarts = max_restarts
+        self.max_seconds = float(max_seconds)
+        self.restart: Restart = _enum(Restart, restart, f"Supervisor {self.name!r} restart")
+        self.shutdown = float("inf")
+
+    def __repr__(self) -> str:
+        return (f"Supervisor(<{len(self.children)} children>, strategy="
+                f"{self.strategy.value!r}, name={self.name!r})")
+
+    def walk(self) -> Iterator[Child | Supervisor]:
+        """Every spec in the tree, depth-first, this one first."""
+        yield self
+        for child in self.children:
+            if isinstance(child, Supervisor):
+                yield from child.walk()
+            else:
+                yield child
+
+
+class ChildInfo(NamedTuple):
+    """One row of ``node.which_children(sup)``."""
+
+    id: str
+    kind: str  # "worker" or "supervisor"
+    status: str  # "running", "not running" or "restarting"
+    vsn: str | None
+    restarts: int
+
+
+def check_unique_names(spec: Supervisor, taken: Any) -> None:
+    seen: set[str] = set()
+    for s in spec.walk():
+        if s.id in seen or s.id in taken:
+            raise SupervisorError(
+                f"the name {s.id!r} is used twice in the node; every server and "
+                f"supervisor name must be unique within a node")
+        seen.add(s.id)
+
+
+class SupervisorRuntime:
+    """A running supervisor: its children in start order and its restart history."""
+
+    __slots__ = ("alive", "child_restarts", "class_override", "name", "parent", "pending",
+                 "sched", "spec", "specs", "window")
+
+    def __init__(self, spec: Supervisor, sched: Scheduler, parent: SupervisorRuntime | None):
+        self.spec = spec
+        self.name = spec.name
+        self.sched = sched
+        self.parent = parent
+        self.specs: dict[str, Child | Supervisor] = {}
+        self.window: deque[float] = deque()
+        self.child_restarts: dict[str, int] = {}
+        # The class a worker restarts with, where a release changed it.
+        self.class_override: dict[str, type[GenServer[Any]]] = {}
+        self.pending: set[str] = set()  # ids whose restart failed and will be retried
+        self.alive = False
+
+    # -- start and stop --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every child depth-first in list order; on a failure stop those already
+        started (reverse order) and raise StartFailed naming the child."""
+        sched = self.sched
+        sched.sups[self.name] = self
+        self.alive = True
+        for child in self.spec.children:
+            self.specs[child.id] = child
+            try:
+                self._start(child)
+            except StartFailed as exc:
+                self.specs.pop(child.id)
+                self.shutdown("shutdown")
+                if isinstance(child, Supervisor):
+                    raise  # already names the child that failed, deeper down
+                raise StartFailed(
+                    f"supervisor {self.name!r} could not start child {child.id!r}: {exc}",
+                    child=exc.child, reason=exc.reason) from (exc.__cause__ or exc)
+        sched.log.debug("supervisor_started", supervisor=self.name, children=len(self.specs))
+
+    def _start(self, child: Child | Supervisor) -> bool:
+        """Start one child; False when its init returned Ignore."""
+        restarts = self.child_restarts.get(child.id, 0)
+        if isinstance(child, Supervisor):
+            sub = SupervisorRuntime(child, self.sched, self)
+            sub.start()
+            return True
+        cls = self.class_override.get(child.id, child.server_class)
+        proc = self.sched.start_server(cls, child, self, restarts)
+        if proc is None and child.restart is Restart.TEMPORARY:
+            del self.specs[child.id]
+        return proc is not None
+
+    def running(self, id: str) -> Any:
+        """The running server or supervisor runtime for child ``id``, or None."""
+        spec = self.specs.get(id)
+        if spec is None:
+            return None
+        if isinstance(spec, Supervisor):
+            sub = self.sched.sups.get(id)
+            return sub if sub is not None and sub.parent is self else None
+        proc = self.sched.procs.get(id)
+        return proc if proc is not None and proc._sup is self else None
+
+    def _stop_child(self, id: str, reason: Any) -> None:
+        thing = self.running(id)
+        if thing is None:
+            return
+        if isinstance(thing, SupervisorRuntime):
+            thing.shutdown(reason)
+        else:
+            self.sched.terminate_server(thing, reason, grace=self.specs[id].shutdown)
+        self.sched.log.debug("child_terminated", supervisor=self.name, child=id,
+                             reason=repr(reason))
+
+    def shutdown(self, reason: Any = "shutdown") -> None:
+        """Stop every child in reverse start order, then this supervisor."""
+        self.alive = False
+        self.pending.clear()
+        for id in reversed(list(self.specs)):
+            self._stop_child(id, "shutdown")
+        if self.sched.sups.get(self.name) is self:
+            del self.sched.sups[self.name]
+
+    # -- exits and restarts ----------------------------------------------------------
+
+    def child_exited(self, id: str, reason: Any) -> None:
+        """A child stopped on its own (crash, Stop, or a sub-supervisor gave up)."""
+        spec = self.specs.get(id)
+        if not self.alive or spec is None:
+            return
+        log = self.sched.log
+        if spec.restart is Restart.TEMPORARY or (
+            spec.restart is Restart.TRANSIENT and is_normal_reason(reason)
+        ):
+            if spec.restart is Restart.TEMPORARY:
+                del self.specs[id]
+            log.debug("child_terminated", supervisor=self.name, child=id, reason=repr(reason))
+            return
+        if not self._count_restart():
+            self.give_up(id, reason)
+            return
+        strategy = self.spec.strategy
+        if strategy is Strategy.ONE_FOR_ONE:
+            group = [id]
+        else:
+            ids = list(self.specs)
+            group = ids[ids.index(id):] if strategy is Strategy.REST_FOR_ONE else ids
+            for other in reversed(group):
+                if other != id:
+                    self._stop_child(other, "shutdown")
+            # Temporary bystanders are not restarted, and their specs go.
+            for other in group:
+                if other != id and self.specs[other].restart is Restart.TEMPORARY:
+                    del self.specs[other]
+            group = [other for other in group if other in self.specs]
+        self._restart_group(group, cause=id)
+
+    def _restart_group(self, group: list[str], cause: str) -> None:
+        log = self.sched.log
+        for n, other in enumerate(group):
+            if not self.alive:
+                return
+            spec = self.specs.get(other)
+            if spec is None or self.running(other) is not None:
+                continue
+            self.child_restarts[other] = self.child_restarts.get(other, 0) + 1
+            try:
+                self._start(spec)
+            except StartFailed as exc:
+                log.error("child_restart_failed", supervisor=self.name, child=other,
+                          reason=repr(exc.reason))
+                # Retried from the dispatcher, each attempt counting against the
+                # intensity, so a child that cannot start never wedges the node.
+                self.pending.update(g for g in group[n:] if g in self.specs)
+                self.sched.defer(self._retry)
+                return
+            log.info("child_restarted", supervisor=self.name, child=other,
+                     restarts=self.child_restarts.get(other, 0), cause=cause,
+                     in_window=len(self.window))
+
+    def _retry(self) -> None:
+        if not self.alive or not self.pending:
+            return
+        group = [id for id in self.specs if id in self.pending]
+        self.pending.clear()
+        if not group:
+            return
+        with self.sched.supervision_act():
+            if not self._count_restart():
+                self.give_up(group[0], "restart failed")
+                return
+            self._restart_group(group, cause=group[0])
+
+    def _count_restart(self) -> bool:
+        """Record a restart; False when it would exceed the intensity."""
+        now = self.sched.clock()
+        window = self.window
+        window.append(now)
+        horizon = now - self.spec.max_seconds
+        while window and window[0] <= horizon:
+            window.popleft()
+        return len(window) <= self.spec.max_restarts
+
+    def give_up(self, id: str, reason: Any) -> None:
+        spec = self.spec
+        err = RestartIntensityExceeded(
+            f"supervisor {self.name!r} gave up: more than {spec.max_restarts} restarts "
+            f"within {spec.max_seconds:g} s (last failure: child {id!r}: {reason!r:.200}). "
+            f"Fix the failing child, or raise max_restarts / max_seconds",
+            supervisor=self.name, last_failure=reason)
+        self.sched.log.error("supervisor_gave_up", supervisor=self.name, child=id,
+                             reason=repr(reason), max_restarts=spec.max_restarts,
+                             max_seconds=spec.max_seconds)
+        self.shutdown("shutdown")
+        if self.parent is not None:
+            self.parent.child_exited(self.name, ("shutdown", err))
+        else:
+            self.sched.set_fatal(err)
+
+    # -- inspection and dynamic control ----------------------------------------------
+
+    def _spec_of(self, id: str) -> Child | Supervisor:
+        spec = self.specs.get(id)
+        if spec is None:
+            raise SupervisorError(
+                f"supervisor {self.name!r} has no child {id!r}; its children are "
+                f"{list(self.specs)[:20]!r}")
+        return spec
+
+    def info(self, id: str) -> ChildInfo:
+        spec = self.specs[id]
+        thing = self.running(id)
+        if isinstance(spec, Supervisor):
+            kind, vsn = "supervisor", None
+        else:
+            kind = "worker"
+            vsn = (type(thing) if thing is not None else
+                   self.class_override.get(id, spec.server_class)).vsn
+        status = ("running" if thing is not None else
+                  "restarting" if id in self.pending else "not running")
+        return ChildInfo(id, kind, status, vsn, self.child_restarts.get(id, 0))
+
+    def which_children(self) -> list[ChildInfo]:
+        return [self.info(id) for id in self.specs]
+
+    def count_children(self) -> dict[str, int]:
+        sups = sum(isinstance(s, Supervisor) for s in self.specs.values())
+        active = sum(self.running(id) is not None for id in self.specs)
+        return {"specs": len(self.specs), "active": active, "supervisors": sups,
+                "workers": len(self.specs) - sups}
+
+    def start_child(self, child: Child | Supervisor) -> ChildInfo:
+        if not isinstance(child, Child | Supervisor):
+            raise SupervisorError(
+                f"start_child needs an otpy.Child or otpy.Supervisor, got {child!r}")
+        if child.id in self.specs:
+            state = "running" if self.running(child.id) is not None else "not running"
+            raise SupervisorError(
+                f"supervisor {self.name!r} already has a child {child.id!r} ({state}); "
+                f"use restart_child, or delete_child first")
+        taken = self.sched.procs.keys() | self.sched.sups.keys()
+        if isinstance(child, Supervisor):
+            check_unique_names(child, taken)
+        elif child.id in taken:
+            raise SupervisorError(
+                f"the name {child.id!r} is already used in the node; server names must be "
+                f"unique within a node")
+        self.specs[child.id] = child
+        with self.sched.supervision_act():
+            try:
+                self._start(child)
+            except StartFailed:
+                self.specs.pop(child.id, None)
+                raise
+        self.sched.log.debug("child_started", supervisor=self.name, child=child.id)
+        return (self.info(child.id) if child.id in self.specs else
+                ChildInfo(child.id, "worker", "not running", None, 0))
+
+    def terminate_child(self, id: str) -> None:
+        spec = self._spec_of(id)
+        self.pending.discard(id)
+        with self.sched.supervision_act():
+            self._stop_child(id, "shutdown")
+        if spec.restart is Restart.TEMPORARY:
+            del self.specs[id]
+
+    def restart_child(self, id: str) -> ChildInfo:
+        spec = self._spec_of(id)
+        if self.running(id) is not None:
+            raise SupervisorError(
+                f"child {id!r} of supervisor {self.name!r} is running; terminate_child it "
+                f"first")
+        self.pending.discard(id)
+        with self.sched.supervision_act():
+            self._start(spec)
+        return self.info(id)
+
+    def delete_child(self, id: str) -> None:
+        self._spec_of(id)
+        if self.running(id) is not None:
+            raise SupervisorError(
+                f"child {id!r} of supervisor {self.name!r} is running; terminate_child it "
+                f"before delete_child")
+        self.pending.discard(id)
+        del self.specs[id]
+        self.child_restarts.pop(id, None)
+        self.class_override.pop(id, None)
