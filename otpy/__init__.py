@@ -20,6 +20,10 @@ from ._exceptions import WouldBlock as WouldBlock
 from ._node import Node as Node
 from ._node import open_node as open_node
 from ._node import run as run
+from ._release import Down as Down
+from ._release import Release as Release
+from ._release import ReleaseInfo as ReleaseInfo
+from ._release import Update as Update
 from ._scheduler import TaskRef as TaskRef
 from ._scheduler import TimerRef as TimerRef
 from ._server import Caller as Caller
@@ -42,6 +46,7 @@ __all__ = [
     "Caller",
     "Child",
     "ChildInfo",
+    "Down",
     "GenServer",
     "Ignore",
     "MailboxFull",
@@ -49,6 +54,8 @@ __all__ = [
     "NoSuchServer",
     "Node",
     "OtpyError",
+    "Release",
+    "ReleaseInfo",
     "Reply",
     "Restart",
     "RestartIntensityExceeded",
@@ -64,6 +71,7 @@ __all__ = [
     "TaskFailed",
     "TaskRef",
     "TimerRef",
+    "Update",
     "UpgradeFailed",
     "WouldBlock",
     "open_node",

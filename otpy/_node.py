@@ -18,6 +18,7 @@ import structlog
 import trio
 
 from ._exceptions import CallTimeout, NoSuchServer, OtpyError, SupervisorError
+from ._release import Migration, Release, ReleaseHandler, ReleaseInfo
 from ._scheduler import CALL, CAST, INFO, Scheduler, TaskRef
 from ._server import Caller, GenServer, TaskDone, TaskFailed
 from ._supervisor import (
@@ -29,6 +30,9 @@ from ._supervisor import (
 )
 
 T = TypeVar("T")
+
+# Servers migrated between two yields to the loop during an upgrade.
+_MIGRATION_CHUNK = 200
 
 
 class _TaskCaller(Caller):
@@ -89,6 +93,7 @@ class Node:
         self._tasks: trio.Nursery | None = None
         self._body: trio.CancelScope | None = None
         self._root: SupervisorRuntime | None = None
+        self._releases = ReleaseHandler(self._sched)
 
     # -- calls and messages ----------------------------------------------------------
 
@@ -107,6 +112,7 @@ class Node:
         if proc is None:
             raise sched._no_such(name)
         if vsn is not None:
+            served_by = type(proc)
             request = self._adapt_request(proc, vsn, request)
         caller = _TaskCaller()
         if not proc._flags and proc._mbox is None:
@@ -121,7 +127,7 @@ class Node:
                 raise caller._error
             result = caller._value
         if vsn is not None:
-            result = self._adapt_reply(name, vsn, result)
+            result = self._adapt_reply(served_by, vsn, result)
         return result
 
     async def _wait(self, caller: _TaskCaller, name: str, timeout: float | None) -> Any:
@@ -135,18 +141,21 @@ class Node:
                 f"expected to take longer")
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _adapt_request(self, proc: GenServer[Any], vsn: str, request: Any) -> Any:
+    @staticmethod
+    def _adapt_request(proc: GenServer[Any], vsn: str, request: Any) -> Any:
         adapt = getattr(proc, "upgrade_request", None)
         if adapt is None or type(proc).vsn == vsn:
             return request
         return adapt(vsn, request)
 
-    def _adapt_reply(self, name: str, vsn: str, reply: Any) -> Any:
-        proc = self._sched.procs.get(name)
-        adapt = getattr(proc, "downgrade_reply", None)
-        if proc is None or adapt is None or type(proc).vsn == vsn:
+    @staticmethod
+    def _adapt_reply(cls: type[GenServer[Any]], vsn: str, reply: Any) -> Any:
+        # The class that served the request adapts its reply, even if an upgrade
+        # swapped the code while the caller waited.
+        adapt = getattr(cls, "downgrade_reply", None)
+        if adapt is None or cls.vsn == vsn:
             return reply
-        return adapt(vsn, reply)
+        return adapt(cls.__new__(cls), vsn, reply)
 
     def call_nowait(self, name: str, request: Any) -> Any:
         """Call ``name`` synchronously: answer now or raise :class:`otpy.WouldBlock`
@@ -222,6 +231,39 @@ class Node:
         """Remove the spec of a child that is not running."""
         await trio.lowlevel.checkpoint()
         self._sup(sup).delete_child(id)
+
+    # -- releases --------------------------------------------------------------------
+
+    async def upgrade(self, release: Release) -> dict[str, Any]:
+        """Install ``release``: hold its servers, migrate every state with the new
+        class's ``code_change``, check it against the new state type, and swap code and
+        state for all of them at once; resume. Messages meanwhile wait and are served by
+        the new code. On any failure nothing changes and :class:`otpy.UpgradeFailed`
+        lists every failed server with its reason. Returns a short report."""
+        await trio.lowlevel.checkpoint()
+        return await self._migrate(self._releases.plan_upgrade(release))
+
+    async def downgrade(self) -> dict[str, Any]:
+        """Go back to the release before the newest: the running (newer) class's
+        ``code_change(otpy.Down(old_vsn), state, extra)`` computes each older state."""
+        await trio.lowlevel.checkpoint()
+        return await self._migrate(self._releases.plan_downgrade())
+
+    def releases(self) -> list[ReleaseInfo]:
+        """The installed releases, oldest first (the newest last)."""
+        return self._releases.releases()
+
+    async def _migrate(self, migration: Migration) -> dict[str, Any]:
+        migration.hold()
+        try:
+            # Migrate in chunks, yielding to the loop between them, so that servers
+            # outside the release keep serving throughout.
+            while not migration.migrate(_MIGRATION_CHUNK):
+                await trio.lowlevel.checkpoint()
+        except BaseException:
+            migration.abort()
+            raise
+        return migration.finish()
 
     # -- the loop --------------------------------------------------------------------
 

@@ -1,0 +1,431 @@
+"""Releases: live code upgrades and downgrades with typed, atomic state migration.
+
+An upgrade is planned against the live registry (never against declared metadata),
+then carried out in phases: every affected server is held (its messages wait), each new
+state is computed by ``code_change`` and checked against the new class's declared state
+type, and only if every server succeeded are code and state swapped for all of them at
+once. Otherwise nothing changes. The migration works in chunks so that the node's
+other servers keep serving between them; the edge yields to the loop between chunks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from ._exceptions import UpgradeFailed
+from ._scheduler import BUSY, DEAD, UPGRADING
+from ._server import GenServer, check_server_class
+from ._typecheck import check_state
+
+if TYPE_CHECKING:
+    from ._scheduler import Scheduler
+
+
+class Down(NamedTuple):
+    """The ``old_vsn`` that ``code_change`` gets on a downgrade: ``Down("1")`` means
+    "return a state for version 1". As in OTP, the newer code does the downgrade."""
+
+    vsn: str
+
+
+class ClassRef(NamedTuple):
+    """A running class named as ``"module:Class"`` (how release files name targets)."""
+
+    ref: str
+
+
+def _class_key(cls: type) -> str:
+    origin = getattr(cls, "_otpy_origin", None) or f"{cls.__module__}:{cls.__qualname__}"
+    module, _, qualname = origin.partition(":")
+    return f"{module.rsplit('.', 1)[-1]}:{qualname}"
+
+
+def _ref_key(ref: str) -> str:
+    module, _, qualname = ref.partition(":")
+    return f"{module.rsplit('.', 1)[-1]}:{qualname}"
+
+
+class Update:
+    """One step of a release: move ``target`` to ``new_class``.
+
+    ``target`` is a server class (every live server running exactly that class), a
+    server name, or a :class:`ClassRef`. ``extra`` goes to ``code_change``. For a name
+    target, ``from_vsn`` pins the version the server must run (without it, any version
+    other than ``new_class.vsn`` is accepted)."""
+
+    __slots__ = ("extra", "from_vsn", "new_class", "target")
+
+    def __init__(
+        self, target: type[GenServer[Any]] | str | ClassRef, new_class: type[GenServer[Any]],
+        *, extra: Any = None, from_vsn: str | None = None,
+    ) -> None:
+        if not (isinstance(target, str | ClassRef) or (
+                isinstance(target, type) and issubclass(target, GenServer))):
+            raise TypeError(
+                f"Update target must be a GenServer subclass or a server name, got {target!r}")
+        self.target = target
+        self.new_class = check_server_class(new_class, "Update new_class")
+        self.extra = extra
+        self.from_vsn = from_vsn
+
+    def __repr__(self) -> str:
+        target = self.target.__qualname__ if isinstance(self.target, type) else self.target
+        return f"Update({target!r} -> {self.new_class.__qualname__} vsn {self.new_class.vsn})"
+
+
+class Release:
+    """A release: a version name and the updates that install it.
+
+    ``otpy.Release("2", [otpy.Update(CounterV1, CounterV2)])``, then
+    ``await node.upgrade(release)``; or describe it in a TOML file and
+    ``otpy.Release.load(path)``."""
+
+    __slots__ = ("description", "updates", "vsn")
+
+    def __init__(self, vsn: str, updates: Iterable[Update], *, description: str = "") -> None:
+        if not isinstance(vsn, str) or not vsn:
+            raise TypeError(f"Release vsn must be a non-empty string, got {vsn!r}")
+        self.vsn = vsn
+        self.updates = list(updates)
+        for u in self.updates:
+            if not isinstance(u, Update):
+                raise TypeError(f"Release {vsn!r}: each update must be an otpy.Update, got {u!r}")
+        if not self.updates:
+            raise TypeError(f"Release {vsn!r} has no updates")
+        self.description = description
+
+    def __repr__(self) -> str:
+        return f"Release({self.vsn!r}, {self.updates!r})"
+
+    @classmethod
+    def load(cls, path: str | Path) -> Release:
+        """Read a release file (TOML)::
+
+            vsn = "2"
+            code = "."                    # where the new modules are, from this file
+            [[updates]]
+            target = "counter_v1:Counter" # the running class, or: server = "c0"
+            new = "counter_v2:Counter"    # module file in `code`, and the class in it
+            extra = 0                     # optional, passed to code_change
+            from_vsn = "1"                # optional, with server =
+
+        New modules are imported under names of their own, so old and new code live
+        side by side. A file, module or class that cannot be loaded raises
+        :class:`otpy.UpgradeFailed` before anything is touched."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise UpgradeFailed(f"cannot read release file {str(path)!r}: {exc}") from exc
+        vsn = data.get("vsn")
+        if not isinstance(vsn, str) or not vsn:
+            raise UpgradeFailed(
+                f"release file {str(path)!r} needs a string 'vsn', e.g. vsn = \"2\"")
+        code = (path.parent / str(data.get("code", "."))).resolve()
+        raw = data.get("updates")
+        if not isinstance(raw, list) or not raw:
+            raise UpgradeFailed(
+                f"release file {str(path)!r} needs at least one [[updates]] table")
+        updates = []
+        for n, entry in enumerate(raw):
+            where = f"release file {str(path)!r}, updates[{n}]"
+            if not isinstance(entry, dict) or "new" not in entry or (
+                    ("target" in entry) == ("server" in entry)):
+                raise UpgradeFailed(
+                    f"{where}: give 'new' and exactly one of 'target' (\"module:Class\") "
+                    f"or 'server' (a server name)")
+            new_class = _import_class(code, str(entry["new"]), vsn, where)
+            target: str | ClassRef = (ClassRef(str(entry["target"])) if "target" in entry
+                                      else str(entry["server"]))
+            updates.append(Update(target, new_class, extra=entry.get("extra"),
+                                  from_vsn=entry.get("from_vsn")))
+        return cls(vsn, updates, description=str(data.get("description", "")))
+
+
+def _import_class(code: Path, ref: str, vsn: str, where: str) -> type[GenServer[Any]]:
+    module, sep, qualname = ref.partition(":")
+    if not sep or not module or not qualname:
+        raise UpgradeFailed(f"{where}: {ref!r} should name a class as \"module:Class\"")
+    file = code.joinpath(*module.split(".")).with_suffix(".py")
+    unique = "_otpy_release_" + re.sub(r"\W", "_", f"{vsn}__{module}")
+    try:
+        mod = sys.modules.get(unique)
+        if mod is None:
+            spec = importlib.util.spec_from_file_location(unique, file)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"no module file {str(file)!r}")
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[unique] = mod
+            try:
+                spec.loader.exec_module(mod)
+            except BaseException:
+                del sys.modules[unique]
+                raise
+    except Exception as exc:
+        raise UpgradeFailed(f"{where}: module {module!r} failed to import from "
+                            f"{str(file)!r}: {type(exc).__name__}: {exc}") from exc
+    obj: Any = mod
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if not (isinstance(obj, type) and issubclass(obj, GenServer)):
+        raise UpgradeFailed(f"{where}: module {module!r} has no GenServer class {qualname!r}")
+    obj._otpy_origin = ref  # type: ignore[attr-defined]
+    return obj
+
+
+class ReleaseInfo(NamedTuple):
+    """One installed release in ``node.releases()``."""
+
+    vsn: str
+    servers: tuple[str, ...]
+    description: str
+
+
+class _Move:
+    __slots__ = ("error", "extra", "from_cls", "name", "new_state", "old_vsn", "proc",
+                 "to_cls")
+
+    def __init__(self, proc: GenServer[Any], to_cls: type[GenServer[Any]], old_vsn: Any,
+                 extra: Any) -> None:
+        self.proc = proc
+        self.name = proc._name
+        self.from_cls = type(proc)
+        self.to_cls = to_cls
+        self.old_vsn = old_vsn
+        self.extra = extra
+        self.new_state: Any = None
+        self.error: str | None = None
+
+
+class _Record(NamedTuple):
+    release: Release
+    moves: list[tuple[str, type[GenServer[Any]], type[GenServer[Any]], Any]]
+
+
+class Migration:
+    """One upgrade or downgrade in flight: hold, migrate in chunks, then commit or
+    roll back as a whole."""
+
+    def __init__(self, handler: ReleaseHandler, moves: list[_Move], release: Release,
+                 downgrade: bool) -> None:
+        self.handler = handler
+        self.sched = handler.sched
+        self.moves = moves
+        self.release = release
+        self.downgrade = downgrade
+        self._next = 0
+
+    def hold(self) -> None:
+        for m in self.moves:
+            m.proc._flags |= UPGRADING
+
+    def migrate(self, budget: int = 256) -> bool:
+        """Migrate up to ``budget`` servers; True when all are done."""
+        moves = self.moves
+        end = min(self._next + budget, len(moves))
+        for i in range(self._next, end):
+            self._migrate_one(moves[i])
+        self._next = end
+        return end == len(moves)
+
+    def _migrate_one(self, m: _Move) -> None:
+        proc = m.proc
+        if proc._flags & DEAD:
+            m.error = "it stopped or restarted during the upgrade; try again"
+            return
+        # As in OTP, the newer code migrates in both directions.
+        impl = m.from_cls if self.downgrade else m.to_cls
+        proc._flags |= BUSY
+        try:
+            if impl is not m.from_cls:
+                proc.__class__ = impl  # so that code_change sees a proper self
+            try:
+                new_state = impl.code_change(proc, m.old_vsn, proc._state, m.extra)
+            finally:
+                proc.__class__ = m.from_cls
+            check_state(m.to_cls._state_type, new_state, server=m.name,
+                        when=f"returned by {impl.__qualname__}.code_change")
+        except Exception as exc:
+            m.error = f"{type(exc).__name__}: {exc}"
+        else:
+            m.new_state = new_state
+        finally:
+            proc._flags &= ~BUSY
+
+    def finish(self) -> dict[str, Any]:
+        """Commit if every server migrated (and is still the one held); else roll back
+        and raise UpgradeFailed listing every failure."""
+        for m in self.moves:
+            if m.error is None and (m.proc._flags & DEAD or
+                                    self.sched.procs.get(m.name) is not m.proc):
+                m.error = "it stopped or restarted during the upgrade; try again"
+        failures = {m.name: m.error for m in self.moves if m.error is not None}
+        what = "downgrade from" if self.downgrade else "upgrade to"
+        if failures:
+            self.abort()
+            self.sched.log.error("upgrade_rolled_back", release=self.release.vsn,
+                                 downgrade=self.downgrade, failures=failures)
+            shown = "; ".join(f"{k!r}: {v}" for k, v in list(failures.items())[:5])
+            more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+            raise UpgradeFailed(
+                f"{what} release {self.release.vsn!r} rolled back, nothing changed: "
+                f"{len(failures)} of {len(self.moves)} servers failed: {shown}{more}",
+                failures)
+        for m in self.moves:
+            proc = m.proc
+            proc.__class__ = m.to_cls
+            proc._state = m.new_state
+            sup = proc._sup
+            if m.to_cls is proc._spec.server_class:
+                sup.class_override.pop(m.name, None)
+            else:
+                sup.class_override[m.name] = m.to_cls
+        self.handler.committed(self)
+        self._release_all()
+        self.sched.log.info("upgrade_committed", release=self.release.vsn,
+                            downgrade=self.downgrade, servers=len(self.moves))
+        return {"release": self.release.vsn, "downgrade": self.downgrade,
+                "servers": [m.name for m in self.moves]}
+
+    def abort(self) -> None:
+        """Resume every held server on its old code and old state."""
+        self._release_all()
+        self.handler.active = None
+
+    def _release_all(self) -> None:
+        sched = self.sched
+        for m in self.moves:
+            proc = m.proc
+            proc._flags &= ~UPGRADING
+            sched._reschedule(proc)
+
+
+class ReleaseHandler:
+    """The release history of a node and the planning of upgrades against it."""
+
+    def __init__(self, sched: Scheduler) -> None:
+        self.sched = sched
+        self.history: list[_Record] = []
+        self.active: Migration | None = None
+
+    def releases(self) -> list[ReleaseInfo]:
+        return [ReleaseInfo(r.release.vsn, tuple(m[0] for m in r.moves),
+                            r.release.description) for r in self.history]
+
+    def _refuse_if_busy(self) -> None:
+        if self.active is not None:
+            raise UpgradeFailed(
+                f"release {self.active.release.vsn!r} is being installed; wait for it to "
+                f"finish")
+
+    def plan_upgrade(self, release: Release) -> Migration:
+        """Check the release against the live servers; raise UpgradeFailed (nothing
+        held, nothing changed) if any update cannot apply."""
+        if not isinstance(release, Release):
+            raise TypeError(f"upgrade needs an otpy.Release, got {release!r}")
+        self._refuse_if_busy()
+        if any(r.release.vsn == release.vsn for r in self.history):
+            raise UpgradeFailed(f"release {release.vsn!r} is already installed; give the "
+                                f"new release a new vsn")
+        moves: list[_Move] = []
+        failures: dict[str, str] = {}
+        seen: set[str] = set()
+        for upd in release.updates:
+            for proc, problem in self._targets(upd):
+                key = proc._name if proc is not None else repr(upd)
+                if problem is None and proc is not None and proc._name in seen:
+                    problem = "two updates of this release target it"
+                if problem is not None:
+                    failures[key] = problem
+                    continue
+                assert proc is not None
+                seen.add(proc._name)
+                moves.append(_Move(proc, upd.new_class, type(proc).vsn, upd.extra))
+        if failures:
+            shown = "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5])
+            raise UpgradeFailed(f"release {release.vsn!r} refused, nothing changed: {shown}",
+                                failures)
+        migration = self.active = Migration(self, moves, release, downgrade=False)
+        return migration
+
+    def _targets(self, upd: Update) -> list[tuple[GenServer[Any] | None, str | None]]:
+        procs = self.sched.procs
+        new = upd.new_class
+        target = upd.target
+        if isinstance(target, str):
+            proc = procs.get(target)
+            if proc is None:
+                return [(None, f"no server named {target!r} is running")]
+            running = type(proc).vsn
+            if upd.from_vsn is not None and running != upd.from_vsn:
+                return [(proc, f"server {target!r} runs version {running}; this update "
+                               f"expects version {upd.from_vsn}")]
+            if running == new.vsn:
+                return [(proc, f"server {target!r} already runs version {new.vsn}")]
+            return [(proc, None)]
+        if isinstance(target, type):
+            if target.vsn == new.vsn:
+                return [(None, f"{target.__qualname__} and {new.__qualname__} are both "
+                               f"version {new.vsn}; give the new class a new vsn")]
+            found = [p for p in procs.values() if type(p) is target]
+            key = _class_key(target)
+        else:
+            key = _ref_key(target.ref)
+            found = [p for p in procs.values() if _class_key(type(p)) == key]
+        if found:
+            return [(p, None if type(p).vsn != new.vsn else
+                     f"server {p._name!r} already runs version {new.vsn}") for p in found]
+        # Nothing runs the target: say what runs instead, if we replaced it earlier.
+        former = self._former(target, key)
+        if former:
+            return [(p, f"server {p._name!r} runs version {type(p).vsn}; this update "
+                        f"expects version {vsn}") for p, vsn in former]
+        name = target.__qualname__ if isinstance(target, type) else target.ref
+        return [(None, f"{upd!r}: no running server runs {name}")]
+
+    def _former(self, target: Any, key: str) -> list[tuple[GenServer[Any], str]]:
+        out = []
+        for record in self.history:
+            for name, from_cls, _to, _extra in record.moves:
+                if from_cls is target or _class_key(from_cls) == key:
+                    proc = self.sched.procs.get(name)
+                    if proc is not None:
+                        out.append((proc, from_cls.vsn))
+        return out
+
+    def plan_downgrade(self) -> Migration:
+        self._refuse_if_busy()
+        if not self.history:
+            raise UpgradeFailed("there is no installed release to downgrade from")
+        record = self.history[-1]
+        moves: list[_Move] = []
+        failures: dict[str, str] = {}
+        for name, old_cls, new_cls, extra in record.moves:
+            proc = self.sched.procs.get(name)
+            if proc is None:
+                failures[name] = f"no server named {name!r} is running"
+            elif type(proc) is not new_cls:
+                failures[name] = (f"server {name!r} runs version {type(proc).vsn}; the "
+                                  f"downgrade expects version {new_cls.vsn}")
+            else:
+                moves.append(_Move(proc, old_cls, Down(old_cls.vsn), extra))
+        if failures:
+            raise UpgradeFailed(
+                f"downgrade from release {record.release.vsn!r} refused, nothing changed: "
+                + "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5]), failures)
+        migration = self.active = Migration(self, moves, record.release, downgrade=True)
+        return migration
+
+    def committed(self, migration: Migration) -> None:
+        self.active = None
+        if migration.downgrade:
+            self.history.pop()
+        else:
+            self.history.append(_Record(migration.release, [
+                (m.name, m.from_cls, m.to_cls, m.extra) for m in migration.moves]))
