@@ -235,11 +235,15 @@ class Node:
     # -- releases --------------------------------------------------------------------
 
     async def upgrade(self, release: Release) -> dict[str, Any]:
-        """Install ``release``: hold its servers, migrate every state with the new
+        """Install ``release``: migrate every affected server's state with the new
         class's ``code_change``, check it against the new state type, and swap code and
-        state for all of them at once; resume. Messages meanwhile wait and are served by
-        the new code. On any failure nothing changes and :class:`otpy.UpgradeFailed`
-        lists every failed server with its reason. Returns a short report."""
+        state for all of them at once. The migration runs in chunks while every server
+        keeps serving; the swap is one synchronous act (servers that were stepped
+        meanwhile are migrated again from their current state), after which every
+        message is served by the new code. On any failure nothing changes and
+        :class:`otpy.UpgradeFailed` lists every failed server with its reason. Returns a
+        short report. ``code_change`` must be a pure function of its arguments: it may
+        run more than once for a busy server."""
         await trio.lowlevel.checkpoint()
         return await self._migrate(self._releases.plan_upgrade(release))
 
@@ -254,7 +258,7 @@ class Node:
         return self._releases.releases()
 
     async def _migrate(self, migration: Migration) -> dict[str, Any]:
-        migration.hold()
+        migration.watch()
         try:
             # Migrate in chunks, yielding to the loop between them, so that servers
             # outside the release keep serving throughout.

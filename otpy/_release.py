@@ -1,11 +1,21 @@
 """Releases: live code upgrades and downgrades with typed, atomic state migration.
 
 An upgrade is planned against the live registry (never against declared metadata),
-then carried out in phases: every affected server is held (its messages wait), each new
-state is computed by ``code_change`` and checked against the new class's declared state
-type, and only if every server succeeded are code and state swapped for all of them at
-once. Otherwise nothing changes. The migration works in chunks so that the node's
-other servers keep serving between them; the edge yields to the loop between chunks.
+then carried out in two phases:
+
+1. Migrate, in chunks, yielding to the loop between them: each new state is computed
+   by ``code_change`` and checked against the new class's declared state type. The
+   servers keep serving on their old code meanwhile; one that is stepped after its
+   migration was computed is marked (``TOUCHED``).
+2. Commit, in one synchronous act -- this is the instant the servers are suspended:
+   the marked servers are migrated again from their current state, and only if every
+   server succeeded are code and state swapped for all of them at once; otherwise
+   nothing changes. Messages that were waiting are then served by the new code.
+
+So the upgrade is atomic and loses nothing, and a client stalls only for the commit,
+not for the whole migration. The price: ``code_change`` may run more than once for a
+server that was busy during the migration, so it must be a pure function of its
+arguments (as OTP's, in practice, always is).
 """
 
 from __future__ import annotations
@@ -19,9 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._exceptions import UpgradeFailed
-from ._scheduler import BUSY, DEAD, UPGRADING
+from ._scheduler import BUSY, DEAD, TOUCHED, WATCHED
 from ._server import GenServer, check_server_class
-from ._typecheck import check_state
+from ._typecheck import check_state, checker
 
 if TYPE_CHECKING:
     from ._scheduler import Scheduler
@@ -71,6 +81,7 @@ class Update:
                 f"Update target must be a GenServer subclass or a server name, got {target!r}")
         self.target = target
         self.new_class = check_server_class(new_class, "Update new_class")
+        checker(new_class)  # built now, not during the migration
         self.extra = extra
         self.from_vsn = from_vsn
 
@@ -209,7 +220,7 @@ class _Record(NamedTuple):
 
 
 class Migration:
-    """One upgrade or downgrade in flight: hold, migrate in chunks, then commit or
+    """One upgrade or downgrade in flight: watch, migrate in chunks, then commit or
     roll back as a whole."""
 
     def __init__(self, handler: ReleaseHandler, moves: list[_Move], release: Release,
@@ -221,9 +232,10 @@ class Migration:
         self.downgrade = downgrade
         self._next = 0
 
-    def hold(self) -> None:
+    def watch(self) -> None:
+        """Watch the servers: a step from now on marks its server for re-migration."""
         for m in self.moves:
-            m.proc._flags |= UPGRADING
+            m.proc._flags |= WATCHED
 
     def migrate(self, budget: int = 256) -> bool:
         """Migrate up to ``budget`` servers; True when all are done."""
@@ -236,6 +248,8 @@ class Migration:
 
     def _migrate_one(self, m: _Move) -> None:
         proc = m.proc
+        proc._flags &= ~TOUCHED
+        m.error = None
         if proc._flags & DEAD:
             m.error = "it stopped or restarted during the upgrade; try again"
             return
@@ -249,7 +263,7 @@ class Migration:
                 new_state = impl.code_change(proc, m.old_vsn, proc._state, m.extra)
             finally:
                 proc.__class__ = m.from_cls
-            check_state(m.to_cls._state_type, new_state, server=m.name,
+            check_state(m.to_cls, new_state, server=m.name,
                         when=f"returned by {impl.__qualname__}.code_change")
         except Exception as exc:
             m.error = f"{type(exc).__name__}: {exc}"
@@ -261,9 +275,11 @@ class Migration:
     def finish(self) -> dict[str, Any]:
         """Commit if every server migrated (and is still the one held); else roll back
         and raise UpgradeFailed listing every failure."""
+        procs = self.sched.procs
         for m in self.moves:
-            if m.error is None and (m.proc._flags & DEAD or
-                                    self.sched.procs.get(m.name) is not m.proc):
+            if m.proc._flags & TOUCHED:
+                self._migrate_one(m)  # it was stepped since: migrate its current state
+            if m.error is None and (m.proc._flags & DEAD or procs.get(m.name) is not m.proc):
                 m.error = "it stopped or restarted during the upgrade; try again"
         failures = {m.name: m.error for m in self.moves if m.error is not None}
         what = "downgrade from" if self.downgrade else "upgrade to"
@@ -286,24 +302,21 @@ class Migration:
                 sup.class_override.pop(m.name, None)
             else:
                 sup.class_override[m.name] = m.to_cls
-        self.handler.committed(self)
         self._release_all()
+        self.handler.committed(self)
         self.sched.log.info("upgrade_committed", release=self.release.vsn,
                             downgrade=self.downgrade, servers=len(self.moves))
         return {"release": self.release.vsn, "downgrade": self.downgrade,
                 "servers": [m.name for m in self.moves]}
 
     def abort(self) -> None:
-        """Resume every held server on its old code and old state."""
+        """Give up: every server keeps its old code and old state."""
         self._release_all()
         self.handler.active = None
 
     def _release_all(self) -> None:
-        sched = self.sched
         for m in self.moves:
-            proc = m.proc
-            proc._flags &= ~UPGRADING
-            sched._reschedule(proc)
+            m.proc._flags &= ~(WATCHED | TOUCHED)
 
 
 class ReleaseHandler:
@@ -387,7 +400,7 @@ class ReleaseHandler:
             return [(p, f"server {p._name!r} runs version {type(p).vsn}; this update "
                         f"expects version {vsn}") for p, vsn in former]
         name = target.__qualname__ if isinstance(target, type) else target.ref
-        return [(None, f"{upd!r}: no running server runs {name}")]
+        return [(None, f"no running server runs {name} (vsn {getattr(target, 'vsn', '?')})")]
 
     def _former(self, target: Any, key: str) -> list[tuple[GenServer[Any], str]]:
         out = []

@@ -51,10 +51,11 @@ _KIND = ("call", "cast", "info")
 # GenServer._flags bits. Any of NOT_STEPPABLE keeps a server from being stepped.
 BUSY = 1  # in a step: it is on the current chain of calls
 SUSPENDED = 2  # node.suspend
-UPGRADING = 4  # held by a release upgrade
+WATCHED = 4  # a release is migrating its state: steps mark it TOUCHED (slow path only)
 DEAD = 8  # terminated; a new incarnation (if any) holds the name
 SCHEDULED = 16  # in the run queue
-NOT_STEPPABLE = BUSY | SUSPENDED | UPGRADING | DEAD
+TOUCHED = 32  # stepped since its migration was computed: migrate again at commit
+NOT_STEPPABLE = BUSY | SUSPENDED | DEAD
 
 # How many of one server's messages the dispatcher serves before moving to the next.
 PER_SERVER_TURN = 64
@@ -206,8 +207,11 @@ class Scheduler:
         proc = self.procs.get(name)
         if proc is None:
             raise self._no_such(name)
-        if proc._flags & NOT_STEPPABLE:
-            raise WouldBlock(self._why_blocked(proc))
+        if proc._flags:
+            if proc._flags & NOT_STEPPABLE:
+                raise WouldBlock(self._why_blocked(proc))
+            if proc._flags & WATCHED:
+                proc._flags |= TOUCHED
         if proc._mbox:
             # The call must not jump the messages already queued: serve them first.
             proc = self._drain(proc)
@@ -230,15 +234,16 @@ class Scheduler:
             return (f"server {name!r} is already in the current chain of calls (a call to "
                     f"itself or a cycle of calls); calling it would deadlock. Use cast or "
                     f"send to reach it, or answer from its own state")
-        if flags & (SUSPENDED | UPGRADING):
-            why = "being upgraded" if flags & UPGRADING else "suspended"
-            return (f"server {name!r} is {why}; its messages wait until it resumes. Use "
-                    f"'await node.call' to wait, or cast")
+        if flags & SUSPENDED:
+            return (f"server {name!r} is suspended; its messages wait until it resumes. "
+                    f"Use 'await node.call' to wait, or cast")
         return f"server {name!r} has stopped"
 
     def _drain(self, proc: GenServer[Any]) -> GenServer[Any]:
         name = proc._name
         while True:
+            if proc._flags & WATCHED:
+                proc._flags |= TOUCHED
             mb = proc._mbox
             if not mb:
                 proc._mbox = None
@@ -271,6 +276,8 @@ class Scheduler:
             if not mb:
                 proc._mbox = None
                 continue
+            if proc._flags & WATCHED:
+                proc._flags |= TOUCHED
             for _ in range(min(len(mb), PER_SERVER_TURN)):
                 kind, payload, caller = mb.popleft()
                 step(proc, kind, payload, caller)
@@ -308,7 +315,7 @@ class Scheduler:
                 f"class attribute max_mailbox"
             )
         mb.append(msg)
-        if not proc._flags & (SCHEDULED | SUSPENDED | UPGRADING | DEAD):
+        if not proc._flags & (SCHEDULED | SUSPENDED | DEAD):
             proc._flags |= SCHEDULED
             if not self.runq:
                 self.wakeup()
@@ -429,7 +436,7 @@ class Scheduler:
             if type(state) in (Reply, NoReply):
                 raise bad_return(proc, "init", state, "the first state, otpy.Ignore or "
                                  "otpy.Stop(reason, state)")
-            check_state(cls._state_type, state, server=name, when="returned by init")
+            check_state(cls, state, server=name, when="returned by init")
         except BaseException as exc:
             self._unregister(proc)
             if proc._tasks:

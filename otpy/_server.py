@@ -77,6 +77,9 @@ class Stop(NamedTuple, Generic[S]):
 
 
 class _IgnoreType:
+    """``init`` result: do not run this child; its supervisor keeps it listed as not
+    running (a temporary child's spec is dropped)."""
+
     __slots__ = ()
 
     def __repr__(self) -> str:
@@ -206,7 +209,8 @@ def _check_callbacks(cls: type) -> None:
                 f"'def {attr}(...)' and run I/O with self.start_task(async_fn, ...), whose "
                 f"result arrives in handle_info as otpy.TaskDone / otpy.TaskFailed."
             )
-        if attr not in known and callable(value):
+        # A leading underscore marks a private helper: the rename the error suggests.
+        if attr not in known and not attr.startswith("_") and callable(value):
             close = difflib.get_close_matches(attr, _CALLBACKS, n=1, cutoff=0.85)
             if close:
                 raise TypeError(

@@ -204,7 +204,8 @@ class SupervisorRuntime:
         for child in self.spec.children:
             self.specs[child.id] = child
             try:
-                self._start(child)
+                if self._start(child):
+                    sched.log.debug("child_started", supervisor=self.name, child=child.id)
             except StartFailed as exc:
                 self.specs.pop(child.id)
                 self.shutdown("shutdown")
@@ -218,6 +219,14 @@ class SupervisorRuntime:
     def _start(self, child: Child | Supervisor) -> bool:
         """Start one child; False when its init returned Ignore."""
         restarts = self.child_restarts.get(child.id, 0)
+        sched = self.sched
+        if child.id in sched.procs or child.id in sched.sups:
+            # Another server took the name while this child was stopped (start_child
+            # elsewhere); starting would steal its registry entry. OTP: already_started.
+            raise StartFailed(
+                f"child {child.id!r} of supervisor {self.name!r} cannot start: the name "
+                f"{child.id!r} is already used by another server in the node",
+                child=child.id, reason="already_started")
         if isinstance(child, Supervisor):
             sub = SupervisorRuntime(child, self.sched, self)
             sub.start()

@@ -4,12 +4,13 @@ A plain class is checked with ``isinstance`` (the common case, and the one on th
 path). Anything richer -- tuples, containers, unions, ``Literal``, nested generics,
 dataclasses (field by field) -- is checked completely by pydantic in strict mode, which
 validates every element of every container without converting anything, and names the
-path to the first wrong element. The validator for each type is built once.
+path to the first wrong element. Each server class gets its checker built once.
 """
 
 from __future__ import annotations
 
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import pydantic
@@ -19,24 +20,14 @@ from ._exceptions import StateTypeError
 _STRICT = pydantic.ConfigDict(
     strict=True, arbitrary_types_allowed=True, revalidate_instances="always"
 )
-_validators: dict[Any, pydantic.TypeAdapter[Any]] = {}
+
+Checker = Callable[[Any], "str | None"]  # the problem with a state, or None
 
 
 def type_name(tp: Any) -> str:
     if isinstance(tp, type) and typing.get_origin(tp) is None:
         return tp.__qualname__
     return repr(tp).replace("typing.", "")
-
-
-def _validator(tp: Any) -> pydantic.TypeAdapter[Any]:
-    try:
-        return _validators[tp]
-    except KeyError:
-        pass
-    except TypeError:  # an unhashable type expression: build it every time
-        return pydantic.TypeAdapter(tp, config=_STRICT)
-    adapter = _validators[tp] = pydantic.TypeAdapter(tp, config=_STRICT)
-    return adapter
 
 
 def _describe(err: pydantic.ValidationError) -> str:
@@ -46,28 +37,54 @@ def _describe(err: pydantic.ValidationError) -> str:
     return f"at {path}: {first['msg']}, got {first['input']!r:.80}{more}"
 
 
-def check_state(tp: Any, state: Any, *, server: str, when: str) -> None:
-    """Raise :class:`StateTypeError` unless ``state`` matches ``tp`` completely."""
+def _any(state: Any) -> str | None:
+    return None
+
+
+def _make_checker(tp: Any) -> Checker:
     if tp is Any:
-        return
-    if isinstance(tp, type) and typing.get_origin(tp) is None and not _is_dataclass(tp):
-        if isinstance(state, tp):
-            return
-        problem = f"got {type(state).__qualname__} {state!r:.80}"
-    else:
+        return _any
+    if (isinstance(tp, type) and typing.get_origin(tp) is None
+            and not hasattr(tp, "__dataclass_fields__")):
+
+        def is_instance(state: Any) -> str | None:
+            if isinstance(state, tp):
+                return None
+            return f"got {type(state).__qualname__} {state!r:.80}"
+
+        return is_instance
+    try:
+        validate = pydantic.TypeAdapter(tp, config=_STRICT).validator.validate_python
+    except pydantic.PydanticSchemaGenerationError as exc:
+        reason = f"otpy cannot check this type ({exc})"
+        return lambda state: reason
+
+    def validated(state: Any) -> str | None:
         try:
-            _validator(tp).validate_python(state)
-            return
+            validate(state)
         except pydantic.ValidationError as exc:
-            problem = _describe(exc)
-        except pydantic.PydanticSchemaGenerationError as exc:
-            problem = f"otpy cannot check this type ({exc})"
-    raise StateTypeError(
-        f"server {server!r}: the state {when} does not match the declared state type "
-        f"{type_name(tp)}: {problem}. Return a state of the declared type, or declare "
-        f"the type the state really has (GenServer[...])."
-    )
+            return _describe(exc)
+        return None
+
+    return validated
 
 
-def _is_dataclass(tp: type) -> bool:
-    return hasattr(tp, "__dataclass_fields__")
+def checker(cls: type) -> Checker:
+    """The state checker of a server class, built on first use and kept on the class."""
+    check: Checker | None = cls.__dict__.get("_otpy_state_check")
+    if check is None:
+        check = _make_checker(getattr(cls, "_state_type", Any))
+        type.__setattr__(cls, "_otpy_state_check", check)
+    return check
+
+
+def check_state(cls: type, state: Any, *, server: str, when: str) -> None:
+    """Raise :class:`StateTypeError` unless ``state`` matches ``cls``'s declared state
+    type completely."""
+    problem = checker(cls)(state)
+    if problem is not None:
+        raise StateTypeError(
+            f"server {server!r}: the state {when} does not match the declared state type "
+            f"{type_name(getattr(cls, '_state_type', Any))}: {problem}. Return a state of "
+            f"the declared type, or declare the type the state really has (GenServer[...])."
+        )
