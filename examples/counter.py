@@ -36,6 +36,9 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    import structlog
     import trio
 
+    # otpy never configures logging; show only its warnings and errors here.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
     trio.run(main)

@@ -4,6 +4,9 @@ Servers are classes with synchronous callbacks of explicit state; supervisors re
 them; releases upgrade them live. See README.md and docs/ for a tour.
 """
 
+from ._client import Client as Client
+from ._client import RemoteError as RemoteError
+from ._client import connect as connect
 from ._exceptions import BadReturn as BadReturn
 from ._exceptions import CallTimeout as CallTimeout
 from ._exceptions import MailboxFull as MailboxFull
@@ -46,6 +49,7 @@ __all__ = [
     "Caller",
     "Child",
     "ChildInfo",
+    "Client",
     "Down",
     "GenServer",
     "Ignore",
@@ -56,6 +60,7 @@ __all__ = [
     "OtpyError",
     "Release",
     "ReleaseInfo",
+    "RemoteError",
     "Reply",
     "Restart",
     "RestartIntensityExceeded",
@@ -74,6 +79,7 @@ __all__ = [
     "Update",
     "UpgradeFailed",
     "WouldBlock",
+    "connect",
     "open_node",
     "run",
 ]

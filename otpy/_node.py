@@ -94,6 +94,10 @@ class Node:
         self._body: trio.CancelScope | None = None
         self._root: SupervisorRuntime | None = None
         self._releases = ReleaseHandler(self._sched)
+        self.address: tuple[str, int] | None = None
+        """The bound ``(host, port)`` of the client endpoint (``listen=``), else None."""
+        self.admin_address: tuple[str, int] | None = None
+        """The bound ``(host, port)`` of the admin endpoint (``admin=``), else None."""
 
     # -- calls and messages ----------------------------------------------------------
 
@@ -372,9 +376,11 @@ async def open_node(
     The tree starts depth-first before the body runs (:class:`otpy.StartFailed` if a
     child's ``init`` fails, after stopping the children already started) and is shut
     down in reverse order when the body ends. If the root supervisor gives up, the body
-    is cancelled and :class:`otpy.RestartIntensityExceeded` is raised."""
-    if listen is not None or admin is not None:
-        raise NotImplementedError("listen= and admin= endpoints are not available yet")
+    is cancelled and :class:`otpy.RestartIntensityExceeded` is raised.
+
+    ``listen=(host, port)`` serves MessagePack-RPC ``call``/``cast`` to clients and
+    ``admin=(host, port)`` the cookie-authenticated admin endpoint (port 0 picks a free
+    port; the bound addresses are ``node.address`` and ``node.admin_address``)."""
     node = Node(root)
     sched = node._sched
     try:
@@ -384,6 +390,13 @@ async def open_node(
                 node._tasks = tasks
                 node._start_tree()
                 try:
+                    if listen is not None or admin is not None:
+                        from ._endpoint import serve_admin, serve_client
+
+                        if listen is not None:
+                            node.address = await system.start(serve_client, node, listen)
+                        if admin is not None:
+                            node.admin_address = await system.start(serve_admin, node, admin)
                     with trio.CancelScope() as body:
                         node._body = body
                         if sched.fatal is not None:

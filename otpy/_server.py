@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import inspect
-import marshal
+import reprlib
 import typing
 from collections import deque
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, TypeVar
@@ -170,6 +170,18 @@ class InlineCaller(Caller):
         self.error = exc
 
 
+def _hash_code(h: Any, code: Any) -> None:
+    # Bytecode, names and constants, not line numbers: moving a class down a file does
+    # not make it a new version.
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            _hash_code(h, const)
+        else:
+            h.update(repr(const).encode())
+
+
 def _derive_vsn(cls: type) -> str:
     """A version from the class's code, as OTP derives a module's vsn from its checksum."""
     h = hashlib.blake2b(digest_size=6)
@@ -179,7 +191,7 @@ def _derive_vsn(cls: type) -> str:
         code = getattr(value, "__code__", None)
         if code is not None:
             h.update(name.encode())
-            h.update(marshal.dumps(code))
+            _hash_code(h, code)
     return h.hexdigest()
 
 
@@ -372,5 +384,5 @@ def check_server_class(cls: object, what: str) -> type[GenServer[Any]]:
 def bad_return(server: GenServer[Any], callback: str, value: Any, expected: str) -> BadReturn:
     return BadReturn(
         f"server {server._name!r} ({type(server).__qualname__}.{callback}) returned "
-        f"{value!r:.200}; expected {expected}"
+        f"{reprlib.repr(value)}; expected {expected}"
     )

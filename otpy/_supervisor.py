@@ -308,6 +308,9 @@ class SupervisorRuntime:
             if not self.alive:
                 return
             spec = self.specs.get(other)
+            # A child restarted here is no longer pending: a stale entry would show it
+            # as "restarting" after it stops again, and a queued retry would restart it.
+            self.pending.discard(other)
             if spec is None or self.running(other) is not None:
                 continue
             self.child_restarts[other] = self.child_restarts.get(other, 0) + 1

@@ -30,9 +30,10 @@ def type_name(tp: Any) -> str:
     return repr(tp).replace("typing.", "")
 
 
-def _describe(err: pydantic.ValidationError) -> str:
+def _describe(err: pydantic.ValidationError, wrapped: bool = False) -> str:
     first = err.errors()[0]
-    path = "".join(f"[{p!r}]" for p in first["loc"]) or "the state itself"
+    loc = first["loc"][1:] if wrapped else first["loc"]
+    path = "".join(f"[{p!r}]" for p in loc) or "the state itself"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"at {path}: {first['msg']}, got {first['input']!r:.80}{more}"
 
@@ -53,8 +54,19 @@ def _make_checker(tp: Any) -> Checker:
             return f"got {type(state).__qualname__} {state!r:.80}"
 
         return is_instance
+    wrapped = False
     try:
-        validate = pydantic.TypeAdapter(tp, config=_STRICT).validator.validate_python
+        try:
+            validate: Callable[[Any], Any] = pydantic.TypeAdapter(
+                tp, config=_STRICT).validator.validate_python
+        except pydantic.PydanticUserError:
+            # pydantic takes no config for a bare dataclass, but applies it to one
+            # inside a container: check ``(state,)`` against ``tuple[tp]``.
+            inner = pydantic.TypeAdapter(tuple[tp], config=_STRICT).validator.validate_python
+            wrapped = True
+
+            def validate(state: Any) -> Any:
+                return inner((state,))
     except pydantic.PydanticSchemaGenerationError as exc:
         reason = f"otpy cannot check this type ({exc})"
         return lambda state: reason
@@ -63,7 +75,7 @@ def _make_checker(tp: Any) -> Checker:
         try:
             validate(state)
         except pydantic.ValidationError as exc:
-            return _describe(exc)
+            return _describe(exc, wrapped)
         return None
 
     return validated

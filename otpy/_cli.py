@@ -1,0 +1,165 @@
+"""The ``otpy`` command: operate a running node through its admin endpoint.
+
+::
+
+    otpy tree                       --node 127.0.0.1:4370
+    otpy state NAME
+    otpy call NAME REQUEST          REQUEST is JSON ('"incr"', '["store", "x", 1]');
+                                    a bare word that is not JSON is sent as a string
+    otpy upgrade RELEASE_FILE
+    otpy downgrade
+    otpy releases
+
+The node is ``--node HOST:PORT`` (default ``$OTPY_NODE``, else 127.0.0.1:4370); the
+cookie is ``$OTPY_COOKIE``, else the file ``$OTPY_COOKIE_FILE`` or ``~/.otpy_cookie``.
+
+Exit codes: 0 done, 1 the node answered with an error, 2 bad usage, 69 the node cannot
+be reached, 77 authentication failed (or no cookie).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from ._client import AuthFailed, Client, ConnectionLost, RemoteError, connect_admin
+from ._endpoint import CookieError, read_cookie
+
+DEFAULT_NODE = "127.0.0.1:4370"
+EX_ERROR, EX_USAGE, EX_UNAVAILABLE, EX_NOPERM = 1, 2, 69, 77
+
+
+class _Fail(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise _Fail(f"--node must be HOST:PORT, e.g. 127.0.0.1:4370; got {text!r}", EX_USAGE)
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _tuples(value: Any) -> Any:
+    """JSON arrays become tuples, as arrays decode on the wire."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def _show(value: Any) -> str:
+    def default(obj: Any) -> Any:
+        if isinstance(obj, bytes):
+            return obj.decode("utf-8", "backslashreplace")
+        return repr(obj)
+
+    return json.dumps(value, default=default)
+
+
+async def _tree(admin: Client, sup: str, prefix: str, out: list[str]) -> None:
+    children = await admin.request("which_children", sup)
+    for n, child in enumerate(children):
+        last = n == len(children) - 1
+        vsn = f"vsn {child['vsn']}" if child.get("vsn") is not None else "-"
+        out.append(f"{prefix}{'└── ' if last else '├── '}{child['id']}  {child['kind']}  "
+                   f"{child['status']}  {vsn}  restarts {child['restarts']}")
+        if child["kind"] == "supervisor" and child["status"] == "running":
+            await _tree(admin, child["id"], prefix + ("    " if last else "│   "), out)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    host, port = _address(args.node)
+    try:
+        cookie = read_cookie()
+    except CookieError as exc:
+        raise _Fail(str(exc), EX_NOPERM) from None
+    try:
+        async with connect_admin(host, port, cookie) as admin:
+            cmd = args.command
+            if cmd == "tree":
+                lines = ["root  supervisor"]
+                await _tree(admin, "root", "", lines)
+                print("\n".join(lines))
+            elif cmd == "state":
+                print(_show(await admin.request("get_state", args.name)))
+            elif cmd == "call":
+                try:
+                    request = _tuples(json.loads(args.request))
+                except json.JSONDecodeError:
+                    request = args.request
+                print(_show(await admin.request("call", args.name, request,
+                                                timeout=args.timeout)))
+            elif cmd == "upgrade":
+                path = os.path.abspath(args.release_file)
+                print(_show(await admin.request("upgrade", path, timeout=args.timeout)))
+            elif cmd == "downgrade":
+                print(_show(await admin.request("downgrade", timeout=args.timeout)))
+            elif cmd == "releases":
+                for rel in await admin.request("releases"):
+                    servers = ", ".join(rel["servers"]) or "-"
+                    desc = f"  {rel['description']}" if rel["description"] else ""
+                    print(f"{rel['vsn']}  servers: {servers}{desc}")
+    except AuthFailed as exc:
+        raise _Fail(f"authentication failed at {host}:{port}: {exc}. Use the node's "
+                    f"cookie: set OTPY_COOKIE, or OTPY_COOKIE_FILE to its file", EX_NOPERM) \
+            from None
+    except RemoteError as exc:
+        raise _Fail(f"the node answered: {exc}", EX_ERROR) from None
+    except (OSError, ConnectionLost, trio.BrokenResourceError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise _Fail(f"cannot reach the node's admin endpoint at {host}:{port}: {reason}. "
+                    f"Is the node running with admin=({host!r}, {port})? Pass "
+                    f"--node HOST:PORT", EX_UNAVAILABLE) from None
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="otpy", description="Operate a running otpy node through its admin endpoint.",
+        epilog="The cookie comes from $OTPY_COOKIE, else the file $OTPY_COOKIE_FILE "
+               "(default ~/.otpy_cookie). Exit codes: 1 error reply, 2 usage, "
+               "69 node unreachable, 77 authentication failed.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--node", default=os.environ.get("OTPY_NODE") or DEFAULT_NODE,
+                        metavar="HOST:PORT",
+                        help="the node's admin endpoint (default $OTPY_NODE or %(default)s)")
+    common.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds to wait for the node's answer (default %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("tree", parents=[common], help="the live supervision tree")
+    p = sub.add_parser("state", parents=[common], help="the state of server NAME")
+    p.add_argument("name")
+    p = sub.add_parser("call", parents=[common], help="call server NAME with REQUEST (JSON)")
+    p.add_argument("name")
+    p.add_argument("request", help="JSON; arrays are sent as tuples")
+    p = sub.add_parser("upgrade", parents=[common], help="install a release file (TOML)")
+    p.add_argument("release_file")
+    sub.add_parser("downgrade", parents=[common], help="go back to the release before")
+    sub.add_parser("releases", parents=[common], help="the installed releases, oldest first")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``otpy`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return trio.run(_run, args)
+    except _Fail as exc:
+        print(f"otpy: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

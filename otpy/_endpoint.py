@@ -1,0 +1,509 @@
+"""The network edge: the MessagePack-RPC client endpoint and the authenticated admin
+endpoint of a node (``open_node(root, listen=..., admin=...)``).
+
+One task reads each connection and serves every request it can answer at once inline,
+in the step that decoded it; a request whose server defers its reply (``NoReply``,
+busy, suspended) gets a task of its own that waits for it, so replies go out as they
+complete, out of order. One writer task per connection sends what is queued.
+
+Bounds that must stay true, so that no client can make the node buffer without limit:
+a connection stops serving and reading while it has ``max_inflight`` requests waiting
+or more than ``max_send_buffer`` bytes of replies unsent (checked after each request,
+so one reply may overshoot), and a frame is never buffered beyond ``max_frame`` bytes
+plus one read (see ``_wire``).
+
+The admin endpoint runs nothing before the client proves it holds the node's cookie:
+the node sends a fresh nonce, the client answers HMAC-SHA256(cookie, nonce). The cookie
+comes from ``OTPY_COOKIE`` or from a file (``OTPY_COOKIE_FILE``, by default
+``~/.otpy_cookie``) created with mode 0600 on first start, as Erlang's.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+
+from ._exceptions import OtpyError
+from ._node import _TaskCaller
+from ._release import Release
+from ._scheduler import CALL
+from ._wire import (
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_FRAME,
+    ENCODE_ERRORS,
+    READ_SIZE,
+    Decoder,
+    Fatal,
+    Invalid,
+    Notification,
+    Request,
+    auth_ok,
+    encode_error,
+    encode_notification,
+    encode_result,
+    error_of,
+    new_nonce,
+)
+
+if TYPE_CHECKING:
+    from ._node import Node
+
+COOKIE_ENV = "OTPY_COOKIE"
+COOKIE_FILE_ENV = "OTPY_COOKIE_FILE"
+AUTH_MAX_FRAME = 1024
+AUTH_TIMEOUT = 10.0
+
+_log = structlog.get_logger("otpy")
+
+
+class CookieError(OtpyError):
+    """The node's cookie cannot be read or created, or its file is open to others."""
+
+
+def cookie_path() -> Path:
+    """Where the cookie file is: ``$OTPY_COOKIE_FILE``, else ``~/.otpy_cookie``."""
+    return Path(os.environ.get(COOKIE_FILE_ENV) or Path.home() / ".otpy_cookie")
+
+
+def read_cookie(*, create: bool = False) -> bytes:
+    """The node's secret: ``$OTPY_COOKIE``, else the cookie file (created with mode 0600
+    and a random cookie when ``create`` and it does not exist yet)."""
+    env = os.environ.get(COOKIE_ENV)
+    if env:
+        return env.encode()
+    path = cookie_path()
+    if create:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise CookieError(f"cannot create the cookie file {str(path)!r}: {exc}; set "
+                              f"{COOKIE_ENV} or point {COOKIE_FILE_ENV} at a writable "
+                              f"path") from exc
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+    try:
+        info = path.stat()
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise CookieError(
+            f"no cookie: {COOKIE_ENV} is not set and the cookie file {str(path)!r} cannot "
+            f"be read ({exc.strerror or exc}); set {COOKIE_ENV}, or {COOKIE_FILE_ENV} to "
+            f"the node's cookie file") from exc
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise CookieError(f"the cookie file {str(path)!r} is accessible to others (mode "
+                          f"{stat.S_IMODE(info.st_mode):o}); run: chmod 600 {str(path)!r}")
+    if not text:
+        raise CookieError(f"the cookie file {str(path)!r} is empty")
+    return text.encode()
+
+
+class BadRequest(Exception):
+    """Params of the wrong shape for the method (sent back as ``["BadRequest", ...]``)."""
+
+
+class Limits:
+    """Per-connection bounds of an endpoint."""
+
+    __slots__ = ("call_timeout", "max_depth", "max_frame", "max_inflight", "max_send_buffer")
+
+    def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME,
+                 max_depth: int = DEFAULT_MAX_DEPTH, max_inflight: int = 256,
+                 max_send_buffer: int = 1 << 20, call_timeout: float = 5.0) -> None:
+        self.max_frame = max_frame
+        self.max_depth = max_depth
+        self.max_inflight = max_inflight
+        self.max_send_buffer = max_send_buffer
+        self.call_timeout = call_timeout
+
+
+def _name(params: tuple[Any, ...], n: int = 0) -> str:
+    if len(params) <= n or not isinstance(params[n], str):
+        raise BadRequest(f"expected a server name (a string) as params[{n}], got "
+                         f"{params!r:.80}")
+    name: str = params[n]
+    return name
+
+
+def _sup_arg(params: tuple[Any, ...]) -> str:
+    if not params:
+        return "root"
+    return _name(params)
+
+
+class _Connection:
+    __slots__ = ("admin", "authenticated", "cookie", "decoder", "limits", "log", "methods",
+                 "node", "nursery", "out", "pending", "room", "sending", "stream", "unsent",
+                 "wake")
+
+    def __init__(self, node: Node, stream: trio.SocketStream, cookie: bytes | None,
+                 limits: Limits) -> None:
+        self.node = node
+        self.stream = stream
+        self.cookie = cookie
+        self.admin = cookie is not None
+        self.authenticated = cookie is None
+        self.limits = limits
+        self.decoder = Decoder(max_frame=limits.max_frame, max_depth=limits.max_depth)
+        self.out = bytearray()
+        self.unsent = 0
+        self.sending = False
+        self.pending = 0
+        self.wake = trio.lowlevel.ParkingLot()  # the writer waits here for bytes
+        self.room = trio.lowlevel.ParkingLot()  # the reader waits here for room
+        try:
+            peer = stream.socket.getpeername()
+        except OSError:  # pragma: no cover - the peer left already
+            peer = None
+        self.log = _log.bind(endpoint="admin" if self.admin else "client", peer=peer)
+        self.nursery: trio.Nursery | None = None
+        self.methods: dict[str, Any] = {"call": self._call, "cast": self._cast}
+        if self.admin:
+            self.methods.update(
+                which_children=self._which_children, count_children=self._count_children,
+                get_state=self._get_state, suspend=self._suspend, resume=self._resume,
+                releases=self._releases, upgrade=self._upgrade, downgrade=self._downgrade)
+
+    # -- the connection's life -------------------------------------------------------
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            nursery.start_soon(self._writer)
+            try:
+                clean = await self._read()
+                # Let the replies still owed go out: all of them after an orderly end,
+                # only those already made after a protocol error.
+                with trio.move_on_after(self.limits.call_timeout + 1.0):
+                    while (clean and self.pending) or self.unsent:
+                        await self.room.park()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _writer(self) -> None:
+        # Sends the replies of deferred requests; the reader sends its own inline
+        # replies itself (see _flush), saving a task switch per packet. ``sending``
+        # keeps the two from ever writing at once.
+        while True:
+            while not self.out or self.sending:
+                await self.wake.park()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        while self.out and not self.sending:
+            data, self.out = self.out, bytearray()
+            self.sending = True
+            try:
+                await self.stream.send_all(data)
+            finally:
+                self.sending = False
+            self.unsent -= len(data)
+            self.room.unpark_all()
+
+    def _send(self, data: bytes) -> None:
+        self.out += data
+        self.unsent += len(data)
+        if self.wake and not self.sending:
+            self.wake.unpark()
+
+    async def _read(self) -> bool:
+        """Serve requests until the peer closes (True) or breaks the protocol (False)."""
+        pending: list[Any] = []
+        if not self.authenticated:
+            authed = await self._handshake()
+            if authed is None:
+                return False
+            pending = authed
+        stream = self.stream
+        decoder = self.decoder
+        while True:
+            start = 0
+            while start < len(pending):
+                start = self._serve(pending, start)
+                if start < 0:
+                    return False
+                await self._flush()
+                await self._room()
+            await self._flush()
+            await self._room()
+            data = await stream.receive_some(READ_SIZE)
+            if not data:
+                self.log.debug("wire_connection_closed", pending=self.pending)
+                return True
+            pending = decoder.feed(data)
+
+    async def _room(self) -> None:
+        limits = self.limits
+        while self.pending >= limits.max_inflight or self.unsent > limits.max_send_buffer:
+            await self.room.park()
+
+    def _serve(self, messages: list[Any], start: int) -> int:
+        """Serve messages from ``start`` until the end or until the connection's bounds
+        are reached; the index to go on from, or -1 when the connection must close."""
+        limits = self.limits
+        for i in range(start, len(messages)):
+            msg = messages[i]
+            kind = type(msg)
+            if kind is Request:
+                method = self.methods.get(msg.method)
+                if method is None:
+                    self.log.warning("wire_bad_request", msgid=msg.msgid, kind="NoSuchMethod",
+                                     method=msg.method)
+                    self._send(encode_error(
+                        msg.msgid, "NoSuchMethod",
+                        f"no method {msg.method!r}; this endpoint serves "
+                        f"{sorted(self.methods)}"))
+                    continue
+                try:
+                    method(msg.msgid, msg.params)
+                except Exception as exc:
+                    if isinstance(exc, BadRequest):
+                        self.log.warning("wire_bad_request", msgid=msg.msgid,
+                                         kind="BadRequest", reason=str(exc))
+                    self._send(encode_error(msg.msgid, *error_of(exc)))
+                if self.pending >= limits.max_inflight or self.unsent > limits.max_send_buffer:
+                    return i + 1
+            elif kind is Notification:
+                self._notify(msg)
+            elif kind is Invalid:
+                self.log.warning("wire_bad_request", msgid=msg.msgid, kind=msg.kind,
+                                 reason=msg.message)
+                self._send(encode_error(msg.msgid, msg.kind, msg.message))
+            else:
+                assert isinstance(msg, Fatal)
+                self.log.warning("wire_protocol_error", reason=msg.reason)
+                return -1
+        return len(messages)
+
+    def _notify(self, msg: Notification) -> None:
+        if msg.method != "cast":
+            self.log.warning("wire_bad_request", kind="NoSuchMethod", method=msg.method)
+            return
+        try:
+            self._cast(None, msg.params)
+        except Exception as exc:
+            self.log.warning("wire_notification_failed", method=msg.method,
+                             error=error_of(exc))
+
+    async def _handshake(self) -> list[Any] | None:
+        """Challenge the peer; the messages that followed its answer, or None."""
+        assert self.cookie is not None
+        nonce = new_nonce()
+        self._send(encode_notification("challenge", (nonce,)))
+        decoder = self.decoder
+        decoder.max_frame = AUTH_MAX_FRAME
+        messages: list[Any] = []
+        with trio.move_on_after(AUTH_TIMEOUT):
+            while not messages:
+                data = await self.stream.receive_some(READ_SIZE)
+                if not data:
+                    self.log.warning("admin_auth_failed", reason="closed before answering")
+                    return None
+                messages = decoder.feed(data)
+        decoder.max_frame = self.limits.max_frame
+        if not messages:
+            self.log.warning("admin_auth_failed", reason="no answer in time")
+            return None
+        first = messages[0]
+        if isinstance(first, Request | Invalid) and not (
+                isinstance(first, Request) and first.method == "auth"):
+            self.log.warning("admin_auth_failed", reason="a request before authenticating")
+            self._send(encode_error(first.msgid, "AuthRequired",
+                                    "authenticate first: answer the challenge with "
+                                    "[0, msgid, 'auth', [HMAC-SHA256(cookie, nonce)]]"))
+            return None
+        if not isinstance(first, Request):
+            self.log.warning("admin_auth_failed", reason="no auth request")
+            return None
+        if len(first.params) != 1 or not auth_ok(self.cookie, nonce, first.params[0]):
+            self.log.warning("admin_auth_failed", reason="wrong answer to the challenge")
+            self._send(encode_error(first.msgid, "AuthFailed",
+                                    "authentication failed: the answer does not match the "
+                                    "node's cookie"))
+            return None
+        self.authenticated = True
+        self.log.info("admin_authenticated")
+        self._send(encode_result(first.msgid, True))
+        return messages[1:]
+
+    # -- replies ---------------------------------------------------------------------
+
+    def _reply(self, msgid: int, result: Any) -> None:
+        try:
+            data = encode_result(msgid, result, lenient=self.admin)
+        except ENCODE_ERRORS as exc:
+            self.log.warning("wire_reply_unencodable", msgid=msgid, error=str(exc),
+                             reply=repr(result)[:200])
+            data = encode_error(
+                msgid, "UnencodableReply",
+                f"the reply cannot be encoded as msgpack ({exc}): {repr(result)[:80]}; "
+                f"reply with None, bool, int, float, str, bytes, lists/tuples and dicts")
+        self._send(data)
+
+    def _spawn(self, msgid: int, fn: Any, *args: Any) -> None:
+        assert self.nursery is not None
+        self.pending += 1
+        self.nursery.start_soon(self._finish, msgid, fn, *args)
+
+    async def _finish(self, msgid: int, fn: Any, *args: Any) -> None:
+        try:
+            try:
+                result = await fn(*args)
+            except Exception as exc:
+                self._send(encode_error(msgid, *error_of(exc)))
+            else:
+                self._reply(msgid, result)
+        finally:
+            self.pending -= 1
+            self.room.unpark_all()
+
+    # -- client methods --------------------------------------------------------------
+
+    def _call(self, msgid: int, params: tuple[Any, ...]) -> None:
+        """``call(name, request[, vsn])``: served as ``node.call`` is, without a task
+        unless the reply has to wait."""
+        if len(params) not in (2, 3):
+            raise BadRequest(f"call takes (name, request[, vsn]), got {len(params)} params")
+        name = _name(params)
+        vsn = params[2] if len(params) == 3 else None
+        if vsn is not None and not isinstance(vsn, str):
+            raise BadRequest(f"call's vsn must be a string or nil, got {vsn!r:.80}")
+        node = self.node
+        sched = node._sched
+        proc = sched.procs.get(name)
+        if proc is None:
+            raise sched._no_such(name)
+        served_by = type(proc)
+        request = params[1]
+        if vsn is not None:
+            request = node._adapt_request(proc, vsn, request)
+        caller = _TaskCaller()
+        if not proc._flags and proc._mbox is None:
+            sched.step(proc, CALL, request, caller)
+        else:
+            sched.enqueue(proc, (CALL, request, caller), force=True)
+        if caller._status == 0:
+            self._spawn(msgid, self._await_call, caller, name, served_by, vsn)
+            return
+        if caller._error is not None:
+            raise caller._error
+        result = caller._value
+        if vsn is not None:
+            result = node._adapt_reply(served_by, vsn, result)
+        self._reply(msgid, result)
+
+    async def _await_call(self, caller: _TaskCaller, name: str, served_by: Any,
+                          vsn: str | None) -> Any:
+        node = self.node
+        if caller._status == 0:  # else it was answered before this task started
+            result = await node._wait(caller, name, self.limits.call_timeout)
+        elif caller._error is not None:
+            raise caller._error
+        else:
+            result = caller._value
+        if vsn is not None:
+            result = node._adapt_reply(served_by, vsn, result)
+        return result
+
+    def _cast(self, msgid: int | None, params: tuple[Any, ...]) -> None:
+        if len(params) != 2:
+            raise BadRequest(f"cast takes (name, message), got {len(params)} params")
+        self.node.cast(_name(params), params[1])
+        if msgid is not None:
+            self._reply(msgid, None)
+
+    # -- admin methods ---------------------------------------------------------------
+
+    def _which_children(self, msgid: int, params: tuple[Any, ...]) -> None:
+        self._reply(msgid, [info._asdict() for info in self.node.which_children(
+            _sup_arg(params))])
+
+    def _count_children(self, msgid: int, params: tuple[Any, ...]) -> None:
+        self._reply(msgid, self.node.count_children(_sup_arg(params)))
+
+    def _get_state(self, msgid: int, params: tuple[Any, ...]) -> None:
+        self._reply(msgid, self.node.get_state(_name(params)))
+
+    def _suspend(self, msgid: int, params: tuple[Any, ...]) -> None:
+        self.node.suspend(_name(params))
+        self._reply(msgid, None)
+
+    def _resume(self, msgid: int, params: tuple[Any, ...]) -> None:
+        self.node.resume(_name(params))
+        self._reply(msgid, None)
+
+    def _releases(self, msgid: int, params: tuple[Any, ...]) -> None:
+        self._reply(msgid, [r._asdict() for r in self.node.releases()])
+
+    def _upgrade(self, msgid: int, params: tuple[Any, ...]) -> None:
+        if len(params) != 1 or not isinstance(params[0], str):
+            raise BadRequest(f"upgrade takes (release_file,), a path on the node's host; "
+                             f"got {params!r:.80}")
+        release = Release.load(params[0])
+        self.log.info("admin_upgrade", release_file=params[0], vsn=release.vsn)
+        self._spawn(msgid, self.node.upgrade, release)
+
+    def _downgrade(self, msgid: int, params: tuple[Any, ...]) -> None:
+        if params:
+            raise BadRequest(f"downgrade takes no params, got {params!r:.80}")
+        self.log.info("admin_downgrade")
+        self._spawn(msgid, self.node.downgrade)
+
+
+def _vanished(exc: BaseException) -> bool:
+    """Whether ``exc`` (maybe a group of them) only says that the peer went away."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_vanished(e) for e in exc.exceptions)
+    return isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError
+                      | ConnectionError)
+
+
+async def _handle(node: Node, cookie: bytes | None, limits: Limits,
+                  stream: trio.SocketStream) -> None:
+    conn = _Connection(node, stream, cookie, limits)
+    try:
+        await conn.run()
+    except Exception as exc:
+        if _vanished(exc):
+            conn.log.info("wire_client_vanished", pending=conn.pending, error=repr(exc))
+        else:  # a bug here must not take the node down
+            conn.log.exception("wire_connection_failed", error=repr(exc))
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _serve(node: Node, address: tuple[str, int], cookie: bytes | None,
+                 limits: Limits, task_status: Any) -> None:
+    host, port = address
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[:2]
+    _log.info("endpoint_listening", endpoint="admin" if cookie else "client",
+              address=f"{bound[0]}:{bound[1]}")
+    task_status.started((bound[0], bound[1]))
+    await trio.serve_listeners(functools.partial(_handle, node, cookie, limits), listeners)
+
+
+async def serve_client(node: Node, address: tuple[str, int], *,
+                       limits: Limits | None = None,
+                       task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the client endpoint on ``address`` until cancelled; reports the bound
+    ``(host, port)`` through ``nursery.start``."""
+    await _serve(node, address, None, limits or Limits(), task_status)
+
+
+async def serve_admin(node: Node, address: tuple[str, int], *,
+                      limits: Limits | None = None, cookie: bytes | None = None,
+                      task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the admin endpoint on ``address`` until cancelled (the cookie is read, or
+    its file created, first); reports the bound ``(host, port)``."""
+    secret = cookie if cookie is not None else read_cookie(create=True)
+    await _serve(node, address, secret, limits or Limits(), task_status)

@@ -1,0 +1,645 @@
+"""Over the network: the MessagePack-RPC client endpoint and the authenticated admin
+endpoint, driven over real loopback sockets by a raw msgpack client written here (not
+otpy's own client), plus otpy.connect and a hypothesis test of random frames.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import os
+import socket
+import stat
+import struct
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import otpy
+from otpy._endpoint import CookieError, Limits, read_cookie, serve_admin, serve_client
+
+RELEASES = Path(__file__).resolve().parent.parent / "examples" / "releases"
+COOKIE = "test-cookie-123"
+
+
+class Echo(otpy.GenServer[dict[str, Any]]):
+    """Calls: ("echo", x) -> x; ("shape", x) -> type name of x; ("defer", key) waits for
+    ("release", key, value); "crash" raises; "object" replies with an unencodable object;
+    ("blob", n) -> n bytes (and counts it); "hits" -> the count."""
+
+    vsn = "1"
+
+    def init(self, arg: Any) -> dict[str, Any]:
+        return {"waiting": {}, "blobs": 0, "casts": []}
+
+    def handle_call(self, request: Any, caller: otpy.Caller, state: dict[str, Any]) -> Any:
+        match request:
+            case ("echo", x):
+                return otpy.Reply(x, state)
+            case ("shape", x):
+                return otpy.Reply(type(x).__name__, state)
+            case ("defer", key):
+                return otpy.NoReply({**state, "waiting": {**state["waiting"], key: caller}})
+            case ("release", key, value):
+                waiting = dict(state["waiting"])
+                waiting.pop(key).reply(value)
+                return otpy.Reply("released", {**state, "waiting": waiting})
+            case "crash":
+                raise ZeroDivisionError("crash requested")
+            case "object":
+                return otpy.Reply(object(), state)
+            case ("blob", n):
+                return otpy.Reply(b"x" * n, {**state, "blobs": state["blobs"] + 1})
+            case "casts":
+                return otpy.Reply(state["casts"], state)
+        return otpy.Reply(request, state)
+
+    def handle_cast(self, message: Any, state: dict[str, Any]) -> dict[str, Any]:
+        return {**state, "casts": [*state["casts"], message]}
+
+
+class Versioned(otpy.GenServer[int]):
+    """Version 2 speaks ("get",) -> {"value": n}; version 1 clients said "value" -> n."""
+
+    vsn = "2"
+
+    def init(self, arg: Any) -> int:
+        return 42
+
+    def handle_call(self, request: Any, caller: otpy.Caller, state: int) -> Any:
+        if request == ("get",):
+            return otpy.Reply({"value": state}, state)
+        raise ValueError(f"unknown request {request!r}")
+
+    def upgrade_request(self, client_vsn: str, request: Any) -> Any:
+        return ("get",) if request == "value" else request
+
+    def downgrade_reply(self, client_vsn: str, reply: Any) -> Any:
+        return reply["value"]
+
+
+def tree() -> otpy.Supervisor:
+    return otpy.Supervisor([otpy.Child("echo", Echo), otpy.Child("v", Versioned)],
+                           max_restarts=1000)
+
+
+class Raw:
+    """A raw MessagePack-RPC client over a trio stream."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.unpacker = msgpack.Unpacker(use_list=False, raw=False, strict_map_key=False)
+
+    async def send(self, *objs: Any) -> None:
+        await self.stream.send_all(b"".join(msgpack.packb(o) for o in objs))
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def recv(self) -> Any:
+        with trio.fail_after(5):
+            while True:
+                for obj in self.unpacker:
+                    return obj
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    raise EOFError("the node closed the connection")
+                self.unpacker.feed(data)
+
+    async def call(self, msgid: int, *params: Any, method: str = "call") -> Any:
+        await self.send([0, msgid, method, list(params)])
+        return await self.recv()
+
+    async def closed(self) -> bool:
+        """True once the node closes the connection (replies before that are skipped)."""
+        with trio.fail_after(5):
+            try:
+                while await self.stream.receive_some(65536):
+                    pass
+            except trio.BrokenResourceError:
+                pass
+        return True
+
+
+@asynccontextmanager
+async def raw(address: tuple[str, int] | None) -> AsyncIterator[Raw]:
+    assert address is not None
+    stream = await trio.open_tcp_stream(*address)
+    try:
+        yield Raw(stream)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+@asynccontextmanager
+async def admin_raw(address: tuple[str, int] | None, cookie: str = COOKIE) -> AsyncIterator[Raw]:
+    async with raw(address) as r:
+        challenge = await r.recv()
+        assert "challenge" == challenge[1]
+        answer = hmac.new(cookie.encode(), challenge[2][0], hashlib.sha256).digest()
+        assert (1, 0, None, True) == await r.call(0, answer, method="auth")
+        yield r
+
+
+@pytest.fixture(autouse=True)
+def cookie_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("OTPY_COOKIE", COOKIE)
+    monkeypatch.setenv("OTPY_COOKIE_FILE", str(tmp_path / "cookie"))
+
+
+@asynccontextmanager
+async def node(**limits: Any) -> AsyncIterator[otpy.Node]:
+    """A node with the admin endpoint and a client endpoint with ``limits``."""
+    async with otpy.open_node(tree(), admin=("127.0.0.1", 0)) as n, \
+            trio.open_nursery() as nursery:
+        n.address = await nursery.start(functools.partial(
+            serve_client, n, ("127.0.0.1", 0), limits=Limits(**limits)))
+        yield n
+        nursery.cancel_scope.cancel()
+
+
+# -- the client endpoint -------------------------------------------------------------
+
+
+async def test_listen_binds_a_free_port_and_exposes_it() -> None:
+    """``listen=(host, 0)`` picks a free port, shown as ``node.address``."""
+    async with otpy.open_node(tree(), listen=("127.0.0.1", 0)) as n:
+        assert n.address is not None
+        assert "127.0.0.1" == n.address[0] and n.address[1] > 0
+        assert n.admin_address is None
+        async with raw(n.address) as r:
+            assert (1, 1, None, "hi") == await r.call(1, "echo", ("echo", "hi"))
+
+
+async def test_request_reaches_handle_call_in_its_in_process_shape() -> None:
+    """Arrays decode as tuples, maps as dicts: the same shape as an in-process call."""
+    async with node() as n, raw(n.address) as r:
+        assert (1, 1, None, "tuple") == await r.call(1, "echo", ("shape", [1, 2]))
+        assert (1, 2, None, (1, {"a": (2,)})) == await r.call(2, "echo", ("echo", [1, {"a": [2]}]))
+        assert await n.call("echo", ("shape", (1, 2))) == "tuple"
+
+
+async def test_cast_as_request_and_as_notification() -> None:
+    """``cast`` answers nil as a request, nothing as a notification; both arrive."""
+    async with node() as n, raw(n.address) as r:
+        assert (1, 1, None, None) == await r.call(1, "echo", "first", method="cast")
+        await r.send([2, "cast", ["echo", ["second", 2]]])
+        assert (1, 2, None, ("first", ("second", 2))) == await r.call(2, "echo", "casts")
+
+
+async def test_errors_come_back_as_kind_and_message() -> None:
+    """Errors are ``[kind, message]``: an unknown name, a crash."""
+    async with node() as n, raw(n.address) as r:
+        _, msgid, error, result = await r.call(7, "kv9", "x")
+        assert (7, None) == (msgid, result)
+        assert "NoSuchServer" == error[0] and "'kv9'" in error[1]
+        _, _, error, _ = await r.call(8, "echo", "crash")
+        assert "ServerCrashed" == error[0]
+        assert (1, 9, None, 5) == await r.call(9, "echo", ("echo", 5))
+
+
+async def test_pipelined_requests_complete_out_of_order() -> None:
+    """A deferred reply does not hold back the requests behind it on the connection."""
+    async with node() as n, raw(n.address) as r:
+        await r.send([0, 1, "call", ["echo", ["defer", "k"]]],
+                     [0, 2, "call", ["echo", ["echo", "two"]]])
+        assert (1, 2, None, "two") == await r.recv()
+        await r.send([0, 3, "call", ["echo", ["release", "k", "one"]]])
+        replies = {(await r.recv())[1:] for _ in range(2)}
+        assert {(1, None, "one"), (3, None, "released")} == replies
+
+
+async def test_many_requests_in_flight_on_one_connection() -> None:
+    """Hundreds of requests sent before any reply is read all get their own reply."""
+    async with node() as n, raw(n.address) as r:
+        await r.send(*[[0, i, "call", ["echo", ["echo", i]]] for i in range(500)])
+        got = [await r.recv() for _ in range(500)]
+        assert [(1, i, None, i) for i in range(500)] == sorted(got)
+
+
+async def test_versioned_call_is_adapted_both_ways() -> None:
+    """``call(name, request, vsn)`` goes through upgrade_request and downgrade_reply."""
+    async with node() as n, raw(n.address) as r:
+        assert (1, 1, None, 42) == await r.call(1, "v", "value", "1")
+        assert (1, 2, None, {"value": 42}) == await r.call(2, "v", ["get"])
+        assert (1, 3, None, {"value": 42}) == await r.call(3, "v", ["get"], None)
+
+
+async def test_deferred_versioned_call_and_suspended_server() -> None:
+    """A call to a suspended server waits and is answered when it resumes."""
+    async with node() as n, raw(n.address) as r:
+        n.suspend("v")
+        await r.send([0, 1, "call", ["v", "value", "1"]])
+        await trio.sleep(0.01)
+        n.resume("v")
+        assert (1, 1, None, 42) == await r.recv()
+
+
+# -- bad input -----------------------------------------------------------------------
+
+
+def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == name]
+
+
+@pytest.mark.parametrize(("message", "kind"), [
+    ([0, 5, "call"], "BadRequest"),
+    ([0, 5, "call", "not-an-array"], "BadRequest"),
+    ([0, 5, 17, []], "BadRequest"),
+    ([0, 5, "nope", []], "NoSuchMethod"),
+    ([0, 5, "call", ["echo"]], "BadRequest"),
+    ([0, 5, "call", [17, "x"]], "BadRequest"),
+    ([0, 5, "call", ["echo", "x", 3]], "BadRequest"),
+    ([0, 5, "cast", ["echo"]], "BadRequest"),
+    ([0, 5, "call", ["echo", "object"]], "UnencodableReply"),
+    ([0, 5, "call", ["echo", ["echo", "x" * 5000]]], "FrameTooLarge"),
+    ([0, 5, "call", ["echo", ["echo", [[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]], "TooDeep"),
+])
+async def test_bad_request_with_a_msgid_gets_an_error_reply(
+        message: Any, kind: str, logs: list[dict[str, Any]]) -> None:
+    """A request whose msgid is known gets ``[kind, message]``, is logged, and the
+    connection keeps serving."""
+    async with node(max_frame=4096, max_depth=16) as n, raw(n.address) as r:
+        reply = await r.call(0, "echo", ("echo", "before"))
+        assert (1, 0, None, "before") == reply
+        await r.send(message)
+        _, msgid, error, result = await r.recv()
+        assert (5, kind, None) == (msgid, error[0], result)
+        assert isinstance(error[1], str) and error[1]
+        assert (1, 6, None, "after") == await r.call(6, "echo", ("echo", "after"))
+    assert events(logs, "wire_bad_request") or events(logs, "wire_reply_unencodable")
+
+
+@pytest.mark.parametrize("data", [
+    b"\xc1",  # never used in msgpack
+    msgpack.packb("hello"),
+    msgpack.packb([]),
+    msgpack.packb(["zero", 1]),
+    msgpack.packb([0, "id", "call", []]),
+    msgpack.packb([0, -1, "call", []]),
+    msgpack.packb([1, 1, None, None]),
+    msgpack.packb([3, "x"]),
+    msgpack.packb([2, "cast"]),
+    msgpack.packb([2, 5, []]),
+    b"\x91" * 5000,  # nested deeper than msgpack's own stack
+    msgpack.packb([0, 1, "call", ["echo", "x" * 200000]]),  # beyond the buffer
+    msgpack.packb([0, 1, "call", ["echo", "x" * 20000]])[:9000],  # never completed
+    b"\xa5\xff\xfe\xfd\xfc\xfb",  # a str that is not UTF-8
+])
+async def test_input_without_a_usable_msgid_closes_only_that_connection(
+        data: bytes, logs: list[dict[str, Any]]) -> None:
+    """Malformed msgpack, non-messages and oversized frames close the connection (after
+    logging why); the node and the other connections keep serving."""
+    async with node(max_frame=4096) as n, raw(n.address) as bystander, raw(n.address) as r:
+        await r.send_bytes(data)
+        assert await r.closed()
+        assert (1, 1, None, 1) == await bystander.call(1, "echo", ("echo", 1))
+        async with raw(n.address) as fresh:
+            assert (1, 2, None, 2) == await fresh.call(2, "echo", ("echo", 2))
+    assert events(logs, "wire_protocol_error")
+    assert not events(logs, "server_crashed")
+
+
+async def test_replies_already_made_are_sent_before_a_protocol_error_closes() -> None:
+    """Good requests ahead of garbage in the same packet are still answered."""
+    async with node() as n, raw(n.address) as r:
+        await r.send_bytes(msgpack.packb([0, 1, "call", ["echo", ["echo", "ok"]]]) + b"\xc1")
+        assert (1, 1, None, "ok") == await r.recv()
+        assert await r.closed()
+
+
+async def test_client_vanishing_mid_request_crashes_nothing(logs: list[dict[str, Any]]) -> None:
+    """A client that leaves while its call is deferred: the late reply is dropped, the
+    server keeps running, the node keeps serving."""
+    async with node() as n:
+        async with raw(n.address) as r:
+            await r.send([0, 1, "call", ["echo", ["defer", "gone"]]])
+            await trio.sleep(0.01)
+        async with raw(n.address) as r2:
+            assert (1, 1, None, "released") == await r2.call(1, "echo", ("release", "gone", 0))
+            await trio.sleep(0.05)
+            assert (1, 2, None, "still") == await r2.call(2, "echo", ("echo", "still"))
+    assert not events(logs, "server_crashed")
+    assert not events(logs, "wire_connection_failed")
+
+
+async def test_slow_reader_does_not_make_the_node_buffer_without_bound() -> None:
+    """A client that sends and never reads: the node stops reading its requests once
+    its replies back up, instead of queueing them all."""
+    async with node(max_send_buffer=1 << 16, max_inflight=8) as n, raw(n.address) as r:
+        total = 2000
+        await r.send(*[[0, i, "call", ["echo", ["blob", 1 << 16]]] for i in range(total)])
+        await trio.sleep(0.3)
+        served = n.get_state("echo")["blobs"]
+        assert served < 200  # a few replies of 64 KiB, not the 2000 asked for
+        async with raw(n.address) as other:
+            assert (1, 1, None, "ok") == await other.call(1, "echo", ("echo", "ok"))
+
+
+# -- the admin endpoint --------------------------------------------------------------
+
+
+async def test_admin_authenticated_session_serves_every_method() -> None:
+    """After the challenge is answered, the admin methods work."""
+    async with node() as n, admin_raw(n.admin_address) as a:
+        _, _, err, children = await a.call(1, method="which_children")
+        assert err is None
+        assert ["echo", "v"] == [c["id"] for c in children]
+        assert {"id": "echo", "kind": "worker", "status": "running", "vsn": "1",
+                "restarts": 0} == children[0]
+        assert (1, 2, None, {"specs": 2, "active": 2, "supervisors": 0, "workers": 2}) == \
+            await a.call(2, "root", method="count_children")
+        assert (1, 3, None, 42) == await a.call(3, "v", method="get_state")
+        assert (1, 4, None, None) == await a.call(4, "v", method="suspend")
+        await a.send([0, 5, "call", ["v", "value", "1"]])
+        assert (1, 6, None, None) == await a.call(6, "v", method="resume")
+        assert (1, 5, None, 42) == await a.recv()
+        _, _, err, _ = await a.call(7, "nope", method="get_state")
+        assert "NoSuchServer" == err[0]
+        assert (1, 8, None, ()) == await a.call(8, method="releases")
+
+
+async def test_admin_upgrade_and_downgrade_from_a_release_file() -> None:
+    """``upgrade(release_file)`` loads and installs the release; ``downgrade()`` undoes."""
+    sys.path.insert(0, str(RELEASES))
+    try:
+        from counter_v1 import Counter  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(RELEASES))
+    root = otpy.Supervisor([otpy.Child("c0", Counter)])
+    async with otpy.open_node(root, admin=("127.0.0.1", 0)) as n, \
+            admin_raw(n.admin_address) as a:
+        await n.call("c0", "incr")
+        _, _, err, report = await a.call(1, str(RELEASES / "v2.toml"), method="upgrade")
+        assert err is None and report
+        assert "2" == n.vsn_of("c0")
+        assert (1, 2, None, (1, 1)) == await a.call(2, "c0", method="get_state")
+        _, _, err, releases = await a.call(3, method="releases")
+        assert "2" == releases[-1]["vsn"]
+        _, _, err, _ = await a.call(4, method="downgrade")
+        assert err is None
+        assert "1" == n.vsn_of("c0")
+        _, _, err, _ = await a.call(5, str(RELEASES / "missing.toml"), method="upgrade")
+        assert "UpgradeFailed" == err[0]
+
+
+async def test_admin_runs_nothing_before_authentication(logs: list[dict[str, Any]]) -> None:
+    """A request before answering the challenge gets AuthRequired and the connection
+    closes; the request is not run."""
+    async with node() as n, raw(n.admin_address) as r:
+        await r.recv()  # the challenge
+        _, msgid, error, _ = await r.call(1, "v", method="suspend")
+        assert (1, "AuthRequired") == (msgid, error[0])
+        assert await r.closed()
+        assert "running" == n.which_children()[1].status
+        assert 42 == await n.call("v", "value", vsn="1")
+    assert events(logs, "admin_auth_failed")
+
+
+async def test_admin_wrong_hmac_is_refused_and_closed(logs: list[dict[str, Any]]) -> None:
+    """An answer made with another cookie fails; the connection closes."""
+    async with node() as n, raw(n.admin_address) as r:
+        nonce = (await r.recv())[2][0]
+        wrong = hmac.new(b"not-the-cookie", nonce, hashlib.sha256).digest()
+        _, _, error, _ = await r.call(1, wrong, method="auth")
+        assert "AuthFailed" == error[0]
+        assert await r.closed()
+    assert events(logs, "admin_auth_failed")
+
+
+async def test_admin_replayed_answer_is_refused() -> None:
+    """An answer that was good for one connection's nonce fails on another's."""
+    async with node() as n:
+        async with raw(n.admin_address) as first:
+            nonce = (await first.recv())[2][0]
+            answer = hmac.new(COOKIE.encode(), nonce, hashlib.sha256).digest()
+            assert (1, 1, None, True) == await first.call(1, answer, method="auth")
+        async with raw(n.admin_address) as second:
+            assert nonce != (await second.recv())[2][0]
+            _, _, error, _ = await second.call(1, answer, method="auth")
+            assert "AuthFailed" == error[0]
+            assert await second.closed()
+
+
+@pytest.mark.parametrize("answer", [None, "text", 12, b"", b"\x00" * 32])
+async def test_admin_malformed_answers_are_refused(answer: Any) -> None:
+    """Answers of the wrong type or length fail like a wrong HMAC."""
+    async with node() as n, raw(n.admin_address) as r:
+        await r.recv()
+        _, _, error, _ = await r.call(1, answer, method="auth")
+        assert "AuthFailed" == error[0]
+        assert await r.closed()
+
+
+async def test_admin_garbage_before_authentication_closes() -> None:
+    """Garbage, a notification or a huge frame instead of the answer closes."""
+    async with node() as n:
+        for data in (b"\xc1", msgpack.packb([2, "cast", ["v", 1]]),
+                     b"\xdb\xff\xff\xff\xff" + b"x" * 2000, b"\xdd\xff\xff\xff\xff"):
+            async with raw(n.admin_address) as r:
+                await r.recv()
+                await r.send_bytes(data)
+                assert await r.closed()
+
+
+async def test_admin_pipelined_after_auth_in_the_same_packet() -> None:
+    """Requests sent right behind the answer, in the same packet, are served."""
+    async with node() as n, raw(n.admin_address) as r:
+        nonce = (await r.recv())[2][0]
+        answer = hmac.new(COOKIE.encode(), nonce, hashlib.sha256).digest()
+        await r.send([0, 1, "auth", [answer]], [0, 2, "get_state", ["v"]])
+        assert (1, 1, None, True) == await r.recv()
+        assert (1, 2, None, 42) == await r.recv()
+
+
+async def test_admin_get_state_of_an_unencodable_state_is_shown_as_repr() -> None:
+    """The admin endpoint sends what msgpack cannot encode as its repr."""
+    async with node() as n, raw(n.address) as r, admin_raw(n.admin_address) as a:
+        await r.send([0, 1, "call", ["echo", ["defer", "k"]]])
+        await trio.sleep(0.01)
+        _, _, err, state = await a.call(1, "echo", method="get_state")
+        assert err is None
+        assert "Caller" in state["waiting"]["k"]
+
+
+def test_cookie_file_is_created_with_mode_0600(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without OTPY_COOKIE the node creates a random cookie file readable by its owner
+    only, and reads the same cookie back afterwards."""
+    monkeypatch.delenv("OTPY_COOKIE")
+    path = tmp_path / "cookie"
+    first = read_cookie(create=True)
+    assert 0o600 == stat.S_IMODE(path.stat().st_mode)
+    assert len(first) >= 32
+    assert first == read_cookie(create=True) == read_cookie()
+
+
+def test_cookie_file_open_to_others_is_refused(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A cookie file that others can read is refused, with the fix in the message."""
+    monkeypatch.delenv("OTPY_COOKIE")
+    path = tmp_path / "cookie"
+    path.write_text("secret\n")
+    os.chmod(path, 0o644)
+    with pytest.raises(CookieError, match="chmod 600"):
+        read_cookie()
+
+
+# -- otpy.connect --------------------------------------------------------------------
+
+
+async def test_connect_client_calls_casts_and_raises_remote_errors() -> None:
+    """otpy.connect: call, cast, pipelined calls from many tasks, RemoteError."""
+    async with node() as n, otpy.connect(*n.address) as c:  # type: ignore[misc]
+        assert "x" == await c.call("echo", ("echo", "x"))
+        await c.cast("echo", "hello")
+        assert ("hello",) == await c.call("echo", "casts")
+        assert 42 == await c.call("v", "value", vsn="1")
+        with pytest.raises(otpy.RemoteError) as info:
+            await c.call("kv9", "x")
+        assert "NoSuchServer" == info.value.kind
+        results: dict[int, Any] = {}
+
+        async def one(i: int) -> None:
+            results[i] = await c.call("echo", ("echo", i))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(c.call, "echo", ("defer", "k"))
+            for i in range(100):
+                nursery.start_soon(one, i)
+            await trio.sleep(0.01)
+            await c.call("echo", ("release", "k", "late"))
+        assert {i: i for i in range(100)} == results
+
+
+# -- random frames -------------------------------------------------------------------
+
+payloads = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8)
+    | st.binary(max_size=8) | st.floats(allow_nan=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                max_size=3),
+    max_leaves=8)
+methods = st.sampled_from(["call", "cast", "auth", "which_children", "get_state",
+                           "count_children", "releases", "nope"])
+names = st.sampled_from(["echo", "v", "nope"])
+messages = st.one_of(
+    st.builds(lambda i, m, n, p: [0, i, m, [n, p]], st.integers(0, 2**32 - 1), methods, names,
+              payloads),
+    st.builds(lambda m, n, p: [2, m, [n, p]], methods, names, payloads),
+    st.lists(payloads, max_size=5),
+    payloads,
+)
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> bytes:
+    data = msgpack.packb(draw(messages))
+    how = draw(st.sampled_from(["keep", "flip", "cut", "insert", "random"]))
+    if how == "random":
+        return draw(st.binary(min_size=1, max_size=64))
+    if how == "keep":
+        return bytes(data)
+    at = draw(st.integers(0, len(data) - 1))
+    if how == "flip":
+        return data[:at] + bytes([draw(st.integers(0, 255))]) + data[at + 1:]
+    if how == "cut":
+        return data[:at]
+    return data[:at] + draw(st.binary(min_size=1, max_size=8)) + data[at:]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(client=st.lists(frames(), max_size=6), admin=st.lists(frames(), max_size=6),
+       authenticate=st.booleans())
+def test_random_and_mutated_frames_leave_the_node_serving(
+        client: list[bytes], admin: list[bytes], authenticate: bool) -> None:
+    """Whatever bytes arrive at either endpoint, the node then answers a well-formed
+    call on a fresh connection of each."""
+
+    async def main() -> None:
+        async with node() as n:
+            async with raw(n.address) as r:
+                for f in client:
+                    try:
+                        await r.send_bytes(f)
+                    except trio.BrokenResourceError:
+                        break
+            if authenticate:
+                ctx = admin_raw(n.admin_address)
+            else:
+                ctx = raw(n.admin_address)
+            async with ctx as a:
+                for f in admin:
+                    try:
+                        await a.send_bytes(f)
+                    except trio.BrokenResourceError:
+                        break
+            async with raw(n.address) as fresh:
+                assert (1, 1, None, "alive") == await fresh.call(1, "echo", ("echo", "alive"))
+            async with admin_raw(n.admin_address) as fresh_admin:
+                assert (1, 1, None, 42) == await fresh_admin.call(1, "v", method="get_state")
+
+    trio.run(main)
+
+
+async def test_serve_admin_with_explicit_cookie() -> None:
+    """``serve_admin`` can be given the cookie directly (used by embedders and tests)."""
+    async with otpy.open_node(tree()) as n, trio.open_nursery() as nursery:
+        address = await nursery.start(functools.partial(
+            serve_admin, n, ("127.0.0.1", 0), cookie=b"direct"))
+        async with admin_raw(address, cookie="direct") as a:
+            assert (1, 1, None, 42) == await a.call(1, "v", method="get_state")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_port_in_use_fails_the_start_and_stops_the_tree() -> None:
+    """``listen=`` on a taken port raises OSError from open_node, bare, after stopping
+    the tree that had started."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    try:
+        with pytest.raises(OSError):
+            async with otpy.open_node(tree(), listen=("127.0.0.1", port)):
+                raise AssertionError("the body must not run")  # pragma: no cover
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+
+
+def test_run_serves_the_client_endpoint() -> None:
+    """``otpy.run(root, main, listen=...)`` starts the endpoint for ``main`` to use."""
+
+    async def main(n: otpy.Node) -> Any:
+        assert n.address is not None
+        async with otpy.connect(*n.address) as client:
+            return await client.call("echo", ("echo", "via run"))
+
+    assert "via run" == otpy.run(tree(), main, listen=("127.0.0.1", 0))
+
+
+async def test_client_resetting_while_replies_are_written_is_logged_as_vanished(
+        logs: list[dict[str, Any]]) -> None:
+    """A client that resets the connection while big replies are being sent: logged as
+    ``wire_client_vanished``, and the node keeps serving."""
+    async with node() as n:
+        assert n.address is not None
+        sock = socket.create_connection(n.address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.sendall(b"".join(msgpack.packb([0, i, "call", ["echo", ["blob", 1 << 20]]])
+                              for i in range(20)))
+        await trio.sleep(0.05)
+        sock.close()  # with linger 0: a reset
+        await trio.sleep(0.1)
+        async with raw(n.address) as r:
+            assert (1, 1, None, "ok") == await r.call(1, "echo", ("echo", "ok"))
+    assert events(logs, "wire_client_vanished")
+    assert not events(logs, "wire_connection_failed")

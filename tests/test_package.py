@@ -1,0 +1,86 @@
+"""The shape of the package: one public surface, documented, and a core free of trio."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+import otpy
+
+PACKAGE_DIR = Path(otpy.__file__).parent
+
+# The plain-Python core (STYLE.md): it must run, and be driven by tests, without trio.
+CORE_MODULES = ["_server", "_scheduler", "_supervisor", "_exceptions", "_typecheck",
+                "_release", "_wire"]
+
+
+def test_all_is_sorted() -> None:
+    """``otpy.__all__`` is kept sorted."""
+    assert sorted(otpy.__all__) == otpy.__all__
+
+
+def test_all_has_no_duplicates() -> None:
+    """Each public name is listed once in ``otpy.__all__``."""
+    assert len(set(otpy.__all__)) == len(otpy.__all__)
+
+
+def test_all_names_exist() -> None:
+    """Every name in ``otpy.__all__`` is importable from ``otpy``."""
+    assert [] == [name for name in otpy.__all__ if not hasattr(otpy, name)]
+
+
+def test_all_is_complete() -> None:
+    """Every public attribute of ``otpy`` (other than submodules) is in ``__all__``."""
+    public = {
+        name
+        for name, value in vars(otpy).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert [] == sorted(public - set(otpy.__all__))
+
+
+@pytest.mark.parametrize("name", otpy.__all__)
+def test_public_name_has_a_docstring(name: str) -> None:
+    """Every public name carries its own docstring."""
+    doc = getattr(otpy, name).__doc__
+    assert isinstance(doc, str)
+    assert doc.strip() != ""
+
+
+def test_package_has_a_docstring() -> None:
+    """The package itself says what it is."""
+    assert otpy.__doc__ is not None
+    assert "otpy" in otpy.__doc__
+
+
+def test_package_ships_py_typed() -> None:
+    """``py.typed`` marks the package as typed for its users' type checkers."""
+    assert (PACKAGE_DIR / "py.typed").is_file()
+
+
+def test_core_modules_never_import_trio() -> None:
+    """The core modules import without trio (checked in a fresh interpreter, loading
+    them without ``otpy/__init__.py``, which pulls in the trio edge)."""
+    present = [m for m in CORE_MODULES if (PACKAGE_DIR / f"{m}.py").is_file()]
+    assert {"_server", "_scheduler", "_supervisor", "_exceptions"} <= set(present)
+    script = textwrap.dedent(
+        f"""
+        import importlib, sys, types
+        package = types.ModuleType("otpy")
+        package.__path__ = [{str(PACKAGE_DIR)!r}]
+        sys.modules["otpy"] = package
+        for module in {present!r}:
+            importlib.import_module("otpy." + module)
+        print(sorted(m for m in sys.modules if m == "trio" or m.startswith("trio.")))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert "" == result.stderr
+    assert "[]" == result.stdout.strip()
