@@ -17,6 +17,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, TypeVar
 
 from ._exceptions import BadReturn
+from ._typecheck import checker
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -291,6 +292,13 @@ class GenServer(Generic[S]):
         super().__init_subclass__(**kwargs)
         _check_callbacks(cls)
         cls._state_type = _declared_state_type(cls)
+        # Build the state checker now, so that no start or upgrade pays for it (the
+        # first rich type costs pydantic ~70 ms of imports); a type that cannot be
+        # built yet (a forward reference) is retried at its first check.
+        try:
+            checker(cls)
+        except Exception:
+            pass
         if "vsn" not in vars(cls):
             cls.vsn = _derive_vsn(cls)
         elif not isinstance(vars(cls)["vsn"], str):
