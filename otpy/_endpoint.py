@@ -33,7 +33,6 @@ import trio
 from ._exceptions import OtpyError
 from ._node import _TaskCaller
 from ._release import Release
-from ._scheduler import CALL
 from ._wire import (
     DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_FRAME,
@@ -378,19 +377,7 @@ class _Connection:
         if vsn is not None and not isinstance(vsn, str):
             raise BadRequest(f"call's vsn must be a string or nil, got {vsn!r:.80}")
         node = self.node
-        sched = node._sched
-        proc = sched.procs.get(name)
-        if proc is None:
-            raise sched._no_such(name)
-        served_by = type(proc)
-        request = params[1]
-        if vsn is not None:
-            request = node._adapt_request(proc, vsn, request)
-        caller = _TaskCaller()
-        if not proc._flags and proc._mbox is None:
-            sched.step(proc, CALL, request, caller)
-        else:
-            sched.enqueue(proc, (CALL, request, caller), force=True)
+        caller, served_by = node._start_call(name, params[1], vsn)
         if caller._status == 0:
             self._spawn(msgid, self._await_call, caller, name, served_by, vsn)
             return

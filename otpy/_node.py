@@ -111,18 +111,7 @@ class Node:
         seconds; ``None`` waits for ever; the request may still be served, its reply is
         dropped) or :class:`otpy.ServerCrashed` (``__cause__`` is the original error)."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        sched = self._sched
-        proc = sched.procs.get(name)
-        if proc is None:
-            raise sched._no_such(name)
-        if vsn is not None:
-            served_by = type(proc)
-            request = self._adapt_request(proc, vsn, request)
-        caller = _TaskCaller()
-        if not proc._flags and proc._mbox is None:
-            sched.step(proc, CALL, request, caller)
-        else:
-            sched.enqueue(proc, (CALL, request, caller), force=True)
+        caller, served_by = self._start_call(name, request, vsn)
         if caller._status == 0:
             result = await self._wait(caller, name, timeout)
         else:
@@ -133,6 +122,25 @@ class Node:
         if vsn is not None:
             result = self._adapt_reply(served_by, vsn, result)
         return result
+
+    def _start_call(
+        self, name: str, request: Any, vsn: str | None
+    ) -> tuple[_TaskCaller, type[GenServer[Any]]]:
+        """Step an idle server now, or queue the call; the caller holds the answer
+        (``_status`` 1) or waits for it (0). Shared by ``call`` and the endpoint."""
+        sched = self._sched
+        proc = sched.procs.get(name)
+        if proc is None:
+            raise sched._no_such(name)
+        served_by = type(proc)
+        if vsn is not None:
+            request = self._adapt_request(proc, vsn, request)
+        caller = _TaskCaller()
+        if not proc._flags and proc._mbox is None:
+            sched.step(proc, CALL, request, caller)
+        else:
+            sched.enqueue(proc, (CALL, request, caller), force=True)
+        return caller, served_by
 
     async def _wait(self, caller: _TaskCaller, name: str, timeout: float | None) -> Any:
         caller._task = trio.lowlevel.current_task()
