@@ -203,6 +203,8 @@ class Scheduler:
                 return
             if t is NoReply:
                 proc._state = result[0]
+                if caller._status == 0:  # type: ignore[union-attr]
+                    self._defer_caller(proc, caller)  # type: ignore[arg-type]
                 return
             expected = "otpy.Reply(reply, state), otpy.NoReply(state) or otpy.Stop(...)"
         else:
@@ -215,6 +217,18 @@ class Scheduler:
             return
         callback = ("handle_call", "handle_cast", "handle_info")[kind]
         self.crashed(proc, bad_return(proc, callback, result, expected), kind, payload, caller)
+
+    @staticmethod
+    def _defer_caller(proc: GenServer[Any], caller: Caller) -> None:
+        # Kept so that a server that stops fails its deferred callers at once instead
+        # of leaving them to their timeouts; answered ones are pruned as it grows.
+        deferred = proc._deferred
+        if deferred is None:
+            proc._deferred = [caller]
+            return
+        if len(deferred) >= 32 and len(deferred) & (len(deferred) - 1) == 0:
+            deferred[:] = [c for c in deferred if c._status == 0]
+        deferred.append(caller)
 
     def call_nowait(self, name: str, request: Any) -> Any:
         """Call ``name`` and step it inline; raise WouldBlock if it cannot answer now."""
@@ -437,6 +451,7 @@ class Scheduler:
         proc._mbox = None
         proc._restarts = restarts
         proc._tasks = None
+        proc._deferred = None
         self.procs[name] = proc
         try:
             state = proc.init(spec.arg)
@@ -507,6 +522,18 @@ class Scheduler:
         if proc._tasks:
             for task in list(proc._tasks):
                 task.cancel(grace)
+        if proc._deferred:
+            deferred, proc._deferred = proc._deferred, None
+            for caller in deferred:
+                if caller._status != 0:
+                    continue
+                err_cls = ServerCrashed if isinstance(reason, BaseException) else ServerStopped
+                err = err_cls(f"server {proc._name!r} stopped ({short_repr(reason)}) before it "
+                              f"answered this call, which it had deferred with NoReply",
+                              name=proc._name, reason=reason)
+                if isinstance(reason, BaseException):
+                    err.__cause__ = reason
+                caller._fail(err)
 
     def crashed(
         self, proc: GenServer[Any], exc: BaseException, kind: int = INFO, payload: Any = None,

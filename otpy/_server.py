@@ -270,8 +270,8 @@ class GenServer(Generic[S]):
     ``cast``/``send`` raise :class:`otpy.MailboxFull`).
     """
 
-    __slots__ = ("_flags", "_mbox", "_name", "_node", "_restarts", "_spec", "_state", "_sup",
-                 "_tasks")
+    __slots__ = ("_deferred", "_flags", "_mbox", "_name", "_node", "_restarts", "_spec",
+                 "_state", "_sup", "_tasks")
 
     vsn: ClassVar[str]
     step_timeout: ClassVar[float] = 1.0
@@ -287,6 +287,7 @@ class GenServer(Generic[S]):
     _spec: Child
     _restarts: int
     _tasks: set[TaskRef] | None
+    _deferred: list[Caller] | None  # callers it answered with NoReply (may be stale)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

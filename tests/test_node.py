@@ -7,6 +7,7 @@ Each test pins one behaviour of "The node" section of the API contract.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -814,3 +815,44 @@ async def test_leaving_open_node_is_a_checkpoint() -> None:
     await manager.__aenter__()
     with trio.testing.assert_checkpoints():
         await manager.__aexit__(None, None, None)
+
+
+class Deferring(otpy.GenServer[list[otpy.Caller]]):
+    """Defers every "wait" call; crashes on "crash"; stops on "stop"."""
+
+    def init(self, arg: object) -> list[otpy.Caller]:
+        return []
+
+    def handle_call(self, request: object, caller: otpy.Caller, state: list[otpy.Caller]
+                    ) -> object:
+        if request == "crash":
+            raise RuntimeError("boom")
+        if request == "stop":
+            return otpy.Stop("normal", state, reply="stopping")
+        return otpy.NoReply([*state, caller])
+
+
+@pytest.mark.parametrize(
+    ("request_", "error"), [("crash", otpy.ServerCrashed), ("stop", otpy.ServerStopped)])
+async def test_deferred_callers_fail_at_once_when_the_server_stops(
+    request_: str, error: type[Exception]
+) -> None:
+    """A caller deferred with NoReply is never left hanging: when the server stops
+    (crash or Stop) it gets an error at once, not after its timeout."""
+    outcomes: list[object] = []
+    root = otpy.Supervisor([otpy.Child("d", Deferring, restart="temporary")])
+    async with otpy.open_node(root) as node:
+
+        async def wait() -> None:
+            try:
+                await node.call("d", "wait", timeout=None)
+            except otpy.OtpyError as exc:
+                outcomes.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            with contextlib.suppress(otpy.OtpyError):
+                await node.call("d", request_)
+    assert [error, error] == [type(o) for o in outcomes]
