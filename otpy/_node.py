@@ -8,9 +8,10 @@ queue and fires timers, and ``start_task`` runs a server's I/O in a nursery.
 
 from __future__ import annotations
 
+import gc
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 import outcome
@@ -271,13 +272,15 @@ class Node:
         short report. ``code_change`` must be a pure function of its arguments: it may
         run more than once for a busy server."""
         await trio.lowlevel.checkpoint()
-        return await self._migrate(self._releases.plan_upgrade(release))
+        with _heap_frozen():
+            return await self._migrate(self._releases.plan_upgrade(release))
 
     async def downgrade(self) -> dict[str, Any]:
         """Go back to the release before the newest: the running (newer) class's
         ``code_change(otpy.Down(old_vsn), state, extra)`` computes each older state."""
         await trio.lowlevel.checkpoint()
-        return await self._migrate(self._releases.plan_downgrade())
+        with _heap_frozen():
+            return await self._migrate(self._releases.plan_downgrade())
 
     def releases(self) -> list[ReleaseInfo]:
         """The installed releases, oldest first (the newest last)."""
@@ -370,6 +373,25 @@ class Node:
         if root is not None and root.alive:
             with self._sched.supervision_act():
                 root.shutdown("shutdown")
+
+
+@contextmanager
+def _heap_frozen() -> Iterator[None]:
+    """Keep the objects that exist now out of the collector while a release installs.
+
+    A migration allocates a few objects per server, enough to trigger CPython's full
+    collection, which walks every object of the node in one pause (~50 ms for 10k
+    servers) in the middle of the upgrade. Frozen, the existing (long-lived) objects are
+    skipped; unfrozen after, they count as long-lived again. An application that
+    freezes objects itself (gc.get_freeze_count() > 0) is left to do so."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _unwrap(exc: BaseException) -> BaseException:
