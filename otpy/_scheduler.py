@@ -343,7 +343,13 @@ class Scheduler:
                 f"class attribute max_mailbox"
             )
         mb.append(msg)
-        if not proc._flags & (SCHEDULED | SUSPENDED | DEAD):
+        if not proc._flags & (SCHEDULED | SUSPENDED | DEAD):  # hot: skip the call
+            self.schedule(proc)
+
+    def schedule(self, proc: GenServer[Any]) -> None:
+        """Put a server with queued messages on the run queue, once. A busy server is
+        queued too: the dispatcher serves it after the current step."""
+        if proc._mbox and not proc._flags & (SCHEDULED | SUSPENDED | DEAD):
             proc._flags |= SCHEDULED
             if not self.runq:
                 self.wakeup()
@@ -351,16 +357,11 @@ class Scheduler:
 
     def cast(self, name: str, message: Any) -> None:
         """Queue a cast (from inside a step: never stepped inline)."""
-        proc = self.procs.get(name)
-        if proc is None:
-            raise self._no_such(name)
-        self.enqueue(proc, (CAST, message, None))
+        self.enqueue(self.lookup(name), (CAST, message, None))
 
     def send(self, name: str, message: Any) -> None:
-        proc = self.procs.get(name)
-        if proc is None:
-            raise self._no_such(name)
-        self.enqueue(proc, (INFO, message, None))
+        """Queue a message for ``handle_info`` (from inside a step)."""
+        self.enqueue(self.lookup(name), (INFO, message, None))
 
     def cast_now(self, kind: int, name: str, message: Any) -> None:
         """A cast or send from outside any step: an idle server is stepped at once."""
@@ -479,18 +480,17 @@ class Scheduler:
                 f"child {name!r} ({cls.__qualname__}) failed to start: init raised "
                 f"{type(exc).__name__}: {exc}", child=name, reason=exc) from exc
         proc._state = state
-        proc._flags = 0
-        stashed = self._stash.pop(name, None)
+        proc._flags &= SCHEDULED  # init may have cast to itself: it is queued already
+        self._take_back(proc, self._stash.pop(name, None))
+        return proc
+
+    def _take_back(self, proc: GenServer[Any], stashed: deque[Message] | None) -> None:
+        """Give the name's stashed mailbox (messages sent before, first) to ``proc``."""
         if stashed:
             if proc._mbox:
                 stashed.extend(proc._mbox)
             proc._mbox = stashed
-        if proc._mbox:
-            proc._flags = SCHEDULED
-            if not self.runq:
-                self.wakeup()
-            self.runq.append(proc)
-        return proc
+        self.schedule(proc)
 
     def _unregister(self, proc: GenServer[Any]) -> None:
         proc._flags |= DEAD
@@ -585,13 +585,7 @@ class Scheduler:
             name, mb = self._stash.popitem()
             proc = self.procs.get(name)
             if proc is not None:  # taken back after all (e.g. restarted by a retry)
-                if proc._mbox:
-                    mb.extend(proc._mbox)
-                proc._mbox = mb
-                if not proc._flags & (NOT_STEPPABLE | SCHEDULED):
-                    proc._flags |= SCHEDULED
-                    self.runq.append(proc)
-                    self.wakeup()
+                self._take_back(proc, mb)
                 continue
             for _kind, _payload, caller in mb:
                 if caller is not None:
@@ -609,14 +603,7 @@ class Scheduler:
     def resume(self, name: str) -> None:
         proc = self.lookup(name)
         proc._flags &= ~SUSPENDED
-        self._reschedule(proc)
-
-    def _reschedule(self, proc: GenServer[Any]) -> None:
-        if proc._mbox and not proc._flags & (NOT_STEPPABLE | SCHEDULED):
-            proc._flags |= SCHEDULED
-            if not self.runq:
-                self.wakeup()
-            self.runq.append(proc)
+        self.schedule(proc)
 
     def set_fatal(self, exc: BaseException) -> None:
         if self.fatal is None:

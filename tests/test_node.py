@@ -62,7 +62,7 @@ class Log(otpy.GenServer[list[Any]]):
 
 class Deferrer(otpy.GenServer[list[otpy.Caller]]):
     """Defers every "wait" call; ``("release", value)`` answers them; "alive" reports
-    whether each deferred caller still waits."""
+    whether each deferred caller still waits; "crash" raises, "stop" stops it."""
 
     vsn = "1"
 
@@ -74,6 +74,10 @@ class Deferrer(otpy.GenServer[list[otpy.Caller]]):
             return otpy.NoReply([*state, caller])
         if request == "alive":
             return otpy.Reply([c.alive for c in state], state)
+        if request == "crash":
+            raise RuntimeError("asked to crash")
+        if request == "stop":
+            return otpy.Stop("normal", state, reply="stopping")
         return otpy.Reply(request, state)
 
     def handle_cast(self, message: Any, state: list[otpy.Caller]) -> list[otpy.Caller]:
@@ -817,21 +821,6 @@ async def test_leaving_open_node_is_a_checkpoint() -> None:
         await manager.__aexit__(None, None, None)
 
 
-class Deferring(otpy.GenServer[list[otpy.Caller]]):
-    """Defers every "wait" call; crashes on "crash"; stops on "stop"."""
-
-    def init(self, arg: object) -> list[otpy.Caller]:
-        return []
-
-    def handle_call(self, request: object, caller: otpy.Caller, state: list[otpy.Caller]
-                    ) -> object:
-        if request == "crash":
-            raise RuntimeError("boom")
-        if request == "stop":
-            return otpy.Stop("normal", state, reply="stopping")
-        return otpy.NoReply([*state, caller])
-
-
 @pytest.mark.parametrize(
     ("request_", "error"), [("crash", otpy.ServerCrashed), ("stop", otpy.ServerStopped)])
 async def test_deferred_callers_fail_at_once_when_the_server_stops(
@@ -840,7 +829,7 @@ async def test_deferred_callers_fail_at_once_when_the_server_stops(
     """A caller deferred with NoReply is never left hanging: when the server stops
     (crash or Stop) it gets an error at once, not after its timeout."""
     outcomes: list[object] = []
-    root = otpy.Supervisor([otpy.Child("d", Deferring, restart="temporary")])
+    root = otpy.Supervisor([otpy.Child("d", Deferrer, restart="temporary")])
     async with otpy.open_node(root) as node:
 
         async def wait() -> None:
@@ -849,10 +838,12 @@ async def test_deferred_callers_fail_at_once_when_the_server_stops(
             except otpy.OtpyError as exc:
                 outcomes.append(exc)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(wait)
-            nursery.start_soon(wait)
-            await trio.testing.wait_all_tasks_blocked()
-            with contextlib.suppress(otpy.OtpyError):
-                await node.call("d", request_)
+        # Bounded, so that a regression fails here instead of hanging the suite.
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                with contextlib.suppress(otpy.OtpyError):
+                    await node.call("d", request_)
     assert [error, error] == [type(o) for o in outcomes]
