@@ -17,6 +17,7 @@ from ._exceptions import ServerCrashed as ServerCrashed
 from ._exceptions import ServerStopped as ServerStopped
 from ._exceptions import StartFailed as StartFailed
 from ._exceptions import StateTypeError as StateTypeError
+from ._exceptions import StepTimeout as StepTimeout
 from ._exceptions import SupervisorError as SupervisorError
 from ._exceptions import UpgradeFailed as UpgradeFailed
 from ._exceptions import WouldBlock as WouldBlock
@@ -68,6 +69,7 @@ __all__ = [
     "ServerStopped",
     "StartFailed",
     "StateTypeError",
+    "StepTimeout",
     "Stop",
     "Strategy",
     "Supervisor",

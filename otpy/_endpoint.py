@@ -377,7 +377,12 @@ class _Connection:
         if vsn is not None and not isinstance(vsn, str):
             raise BadRequest(f"call's vsn must be a string or nil, got {vsn!r:.80}")
         node = self.node
-        caller, served_by = node._start_call(name, params[1], vsn)
+        started = node._start_call(name, params[1], vsn)
+        if started is None:  # a full mailbox: wait for room as node.call does
+            self._spawn(msgid, functools.partial(
+                node.call, name, params[1], vsn=vsn, timeout=self.limits.call_timeout))
+            return
+        caller, served_by = started
         if caller._status == 0:
             self._spawn(msgid, self._await_call, caller, name, served_by, vsn)
             return

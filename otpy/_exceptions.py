@@ -6,6 +6,7 @@ the built-in exception a Python user would already catch for that situation::
     OtpyError (Exception)
     ├── NoSuchServer (LookupError)            no server or supervisor has that name
     ├── CallTimeout (TimeoutError)            no reply within the call's timeout
+    ├── StepTimeout (TimeoutError)            a callback overran its step_timeout
     ├── ServerStopped (RuntimeError)          the server stopped before it answered
     │   └── ServerCrashed                     ... because a callback raised
     ├── WouldBlock                            a non-blocking operation cannot finish now
@@ -46,6 +47,32 @@ class CallTimeout(OtpyError, TimeoutError):
     its late reply is dropped."""
 
 
+class StepTimeout(OtpyError, TimeoutError):
+    """A callback ran longer than its server's ``step_timeout`` and was interrupted; the
+    server crashed with this error as its reason (the message says where it was)."""
+
+    def __init__(self, message: str, *, name: object = None, seconds: float = 0.0) -> None:
+        super().__init__(message)
+        self.name = name
+        self.seconds = seconds
+
+
+class Overrun(BaseException):
+    """Raised by the watchdog inside a callback that overran (private).
+
+    A BaseException, as ``trio.Cancelled`` is, so that the callback's own
+    ``except Exception`` cannot swallow it; whoever ran the callback turns it into the
+    server's crash with :class:`StepTimeout` as the reason."""
+
+    def __init__(self, error: StepTimeout) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+    def timeout(self) -> StepTimeout:
+        """The StepTimeout to crash with, carrying the traceback of where it was."""
+        return self.error.with_traceback(self.__traceback__)
+
+
 class ServerStopped(OtpyError, RuntimeError):
     """The server stopped before it answered the call and was not restarted to serve it."""
 
@@ -66,6 +93,10 @@ class WouldBlock(OtpyError):
 
 class MailboxFull(OtpyError):
     """The target's mailbox holds ``max_mailbox`` messages; nothing was queued."""
+
+    def __init__(self, message: str, *, name: object = None) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 class BadReturn(OtpyError, TypeError):

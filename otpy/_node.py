@@ -20,7 +20,7 @@ import trio
 
 from ._exceptions import CallTimeout, NoSuchServer, OtpyError, SupervisorError
 from ._release import Migration, Release, ReleaseHandler, ReleaseInfo
-from ._scheduler import CALL, CAST, INFO, Scheduler, TaskRef
+from ._scheduler import BUSY, CALL, CAST, INFO, SUSPENDED, Scheduler, TaskRef
 from ._server import Caller, GenServer, TaskDone, TaskFailed
 from ._supervisor import (
     Child,
@@ -29,6 +29,7 @@ from ._supervisor import (
     SupervisorRuntime,
     check_unique_names,
 )
+from ._watchdog import Watchdog, budget_of
 
 T = TypeVar("T")
 
@@ -90,6 +91,9 @@ class Node:
             spawn=self._spawn,
         )
         self._sched.on_fatal = self._on_fatal
+        self._sched.on_room = self._on_room
+        self._room: dict[str, trio.lowlevel.ParkingLot] = {}
+        self._watchdog = Watchdog(self._sched, root)
         self._parked: Any = None
         self._tasks: trio.Nursery | None = None
         self._body: trio.CancelScope | None = None
@@ -126,9 +130,16 @@ class Node:
                 if caller._error is not None:
                     raise caller._error
                 return caller._value
-        caller, served_by = self._start_call(name, request, vsn)
+        started = self._start_call(name, request, vsn)
+        deadline = None
+        if started is None:  # a full mailbox: wait for room, within the same timeout
+            deadline = trio.current_time() + (math.inf if timeout is None else timeout)
+            while started is None:
+                await self._wait_for_room(name, deadline, timeout)
+                started = self._start_call(name, request, vsn)
+        caller, served_by = started
         if caller._status == 0:
-            result = await self._wait(caller, name, timeout)
+            result = await self._wait(caller, name, timeout, deadline)
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
             if caller._error is not None:
@@ -140,13 +151,17 @@ class Node:
 
     def _start_call(
         self, name: str, request: Any, vsn: str | None
-    ) -> tuple[_TaskCaller, type[GenServer[Any]]]:
+    ) -> tuple[_TaskCaller, type[GenServer[Any]]] | None:
         """Step an idle server now, or queue the call; the caller holds the answer
-        (``_status`` 1) or waits for it (0). Shared by ``call`` and the endpoint."""
+        (``_status`` 1) or waits for it (0). None when the server's mailbox is full:
+        wait for room (``_wait_for_room``) and try again. Shared by ``call`` and the
+        endpoint."""
         sched = self._sched
         proc = sched.procs.get(name)
         if proc is None:
             raise sched._no_such(name)
+        if sched.mailbox_full(proc):
+            return None
         served_by = type(proc)
         if vsn is not None:
             request = self._adapt_request(proc, vsn, request)
@@ -157,9 +172,31 @@ class Node:
             sched.enqueue(proc, (CALL, request, caller), force=True)
         return caller, served_by
 
-    async def _wait(self, caller: _TaskCaller, name: str, timeout: float | None) -> Any:
+    async def _wait_for_room(self, name: str, deadline: float, timeout: float | None) -> None:
+        """Wait until server ``name``'s mailbox has room (or the server is gone)."""
+        lot = self._room.get(name)
+        if lot is None:
+            lot = self._room[name] = trio.lowlevel.ParkingLot()
+        self._sched.room_waiters.add(name)
+        with trio.move_on_at(deadline):
+            await lot.park()
+            return
+        raise CallTimeout(
+            f"server {name!r} kept a full mailbox for {timeout:g} s, so this call could "
+            f"not even be queued; the request was not sent. Slow the callers down, or "
+            f"raise the server's max_mailbox")
+
+    def _on_room(self, name: str) -> None:
+        lot = self._room.pop(name, None)
+        if lot is not None:
+            lot.unpark_all()  # each looks again; the ones that find it full wait again
+
+    async def _wait(self, caller: _TaskCaller, name: str, timeout: float | None,
+                    deadline: float | None = None) -> Any:
         caller._task = trio.lowlevel.current_task()
-        with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+        if deadline is None:
+            deadline = trio.current_time() + (math.inf if timeout is None else timeout)
+        with trio.move_on_at(deadline) as scope:
             return await trio.lowlevel.wait_task_rescheduled(caller._abort)
         if scope.cancelled_caught:
             raise CallTimeout(
@@ -221,6 +258,33 @@ class Node:
     def servers(self) -> list[str]:
         """The names of every running server."""
         return list(self._sched.procs)
+
+    def statistics(self, name: str | None = None) -> dict[str, Any]:
+        """Counters of the node, or of server ``name``.
+
+        For a server: ``mailbox`` (queued messages), ``max_mailbox``, ``refused``
+        (messages refused because its mailbox was full, counted per name across
+        restarts), ``restarts``, ``vsn``, ``step_timeout`` and ``status``. For the node:
+        ``servers``, ``supervisors``, ``run_queue``, ``timers``, ``queued`` (messages in
+        all mailboxes), ``refused`` (total) and ``refused_by_server``."""
+        sched = self._sched
+        if name is not None:
+            proc = sched.lookup(name)
+            flags = proc._flags
+            return {
+                "mailbox": len(proc._mbox or ()), "max_mailbox": proc._max_mailbox,
+                "refused": sched.refused.get(name, 0), "restarts": proc._restarts,
+                "vsn": type(proc).vsn, "step_timeout": budget_of(proc),
+                "status": ("suspended" if flags & SUSPENDED else
+                           "running" if flags & BUSY else "idle"),
+            }
+        return {
+            "servers": len(sched.procs), "supervisors": len(sched.sups),
+            "run_queue": len(sched.runq), "timers": sched.pending_timers(),
+            "queued": sum(len(p._mbox) for p in sched.procs.values() if p._mbox),
+            "refused": sum(sched.refused.values()),
+            "refused_by_server": dict(sched.refused),
+        }
 
     # -- supervisors -----------------------------------------------------------------
 
@@ -363,16 +427,25 @@ class Node:
             self._body.cancel()
 
     def _start_tree(self) -> None:
+        # The watchdog runs from before the first init to after the last terminate.
+        self._watchdog.start()
         root = SupervisorRuntime(self._root_spec, self._sched, None)
         self._root = self._sched.root = root
-        with self._sched.supervision_act():
-            root.start()
+        try:
+            with self._sched.supervision_act():
+                root.start()
+        except BaseException:
+            self._watchdog.stop()
+            raise
 
     def _shutdown_tree(self) -> None:
         root = self._root
-        if root is not None and root.alive:
-            with self._sched.supervision_act():
-                root.shutdown("shutdown")
+        try:
+            if root is not None and root.alive:
+                with self._sched.supervision_act():
+                    root.shutdown("shutdown")
+        finally:
+            self._watchdog.stop()
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._exceptions import UpgradeFailed
+from ._exceptions import Overrun, UpgradeFailed
 from ._scheduler import BUSY, DEAD, TOUCHED, WATCHED
 from ._server import GenServer, check_server_class
 from ._typecheck import check_state, checker
@@ -265,8 +265,9 @@ class Migration:
                 proc.__class__ = m.from_cls
             check_state(m.to_cls, new_state, server=m.name,
                         when=f"returned by {impl.__qualname__}.code_change")
-        except Exception as exc:
-            m.error = f"{type(exc).__name__}: {exc}"
+        except (Exception, Overrun) as exc:  # an overrunning code_change is abandoned
+            err = exc.timeout() if isinstance(exc, Overrun) else exc
+            m.error = f"{type(err).__name__}: {err}"
         else:
             m.new_state = new_state
         finally:
@@ -297,6 +298,8 @@ class Migration:
             proc = m.proc
             proc.__class__ = m.to_cls
             proc._state = m.new_state
+            if proc._spec.max_mailbox is None:
+                proc._max_mailbox = m.to_cls.max_mailbox
             sup = proc._sup
             if m.to_cls is proc._spec.server_class:
                 sup.class_override.pop(m.name, None)

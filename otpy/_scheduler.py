@@ -24,6 +24,7 @@ from ._exceptions import (
     MailboxFull,
     NoSuchServer,
     OtpyError,
+    Overrun,
     ServerCrashed,
     ServerStopped,
     StartFailed,
@@ -130,6 +131,11 @@ class Scheduler:
         self.sups: dict[str, SupervisorRuntime] = {}
         self.runq: deque[GenServer[Any]] = deque()
         self.deferred: deque[Callable[[], None]] = deque()
+        # Messages refused for a full mailbox, by server name (what statistics show).
+        self.refused: dict[str, int] = {}
+        # Names whose callers wait for mailbox room; on_room(name) tells the edge.
+        self.room_waiters: set[str] = set()
+        self.on_room: Callable[[str], None] = lambda name: None
         self.log = log
         self.clock = clock
         self.wakeup = wakeup
@@ -182,6 +188,12 @@ class Scheduler:
             proc._flags &= ~BUSY
             self.crashed(proc, exc, kind, payload, caller)
             return
+        except BaseException as exc:
+            proc._flags &= ~BUSY
+            if type(exc) is Overrun:  # the watchdog interrupted a runaway callback
+                self.crashed(proc, exc.timeout(), kind, payload, caller)
+                return
+            raise  # KeyboardInterrupt, SystemExit, trio.Cancelled: not the server's
         flags = proc._flags = proc._flags & ~BUSY
         if flags & DEAD:
             # A sibling's restart terminated this server while it was stepping (it
@@ -275,6 +287,8 @@ class Scheduler:
             mb = proc._mbox
             if not mb:
                 proc._mbox = None
+                if self.room_waiters:
+                    self.room_for(proc)
                 return proc
             kind, payload, caller = mb.popleft()
             self.step(proc, kind, payload, caller)
@@ -318,6 +332,8 @@ class Scheduler:
                 elif not proc._flags & (NOT_STEPPABLE | SCHEDULED):
                     proc._flags |= SCHEDULED
                     runq.append(proc)
+            if self.room_waiters:
+                self.room_for(proc)
         return done
 
     def defer(self, fn: Callable[[], None]) -> None:
@@ -336,15 +352,33 @@ class Scheduler:
         mb = proc._mbox
         if mb is None:
             mb = proc._mbox = deque()
-        elif not force and len(mb) >= proc.max_mailbox:
-            raise MailboxFull(
-                f"server {proc._name!r} has {len(mb)} queued messages (max_mailbox="
-                f"{proc.max_mailbox}); nothing was queued. Slow down, or raise the "
-                f"class attribute max_mailbox"
-            )
+        elif not force and len(mb) >= proc._max_mailbox:
+            raise self._refuse(proc)
         mb.append(msg)
         if not proc._flags & (SCHEDULED | SUSPENDED | DEAD):  # hot: skip the call
             self.schedule(proc)
+
+    def _refuse(self, proc: GenServer[Any]) -> MailboxFull:
+        name = proc._name
+        self.refused[name] = self.refused.get(name, 0) + 1
+        return MailboxFull(
+            f"server {name!r} has {len(proc._mbox or ())} queued messages (max_mailbox="
+            f"{proc._max_mailbox}); nothing was queued. Slow down (await node.call waits "
+            f"for room), or raise max_mailbox on the class or its Child spec",
+            name=name)
+
+    def mailbox_full(self, proc: GenServer[Any]) -> bool:
+        """Whether a message for ``proc`` would be refused now."""
+        mb = proc._mbox
+        return mb is not None and len(mb) >= proc._max_mailbox
+
+    def room_for(self, proc: GenServer[Any]) -> None:
+        """Tell the callers waiting for room in ``proc``'s mailbox that there is some
+        (or that the server is gone: they look the name up again)."""
+        name = proc._name
+        if name in self.room_waiters and (proc._flags & DEAD or not self.mailbox_full(proc)):
+            self.room_waiters.discard(name)
+            self.on_room(name)
 
     def schedule(self, proc: GenServer[Any]) -> None:
         """Put a server with queued messages on the run queue, once. A busy server is
@@ -384,6 +418,10 @@ class Scheduler:
         if timers[0][2] is ref:
             self.wakeup()
         return ref
+
+    def pending_timers(self) -> int:
+        """Timers that have neither fired nor been cancelled."""
+        return sum(1 for _when, _seq, ref in self._timers if not ref.cancelled)
 
     def next_deadline(self) -> float | None:
         timers = self._timers
@@ -453,6 +491,8 @@ class Scheduler:
         proc._restarts = restarts
         proc._tasks = None
         proc._deferred = None
+        proc._max_mailbox = (cls.max_mailbox if spec.max_mailbox is None
+                             else spec.max_mailbox)
         self.procs[name] = proc
         try:
             state = proc.init(spec.arg)
@@ -474,7 +514,9 @@ class Scheduler:
                     task.cancel()
             if isinstance(exc, StartFailed):
                 raise
-            if not isinstance(exc, Exception):
+            if type(exc) is Overrun:
+                exc = exc.timeout()
+            elif not isinstance(exc, Exception):
                 raise
             raise StartFailed(
                 f"child {name!r} ({cls.__qualname__}) failed to start: init raised "
@@ -503,6 +545,8 @@ class Scheduler:
             else:
                 stash.extend(proc._mbox)
         proc._mbox = None
+        if self.room_waiters:
+            self.room_for(proc)
 
     def terminate_server(
         self, proc: GenServer[Any], reason: Any, grace: float | None = None
@@ -514,9 +558,11 @@ class Scheduler:
         proc._flags |= BUSY
         try:
             proc.terminate(reason, proc._state)
-        except Exception as exc:
+        except (Exception, Overrun) as exc:
+            # An overrunning terminate is abandoned: the server stops all the same.
+            err = exc.timeout() if isinstance(exc, Overrun) else exc
             self.log.error("terminate_crashed", server=proc._name, reason=repr(reason),
-                           exc_info=exc)
+                           exc_info=err)
         proc._flags &= ~BUSY
         self._unregister(proc)
         if proc._tasks:

@@ -270,8 +270,8 @@ class GenServer(Generic[S]):
     ``cast``/``send`` raise :class:`otpy.MailboxFull`).
     """
 
-    __slots__ = ("_deferred", "_flags", "_mbox", "_name", "_node", "_restarts", "_spec",
-                 "_state", "_sup", "_tasks")
+    __slots__ = ("_deferred", "_flags", "_max_mailbox", "_mbox", "_name", "_node",
+                 "_restarts", "_spec", "_state", "_sup", "_tasks")
 
     vsn: ClassVar[str]
     step_timeout: ClassVar[float] = 1.0
@@ -288,6 +288,7 @@ class GenServer(Generic[S]):
     _restarts: int
     _tasks: set[TaskRef] | None
     _deferred: list[Caller] | None  # callers it answered with NoReply (may be stale)
+    _max_mailbox: int  # the class's max_mailbox, or its Child spec's
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -300,6 +301,10 @@ class GenServer(Generic[S]):
             checker(cls)
         except Exception:
             pass
+        if "step_timeout" in vars(cls):
+            check_step_timeout(cls.step_timeout, f"{cls.__qualname__}.step_timeout", TypeError)
+        if "max_mailbox" in vars(cls):
+            check_max_mailbox(cls.max_mailbox, f"{cls.__qualname__}.max_mailbox", TypeError)
         if "vsn" not in vars(cls):
             cls.vsn = _derive_vsn(cls)
         elif not isinstance(vars(cls)["vsn"], str):
@@ -388,6 +393,20 @@ def check_server_class(cls: object, what: str) -> type[GenServer[Any]]:
     if not (isinstance(cls, type) and issubclass(cls, GenServer)):
         raise TypeError(f"{what} must be a subclass of otpy.GenServer, got {cls!r}")
     return cls
+
+
+def check_step_timeout(value: object, what: str, error: type[Exception] = ValueError) -> float:
+    """``value`` as a step budget in seconds (> 0, or ``math.inf`` for none)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise error(f"{what} must be seconds > 0 (math.inf for no limit), got {value!r}")
+    return float(value)
+
+
+def check_max_mailbox(value: object, what: str, error: type[Exception] = ValueError) -> int:
+    """``value`` as a mailbox limit (an int >= 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise error(f"{what} must be an int >= 1 (queued messages), got {value!r}")
+    return value
 
 
 def bad_return(server: GenServer[Any], callback: str, value: Any, expected: str) -> BadReturn:

@@ -13,7 +13,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._exceptions import RestartIntensityExceeded, StartFailed, SupervisorError
-from ._server import GenServer, check_server_class, is_normal_reason
+from ._server import (
+    GenServer,
+    check_max_mailbox,
+    check_server_class,
+    check_step_timeout,
+    is_normal_reason,
+)
 
 if TYPE_CHECKING:
     from ._scheduler import Scheduler
@@ -61,9 +67,12 @@ class Child:
     ``otpy.Child("kv1", KVStore, arg={"x": 1}, restart="transient", shutdown=5.0)``.
     ``id`` is the server's name in the node; ``arg`` goes to ``init``; ``restart`` is
     ``"permanent"`` (default), ``"transient"`` or ``"temporary"``; ``shutdown`` is how
-    many seconds the server's own tasks get to finish after an orderly stop."""
+    many seconds the server's own tasks get to finish after an orderly stop.
+    ``step_timeout`` and ``max_mailbox``, when given, override the server class's
+    attributes of the same names for this child."""
 
-    __slots__ = ("arg", "id", "restart", "server_class", "shutdown")
+    __slots__ = ("arg", "id", "max_mailbox", "restart", "server_class", "shutdown",
+                 "step_timeout")
 
     def __init__(
         self,
@@ -73,6 +82,8 @@ class Child:
         *,
         restart: str = "permanent",
         shutdown: float = 5.0,
+        step_timeout: float | None = None,
+        max_mailbox: int | None = None,
     ) -> None:
         self.id = _check_id(id, "Child id")
         self.server_class = check_server_class(server_class, f"Child {id!r} server_class")
@@ -82,6 +93,14 @@ class Child:
             raise SupervisorError(
                 f"Child {id!r} shutdown must be seconds >= 0, got {shutdown!r}")
         self.shutdown = float(shutdown)
+        if step_timeout is not None:
+            step_timeout = check_step_timeout(step_timeout, f"Child {id!r} step_timeout",
+                                              SupervisorError)
+        self.step_timeout = step_timeout
+        if max_mailbox is not None:
+            max_mailbox = check_max_mailbox(max_mailbox, f"Child {id!r} max_mailbox",
+                                            SupervisorError)
+        self.max_mailbox = max_mailbox
 
     def __repr__(self) -> str:
         return (f"Child({self.id!r}, {self.server_class.__qualname__}, arg={self.arg!r}, "

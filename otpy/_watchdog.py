@@ -1,0 +1,209 @@
+"""The step watchdog: a callback that runs past its ``step_timeout`` is interrupted.
+
+Every server of a node runs on one thread, so a callback that never returns would stall
+them all. Erlang preempts; otpy watches instead, at no cost to a step:
+
+- A watcher thread samples the node thread's stack every few milliseconds
+  (``sys._current_frames``) and finds the outermost *callback frame*: a frame of user
+  code called directly by one of the places that run callbacks (``Scheduler.step``,
+  ``start_server``, ``terminate_server``, ``Migration._migrate_one``). The same frame
+  object seen for longer than its server's budget is an overrun. A step writes
+  nothing for this: the stack is the record.
+- The thread then signals the node thread (``pthread_kill``). The signal handler runs
+  there, between two bytecodes, and raises :class:`Overrun` only if the interrupted
+  code is user code inside that callback, never in otpy's own frames (a cast being
+  queued, a supervisor restarting): there it returns, and the thread signals again a
+  moment later. So no structure of the node is ever left half-updated: the overrun
+  arrives as an exception raised by the user's own code, and takes the crash path.
+- ``Overrun`` is a BaseException (as ``trio.Cancelled`` is), so the callback's own
+  ``except Exception`` does not swallow it; whoever ran the callback turns it into a
+  crash with :class:`otpy.StepTimeout` as the reason.
+
+What it cannot interrupt: a call into C that does not return to the interpreter (a
+blocking C function that does not check for signals, a huge regex, a long
+``sum(range(10**12))``-style builtin). ``time.sleep`` and blocking socket reads are
+interrupted. The node must run on the main thread (Python runs signal handlers only
+there); elsewhere the watchdog is off and says so in a ``watchdog_unavailable`` event.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import CodeType, FrameType
+from typing import TYPE_CHECKING, Any
+
+from ._exceptions import Overrun, StepTimeout
+from ._release import Migration
+from ._scheduler import Scheduler
+from ._supervisor import Child, Supervisor
+
+if TYPE_CHECKING:
+    from ._server import GenServer
+
+# The functions that call callbacks: a frame called by one of them is a callback frame.
+_RUNNERS: frozenset[CodeType] = frozenset({
+    Scheduler.step.__code__,
+    Scheduler.start_server.__code__,
+    Scheduler.terminate_server.__code__,
+    Migration._migrate_one.__code__,
+})
+_OTPY = str(Path(__file__).resolve().parent)
+SIGNAL = getattr(signal, "SIGRTMIN", None) or signal.SIGUSR2  # ours, not a user's
+
+_dogs: list[Watchdog] = []  # running watchdogs (all on the main thread)
+_previous: Any = None  # the handler we replaced, restored when the last dog stops
+
+
+def _internal(code: CodeType) -> bool:
+    return code.co_filename.startswith(_OTPY)
+
+
+def _callback_frames(frame: FrameType | None) -> list[FrameType]:
+    """The callback frames on a stack, innermost first (several when a callback calls
+    another server inline, or a crash restarts a sibling)."""
+    found = []
+    while frame is not None:
+        back = frame.f_back
+        if back is not None and back.f_code in _RUNNERS and not _internal(frame.f_code):
+            found.append(frame)
+        frame = back
+    return found
+
+
+def _server_of(callback: FrameType) -> GenServer[Any] | None:
+    runner = callback.f_back
+    proc = runner.f_locals.get("proc") if runner is not None else None
+    return proc
+
+
+def budget_of(proc: GenServer[Any]) -> float:
+    """The seconds ``proc``'s callbacks may run: its Child spec's step_timeout, else its
+    class's."""
+    own = proc._spec.step_timeout
+    return type(proc).step_timeout if own is None else own
+
+
+def _min_budget(spec: Supervisor) -> float:
+    out = math.inf
+    for child in spec.children:
+        if isinstance(child, Child):
+            own = child.step_timeout
+            out = min(out, child.server_class.step_timeout if own is None else own)
+        else:
+            out = min(out, _min_budget(child))
+    return out
+
+
+class Watchdog:
+    """Watches one node's thread for callbacks that overrun (see the module doc)."""
+
+    def __init__(self, sched: Scheduler, tree: Supervisor) -> None:
+        self.sched = sched
+        # Sample often enough to catch the smallest budget in the tree within ~25% of
+        # it (a child added later with a smaller one is caught a little later).
+        self.interval = min(0.05, max(0.002, _min_budget(tree) / 4))
+        self._tid = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.target: FrameType | None = None  # the overrunning callback, while signalled
+        self.budget = 0.0
+
+    def start(self) -> bool:
+        """Start watching the calling (node) thread; False if it is not the main one."""
+        global _previous
+        if threading.current_thread() is not threading.main_thread():
+            self.sched.log.warning(
+                "watchdog_unavailable", reason="the node does not run on the main thread, "
+                "and Python runs signal handlers only there; step_timeout is not enforced")
+            return False
+        if not _dogs:
+            _previous = signal.signal(SIGNAL, _on_signal)
+        _dogs.append(self)
+        self._tid = threading.get_ident()
+        self._thread = threading.Thread(target=self._watch, name="otpy-watchdog",
+                                        daemon=True)
+        self._thread.start()
+        return True
+
+    def stop(self) -> None:
+        global _previous
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        self.target = None
+        _dogs.remove(self)
+        if not _dogs:
+            signal.signal(SIGNAL, _previous if _previous is not None else signal.SIG_DFL)
+            _previous = None
+
+    def _watch(self) -> None:
+        since: dict[FrameType, float] = {}  # when each callback on the stack was first seen
+        tid, interval = self._tid, self.interval
+        while not self._stop.wait(interval):
+            frames = _callback_frames(sys._current_frames().get(tid))
+            now = time.monotonic()
+            since = {f: since.get(f, now) for f in frames}
+            self.target = self._culprit(frames, since, now)
+            if self.target is not None:
+                # Signalled again each interval until the handler finds the node thread
+                # in the culprit's own code (or the callback ends).
+                signal.pthread_kill(tid, SIGNAL)
+            del frames
+        since.clear()
+
+    def _culprit(self, frames: list[FrameType], since: dict[FrameType, float],
+                 now: float) -> FrameType | None:
+        # The innermost callback that overran its own budget: one that calls others
+        # inline in a loop is blamed, not the ones it calls; one called inline that
+        # spins is blamed, not its caller.
+        for frame in frames:
+            proc = _server_of(frame)
+            if proc is not None and now - since[frame] >= budget_of(proc):
+                self.budget = budget_of(proc)
+                return frame
+        return None
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    for dog in _dogs:
+        target = dog.target
+        if target is None:
+            continue
+        # Only in user code: the innermost callback frame must be reached from the
+        # interrupted frame without passing through any of otpy's own frames.
+        callback = frame
+        while callback is not None and not _internal(callback.f_code):
+            back = callback.f_back
+            if back is not None and back.f_code in _RUNNERS:
+                break
+            callback = back
+        else:
+            return  # in otpy's own code (or outside any callback): try again later
+        if callback is not target:
+            continue  # in a server it called inline, or the callback ended: try again
+        dog.target = None
+        raise Overrun(_timeout(callback, frame, dog.budget))
+    if callable(_previous):
+        _previous(signum, frame)
+
+
+def _timeout(callback: FrameType, frame: FrameType | None, budget: float) -> StepTimeout:
+    proc = _server_of(callback)
+    name = proc._name if proc is not None else "?"
+    cls = type(proc).__qualname__ if proc is not None else "?"
+    where = frame if frame is not None else callback
+    err = StepTimeout(
+        f"server {name!r} ({cls}.{callback.f_code.co_name}) ran longer than its "
+        f"step_timeout of {budget:g} s and was interrupted at "
+        f"{where.f_code.co_filename}:{where.f_lineno} in {where.f_code.co_name}. A callback "
+        f"must not block the node's loop: run long work with self.start_task(...), or "
+        f"split it into messages; or raise step_timeout (class attribute or Child option)",
+        name=name, seconds=budget)
+    return err
