@@ -160,6 +160,14 @@ def table(r: dict[str, dict[str, Any]]) -> list[Row]:
                          "<= 20 ms, 0, 0", "84-188 ms, 0" if n == "10000" else "", "",
                          "ok" if stall <= 20 and rec.get("lost") == 0
                          and rec.get("failed") == 0 else "MISSED"))
+    row("step watchdog: node.call on/off", "watchdog_call_ratio", ratio, "(info: ~1.0)",
+        None)
+    row("  ... node.cast on/off", "watchdog_cast_ratio", ratio, "(info: ~1.0)", None)
+    for b in ("20", "200"):
+        rec = r.get(f"watchdog_overshoot_{b}ms", {})
+        row(f"  ... cut {b} ms budget: late by (median)", f"watchdog_overshoot_{b}ms",
+            lambda v, rec=rec: f"{v:.0f} ms (worst {rec.get('worst_ms', 0):.0f})",
+            "(info)", None)
     return rows
 
 
@@ -205,6 +213,7 @@ def main() -> None:
     sup = run_group("bench_supervisor.py", "start_sup", "1000000")
     results += sup
     results += run_group("bench_release.py", "10000", "100000")
+    results += run_group("bench_watchdog.py")
     by = {x["bench"]: x for x in results}
     results.append(emit("sup_total_us_1000000",
                         by["sup_start_us_1000000"]["value"] + by["sup_spec_us_1000000"]["value"],
