@@ -198,7 +198,7 @@ class _SimScheduler(Scheduler):
             else:
                 outcome = f"reply {_text(getattr(caller, 'value', None))}, state " \
                           f"{_text(proc._state)}"
-        line[3] += f" -> {outcome}"
+        line[3] += _ADDRESS.sub(" at 0x?", f" -> {outcome}")
 
     def crashed(
         self, proc: GenServer[Any], exc: BaseException, kind: int = INFO, payload: Any = None,
@@ -369,7 +369,9 @@ class Simulation:
     # -- the trace -------------------------------------------------------------------
 
     def _line(self, actor: str, text: str) -> list[Any]:
-        line = [self._now, self._depth, actor, text]
+        # Whatever the text quotes (reprs made by the core, a user's exception message)
+        # must not carry a memory address: the trace is the same bytes in any process.
+        line = [self._now, self._depth, actor, _ADDRESS.sub(" at 0x?", text)]
         self._lines.append(line)
         return line
 
