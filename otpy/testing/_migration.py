@@ -114,7 +114,7 @@ def check_code_change(
     check_server_class(new_class, "check_code_change new_class")
     extras = extra if isinstance(extra, st.SearchStrategy) else st.just(extra)
 
-    @settings(max_examples=max_examples, deadline=None,
+    @settings(max_examples=max_examples, deadline=None, report_multiple_bugs=False,
               suppress_health_check=[HealthCheck.too_slow])
     @given(states, extras)
     def check(state: Any, extra_value: Any) -> None:
