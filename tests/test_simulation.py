@@ -418,3 +418,38 @@ def test_fail_code_change_rolls_the_release_back() -> None:
     assert (1, "1") == (sim.get_state("k1"), sim.vsn_of("k1"))
     assert "upgrade_rolled_back" in sim.trace_text()
     assert "upgrade_committed" in sim.trace_text()
+
+
+def test_step_takes_one_step_at_a_time() -> None:
+    """step() lets a test check between steps: here, a call waits while its server is
+    suspended and is served after resume; step() is False once all is done."""
+
+    def client() -> Script:
+        return (yield ot.call("c", "incr", timeout=None))
+
+    sim = ot.Simulation(otpy.Supervisor([otpy.Child("c", Counter)]), seed=0)
+    sim.suspend("c")
+    c = sim.spawn(client)
+    assert sim.step()  # the client calls; the call queues
+    assert not c.done
+    assert not sim.step()  # nothing can run while c is suspended
+    sim.resume("c")
+    while sim.step():
+        pass
+    assert 1 == c.result
+
+
+def test_a_tree_that_never_settles_is_stopped_by_max_steps() -> None:
+    """A client that loops for ever: run() gives up after max_steps, saying why."""
+
+    def spinner() -> Script:
+        while True:
+            yield ot.sleep(1.0)
+
+    sim = ot.Simulation(otpy.Supervisor([otpy.Child("c", Counter)]), seed=0)
+    sim.spawn(spinner)
+    with pytest.raises(ot.SimulationError, match="did not settle within 50 steps"):
+        sim.run(max_steps=50)
+    before = sim.now
+    sim.run(until=before + 5.0)  # until= bounds it instead
+    assert before + 5.0 == sim.now

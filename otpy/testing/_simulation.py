@@ -24,7 +24,8 @@ import itertools
 import math
 import random
 import re
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import structlog
@@ -120,7 +121,7 @@ class Client:
         self._throw: BaseException | None = None
         self._wake: float | None = None  # end of a sleep, or a call's deadline
         self._caller: _SimCaller | None = None
-        self._target = ""  # the server it waits for
+        self._target: tuple[str, float | None] = ("", None)  # the call it waits for
 
     def __repr__(self) -> str:
         return f"<simulated client {self.name!r}{' done' if self.done else ''}>"
@@ -422,7 +423,7 @@ class Simulation:
         self._depth = 0
         if client._status != _NEW:
             self._line(client.name, f"raised into it: {_error_text(throw)}" if throw
-                       else f"got {_text(send)}")
+                       else "resumed" if send is None else f"got {_text(send)}")
         self._depth = 1
         try:
             op = client._gen.throw(throw) if throw is not None else client._gen.send(send)
@@ -454,7 +455,8 @@ class Simulation:
                 client._ready(error=sched._no_such(op.name))
                 return
             caller = _SimCaller(self, client)
-            client._status, client._caller, client._target = _WAITING, caller, op.name
+            client._status, client._caller = _WAITING, caller
+            client._target = (op.name, op.timeout)
             client._wake = None if op.timeout is None else self._now + op.timeout
             # As Node._start_call: an idle server answers within this step (and the
             # answer resumes the client through _answered).
@@ -524,39 +526,61 @@ class Simulation:
         :class:`otpy.RestartIntensityExceeded` if the root supervisor gave up, and
         :class:`SimulationError` after ``max_steps`` steps (a tree that never settles,
         e.g. a periodic timer: pass ``until``)."""
-        if self._closed:
-            raise SimulationError("this simulation is closed")
         steps = 0
-        try:
-            while True:
-                self._raise_fatal()
-                ready = self._ready()
-                if not ready:
-                    nxt = self._next_time()
-                    if nxt is None or (until is not None and nxt > until):
-                        if until is not None and until > self._now:
-                            self._now = until
-                        return steps
-                    self._now = nxt
-                    continue
+        with self._noting():
+            while (ready := self._next_ready(until)):
                 if steps >= max_steps:
                     raise SimulationError(
                         f"the simulation did not settle within {max_steps} steps (virtual "
                         f"time {self._now:g}); pass until= for a tree that keeps itself "
                         f"busy, or a larger max_steps")
-                _label, action = ready[self._rng.randrange(len(ready))]
-                action()
+                self._take(ready)
                 steps += 1
+        return steps
+
+    def step(self) -> bool:
+        """Take one step (first advancing virtual time to the next timer, sleep or
+        timeout if nothing is ready); False when nothing is left to do. For a test that
+        interleaves its own checks with the simulation's steps."""
+        with self._noting():
+            ready = self._next_ready(None)
+            if not ready:
+                return False
+            self._take(ready)
+            self._raise_fatal()
+        return True
+
+    @contextmanager
+    def _noting(self) -> Iterator[None]:
+        """Give an error raised while stepping the end of the trace as a note."""
+        if self._closed:
+            raise SimulationError("this simulation is closed")
+        try:
+            yield
         except BaseException as exc:
-            if not getattr(exc, "_otpy_sim_noted", False):
-                tail = self._lines[-_TAIL:]
-                exc.add_note("the last steps of the simulation:\n" + "".join(
-                    f"{TraceEvent(*line)}\n" for line in tail).rstrip("\n"))
-                try:
-                    exc._otpy_sim_noted = True  # type: ignore[attr-defined]
-                except AttributeError:  # pragma: no cover - exotic exception types
-                    pass
+            tail = self._lines[-_TAIL:]
+            exc.add_note("the last steps of the simulation:\n" + "".join(
+                f"{TraceEvent(*line)}\n" for line in tail).rstrip("\n"))
             raise
+
+    def _next_ready(self, until: float | None) -> list[tuple[str, Callable[[], None]]]:
+        """What is ready now, advancing virtual time (not beyond ``until``) to the next
+        timer, sleep or timeout while nothing is; empty when nothing is left."""
+        while True:
+            self._raise_fatal()
+            ready = self._ready()
+            if ready:
+                return ready
+            nxt = self._next_time()
+            if nxt is None or (until is not None and nxt > until):
+                if until is not None and until > self._now:
+                    self._now = until
+                return ready
+            self._now = nxt
+
+    def _take(self, ready: list[tuple[str, Callable[[], None]]]) -> None:
+        _label, action = ready[self._rng.randrange(len(ready))]
+        action()
 
     def _raise_fatal(self) -> None:
         fatal = self._sched.fatal
@@ -587,11 +611,11 @@ class Simulation:
                 elif client._status == _WAITING and client._caller is not None:
                     caller = client._caller
                     caller._status = 2  # gave up: a late reply is dropped
-                    name = client._target
+                    name, timeout = client._target
                     client._ready(error=CallTimeout(
-                        f"server {name!r} did not reply within the call's timeout (virtual "
+                        f"server {name!r} did not reply within {timeout:g} s (virtual "
                         f"time); the request may still be served, its reply will be "
-                        f"dropped"))
+                        f"dropped. Pass a larger timeout= if it is expected to take longer"))
             if client._status in (_NEW, _READY):
                 ready.append((client.name, _bind(self._resume, client)))
         for migrating in self._migrating:
@@ -803,6 +827,26 @@ class Simulation:
         """Stop child ``id`` of supervisor ``sup``."""
         self._line("sim", f"terminate_child {sup} {id}")
         self._sup(sup).terminate_child(id)
+
+    def restart_child(self, sup: str, id: str) -> ChildInfo:
+        """Start again a child of ``sup`` that is not running."""
+        self._line("sim", f"restart_child {sup} {id}")
+        return self._sup(sup).restart_child(id)
+
+    def delete_child(self, sup: str, id: str) -> None:
+        """Remove the spec of a child of ``sup`` that is not running."""
+        self._line("sim", f"delete_child {sup} {id}")
+        self._sup(sup).delete_child(id)
+
+    def suspend(self, name: str) -> None:
+        """Hold server ``name``: its messages wait (calls to it queue), none is lost."""
+        self._line("sim", f"suspend {name}")
+        self._sched.suspend(name)
+
+    def resume(self, name: str) -> None:
+        """Let a suspended server serve its waiting messages, in order."""
+        self._line("sim", f"resume {name}")
+        self._sched.resume(name)
 
     def releases(self) -> list[ReleaseInfo]:
         """The installed releases, oldest first."""
