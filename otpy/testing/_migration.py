@@ -64,7 +64,8 @@ def check_code_change(
     extra: Any = None,
     downgrade: bool | None = None,
     round_trip: bool = True,
-    max_examples: int = 100,
+    max_examples: int | None = None,
+    settings: Any = None,
     name: str = "server",
 ) -> None:
     """Check ``new_class.code_change`` on old states that hypothesis generates.
@@ -102,21 +103,29 @@ def check_code_change(
     the state types agree.
 
     ``extra`` is passed to ``code_change`` (a hypothesis strategy is drawn from per
-    example). The first failing example, shrunk, raises
+    example). ``settings`` (a ``hypothesis.settings``; default: the current profile)
+    is what the check runs under -- ``settings(derandomize=True)`` makes it try the
+    same states every run -- and ``max_examples`` overrides its number of examples
+    (100 when neither says). The first failing example, shrunk, raises
     :class:`MigrationCheckFailed`, an ``AssertionError`` naming it. hypothesis must be
     installed (otpy's ``[test]`` extra); call this from a plain test function, not
     inside another ``@given``.
     """
-    from hypothesis import HealthCheck, given, settings
+    import hypothesis
     from hypothesis import strategies as st
 
     check_server_class(old_class, "check_code_change old_class")
     check_server_class(new_class, "check_code_change new_class")
     extras = extra if isinstance(extra, st.SearchStrategy) else st.just(extra)
+    base = settings if settings is not None else hypothesis.settings()
+    if max_examples is None:
+        max_examples = base.max_examples if settings is not None else 100
 
-    @settings(max_examples=max_examples, deadline=None, report_multiple_bugs=False,
-              suppress_health_check=[HealthCheck.too_slow])
-    @given(states, extras)
+    # One shrunk failure, raised as it is (an AssertionError), not an exception group.
+    @hypothesis.settings(base, max_examples=max_examples, deadline=None,
+                         report_multiple_bugs=False,
+                         suppress_health_check=[hypothesis.HealthCheck.too_slow])
+    @hypothesis.given(states, extras)
     def check(state: Any, extra_value: Any) -> None:
         _check_one(old_class, new_class, state, extra_value, downgrade, round_trip, name)
 
