@@ -168,7 +168,7 @@ def admin(script: list[tuple[str, float]], pending_faults: set[str],
         versions.append(version)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**32),
     scripts=st.lists(st.lists(client_op, max_size=8), min_size=1, max_size=3),

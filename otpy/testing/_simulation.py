@@ -80,6 +80,13 @@ def _error_text(exc: BaseException) -> str:
     return _ADDRESS.sub(" at 0x?", text)
 
 
+def _field(value: Any) -> str:
+    """A log field as the trace shows it (the core passes reprs as strings already)."""
+    if isinstance(value, BaseException):
+        return _error_text(value)
+    return value if isinstance(value, str) else _text(value)
+
+
 def _seed_text(seed: int | random.Random) -> str:
     return repr(seed) if isinstance(seed, int) else "a random.Random"
 
@@ -196,6 +203,8 @@ class _SimScheduler(Scheduler):
                 outcome = f"state {_text(proc._state)}"
             elif caller._status == 0:
                 outcome = f"noreply, state {_text(proc._state)}"
+            elif getattr(caller, "error", None) is not None:
+                outcome = f"error {_error_text(caller.error)}"  # type: ignore[attr-defined]
             else:
                 outcome = f"reply {_text(getattr(caller, 'value', None))}, state " \
                           f"{_text(proc._state)}"
@@ -232,9 +241,8 @@ class _SimLog:
     def _event(self, level: str, event: str, **fields: Any) -> None:
         if event not in _SILENT:
             actor = fields.get("supervisor") or fields.get("server") or "node"
-            shown = " ".join(
-                f"{k}={_error_text(v) if isinstance(v, BaseException) else v if isinstance(v, str) else _text(v)}"  # noqa: E501
-                for k, v in fields.items() if k not in ("supervisor", "server"))
+            shown = " ".join(f"{k}={_field(v)}" for k, v in fields.items()
+                             if k not in ("supervisor", "server"))
             self._sim._line(str(actor), f"{event} {shown}".rstrip())
         getattr(self._log, level)(event, **fields)
 
@@ -266,7 +274,7 @@ class _Migrating:
 
 
 class _Task:
-    __slots__ = ("args", "cancelled", "fn", "proc", "ref")
+    __slots__ = ("args", "fn", "proc", "ref")
 
     def __init__(self, proc: GenServer[Any], ref: TaskRef, fn: Callable[..., Any],
                  args: tuple[Any, ...]) -> None:
@@ -274,7 +282,6 @@ class _Task:
         self.ref = ref
         self.fn = fn
         self.args = args
-        self.cancelled = False
 
 
 class _TimerDelay:
