@@ -497,3 +497,20 @@ def test_a_failing_seed_found_by_hypothesis_replays() -> None:
     assert first[0] > 10
     assert first == again
     assert sold(0)[0] <= 10
+
+
+def test_the_docstring_examples_run() -> None:
+    """The examples in otpy.testing's and Simulation's docstrings run as written."""
+    for doc in (ot.__doc__, ot.Simulation.__doc__):
+        assert doc is not None
+        lines = doc.split("::\n", 1)[1].splitlines()
+        code_lines = [line for line in lines if line.strip()]
+        indent = len(code_lines[0]) - len(code_lines[0].lstrip())
+        block = []
+        for line in lines:
+            if line.strip() and len(line) - len(line.lstrip()) < indent:
+                break  # the prose after the example
+            block.append(line)
+        code = textwrap.dedent("\n".join(block))
+        assert "sim.run()" in code
+        exec(compile(code, "<docstring>", "exec"), {"otpy": otpy})

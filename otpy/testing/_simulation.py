@@ -306,15 +306,22 @@ class Simulation:
 
     ::
 
+        class Counter(otpy.GenServer[int]):
+            def init(self, arg):
+                return 0
+
+            def handle_call(self, request, caller, state):
+                return otpy.Reply("ok", state + 1)
+
+        def client(times):
+            for _ in range(times):
+                assert (yield otpy.testing.call("c", "incr")) == "ok"
+
         sim = otpy.testing.Simulation(otpy.Supervisor([otpy.Child("c", Counter)]), seed=7)
-
-        def client():
-            reply = yield otpy.testing.call("c", "incr")
-            assert reply == "ok"
-
-        sim.spawn(client)
+        sim.spawn(client, 2)
+        sim.spawn(client, 3)
         sim.run()
-        assert sim.get_state("c") == 1
+        assert sim.get_state("c") == 5
 
     The tree starts when the simulation is made (:class:`otpy.StartFailed` as with
     ``open_node``); :meth:`close` (or leaving a ``with`` block) shuts it down in order.
