@@ -18,6 +18,7 @@ model needs no knowledge of the interleaving the seed chose:
 
 from __future__ import annotations
 
+import random
 from collections import Counter as Tally
 from collections.abc import Generator
 from typing import Any
@@ -168,16 +169,36 @@ def admin(script: list[tuple[str, float]], pending_faults: set[str],
         versions.append(version)
 
 
+plans = {
+    "scripts": st.lists(st.lists(client_op, max_size=8), min_size=1, max_size=3),
+    "releases": st.lists(admin_op, max_size=4),
+    "faults": st.lists(fault, max_size=3),
+}
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    seed=st.integers(0, 2**32),
-    scripts=st.lists(st.lists(client_op, max_size=8), min_size=1, max_size=3),
-    releases=st.lists(admin_op, max_size=4),
-    faults=st.lists(fault, max_size=3),
-)
+@given(seed=st.integers(0, 2**32), **plans)
 def test_simulated_traffic_crashes_and_upgrades_match_the_model(
     seed: int, scripts: list[list[tuple[Any, ...]]], releases: list[tuple[str, float]],
     faults: list[tuple[Any, ...]],
+) -> None:
+    check_run(seed, scripts, releases, faults)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rng=st.randoms(use_true_random=False), **plans)
+def test_the_model_holds_when_hypothesis_makes_every_scheduling_choice(
+    rng: random.Random, scripts: list[list[tuple[Any, ...]]],
+    releases: list[tuple[str, float]], faults: list[tuple[Any, ...]],
+) -> None:
+    """The same check with each choice of the schedule drawn by hypothesis, so that a
+    failure would shrink choice by choice."""
+    check_run(rng, scripts, releases, faults)
+
+
+def check_run(
+    seed: int | random.Random, scripts: list[list[tuple[Any, ...]]],
+    releases: list[tuple[str, float]], faults: list[tuple[Any, ...]],
 ) -> None:
     env = Env()
     root = otpy.Supervisor([otpy.Child(name, MV1, env) for name in NAMES],
