@@ -3,7 +3,7 @@
 A :class:`Simulation` starts a supervision tree on the real ``Scheduler`` and
 ``SupervisorRuntime`` (the same objects a node runs), with no trio loop. It then
 repeats one decision: of everything that could happen next -- a server serving its
-oldest queued message, a client resuming, a due timer firing, one more server migrated
+oldest queued message, a client resuming, the due timers firing, one more server migrated
 by an upgrade in flight, a server's task finishing, a supervisor retrying a restart --
 a seeded random generator picks one, and it runs to completion. Virtual time advances
 only when nothing is ready, straight to the next timer, sleep or call timeout.
@@ -329,8 +329,8 @@ class Simulation:
     Scheduling
         :meth:`run` repeatedly picks, with ``random.Random(seed)``, one of the things
         that are ready: a server with queued messages serves its oldest one; a client
-        resumes with its answer and runs to its next ``yield``; a due timer delivers its
-        message; an upgrade migrates one more server (or commits); a task started with
+        resumes with its answer and runs to its next ``yield``; the due timers deliver
+        their messages; an upgrade migrates one more server (or commits); a task started with
         ``start_task`` finishes; a supervisor retries a failed restart. Calls to an idle
         server are stepped inline, as on a node, and so are calls between servers.
         ``seed`` may also be a ``random.Random``, e.g. one drawn with hypothesis's
@@ -634,10 +634,8 @@ class Simulation:
                 ready.append((client.name, _bind(self._resume, client)))
         for migrating in self._migrating:
             ready.append((migrating.client.name, _bind(self._migrate_step, migrating)))
-        for _when, _seq, ref in sorted(sched._timers, key=lambda e: (e[0], e[1])):
-            if ref.cancelled or ref.when > now:
-                continue
-            ready.append(("timer", _bind(self._fire, ref)))
+        if any(not ref.cancelled and when <= now for when, _seq, ref in sched._timers):
+            ready.append(("timer", self._fire_due))
         for task in self._tasks:
             ready.append((task.proc._name, _bind(self._finish_task, task)))
         return ready
@@ -669,6 +667,16 @@ class Simulation:
 
     # -- timers ----------------------------------------------------------------------
 
+    def _fire_due(self) -> None:
+        """Fire every due timer in one step, in deadline order, as the node's
+        dispatcher does (Scheduler.fire_timers): no step comes between two timers due
+        at the same time."""
+        sched = self._sched
+        now = self._now
+        for when, _seq, ref in sorted(sched._timers, key=lambda e: (e[0], e[1])):
+            if not ref.cancelled and when <= now:
+                self._fire(ref)
+
     def _fire(self, ref: Any) -> None:
         sched = self._sched
         for delay in self._timer_delays:
@@ -687,6 +695,7 @@ class Simulation:
             self._line("timer", f"{ref.name} {_text(ref.message)} dropped: no such server")
             return
         self._line("timer", f"fire {ref.name} {_text(ref.message)}")
+        # Timers are never refused for a full mailbox: they were asked for.
         sched.enqueue(proc, (INFO, ref.message, None), force=True)
 
     def _unqueue_timer(self, ref: Any) -> None:
