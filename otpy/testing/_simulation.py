@@ -334,7 +334,10 @@ class Simulation:
         ``start_task`` finishes; a supervisor retries a failed restart. Calls to an idle
         server are stepped inline, as on a node, and so are calls between servers.
         ``seed`` may also be a ``random.Random``, e.g. one drawn with hypothesis's
-        ``st.randoms(use_true_random=False)``, so that a failing schedule shrinks.
+        ``st.randoms(use_true_random=False)``, so that a failing schedule shrinks. An
+        upgrade migrates ``migration_chunk`` servers per step (default 1; a node
+        migrates 200 between two turns of its loop), so that the seed interleaves
+        traffic with the migration.
 
     Time
         Virtual time (:attr:`now`, from 0) stands still during steps and jumps, when
