@@ -359,6 +359,8 @@ class Simulation:
             raise TypeError(f"Simulation needs an otpy.Supervisor as the root of the tree, "
                             f"got {root!r}")
         check_unique_names(root, ())
+        if not isinstance(migration_chunk, int) or migration_chunk < 1:
+            raise ValueError(f"migration_chunk must be an int >= 1, got {migration_chunk!r}")
         self.seed = seed
         self._rng = seed if isinstance(seed, random.Random) else random.Random(seed)
         self._now = 0.0
