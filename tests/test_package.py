@@ -11,12 +11,16 @@ from pathlib import Path
 import pytest
 
 import otpy
+import otpy.testing
 
 PACKAGE_DIR = Path(otpy.__file__).parent
 
 # The plain-Python core (STYLE.md): it must run, and be driven by tests, without trio.
 CORE_MODULES = ["_server", "_scheduler", "_supervisor", "_exceptions", "_typecheck",
                 "_release", "_wire"]
+# otpy.testing drives that core with no loop at all, so it must not need trio either;
+# nor hypothesis, which only check_code_change imports (a test dependency).
+TESTING_MODULES = ["testing", "testing._ops", "testing._simulation", "testing._migration"]
 
 
 def test_all_is_sorted() -> None:
@@ -52,6 +56,19 @@ def test_public_name_has_a_docstring(name: str) -> None:
     assert doc.strip() != ""
 
 
+def test_testing_all_is_sorted_complete_and_documented() -> None:
+    """``otpy.testing`` keeps the same standard: ``__all__`` sorted and complete, and
+    every public name and the module itself documented, the module with an example."""
+    public = {name for name, value in vars(otpy.testing).items()
+              if not name.startswith("_") and not isinstance(value, types.ModuleType)}
+    assert sorted(otpy.testing.__all__) == otpy.testing.__all__
+    assert sorted(public) == otpy.testing.__all__
+    undocumented = [name for name in otpy.testing.__all__
+                    if not (getattr(otpy.testing, name).__doc__ or "").strip()]
+    assert [] == undocumented
+    assert "Simulation(" in (otpy.testing.__doc__ or "")
+
+
 def test_package_has_a_docstring() -> None:
     """The package itself says what it is."""
     assert otpy.__doc__ is not None
@@ -64,10 +81,12 @@ def test_package_ships_py_typed() -> None:
 
 
 def test_core_modules_never_import_trio() -> None:
-    """The core modules import without trio (checked in a fresh interpreter, loading
-    them without ``otpy/__init__.py``, which pulls in the trio edge)."""
+    """The core modules and otpy.testing import without trio (checked in a fresh
+    interpreter, loading them without ``otpy/__init__.py``, which pulls in the trio
+    edge), and otpy.testing without hypothesis."""
     present = [m for m in CORE_MODULES if (PACKAGE_DIR / f"{m}.py").is_file()]
     assert {"_server", "_scheduler", "_supervisor", "_exceptions"} <= set(present)
+    present += TESTING_MODULES
     script = textwrap.dedent(
         f"""
         import importlib, sys, types
@@ -76,7 +95,8 @@ def test_core_modules_never_import_trio() -> None:
         sys.modules["otpy"] = package
         for module in {present!r}:
             importlib.import_module("otpy." + module)
-        print(sorted(m for m in sys.modules if m == "trio" or m.startswith("trio.")))
+        print(sorted(m for m in sys.modules
+                     if m.partition(".")[0] in ("trio", "hypothesis")))
         """
     )
     result = subprocess.run(
