@@ -20,7 +20,7 @@ import trio
 
 from ._exceptions import CallTimeout, NoSuchServer, OtpyError, SupervisorError
 from ._release import Migration, Release, ReleaseHandler, ReleaseInfo
-from ._scheduler import BUSY, CALL, CAST, INFO, SUSPENDED, Scheduler, TaskRef
+from ._scheduler import CALL, CAST, INFO, Scheduler, TaskRef
 from ._server import Caller, GenServer, TaskDone, TaskFailed
 from ._supervisor import (
     Child,
@@ -29,7 +29,7 @@ from ._supervisor import (
     SupervisorRuntime,
     check_unique_names,
 )
-from ._watchdog import Watchdog, budget_of
+from ._watchdog import Watchdog
 
 T = TypeVar("T")
 
@@ -267,24 +267,7 @@ class Node:
         restarts), ``restarts``, ``vsn``, ``step_timeout`` and ``status``. For the node:
         ``servers``, ``supervisors``, ``run_queue``, ``timers``, ``queued`` (messages in
         all mailboxes), ``refused`` (total) and ``refused_by_server``."""
-        sched = self._sched
-        if name is not None:
-            proc = sched.lookup(name)
-            flags = proc._flags
-            return {
-                "mailbox": len(proc._mbox or ()), "max_mailbox": proc._max_mailbox,
-                "refused": sched.refused.get(name, 0), "restarts": proc._restarts,
-                "vsn": type(proc).vsn, "step_timeout": budget_of(proc),
-                "status": ("suspended" if flags & SUSPENDED else
-                           "running" if flags & BUSY else "idle"),
-            }
-        return {
-            "servers": len(sched.procs), "supervisors": len(sched.sups),
-            "run_queue": len(sched.runq), "timers": sched.pending_timers(),
-            "queued": sum(len(p._mbox) for p in sched.procs.values() if p._mbox),
-            "refused": sum(sched.refused.values()),
-            "refused_by_server": dict(sched.refused),
-        }
+        return self._sched.statistics(name)
 
     # -- supervisors -----------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from ._server import (
     Reply,
     Stop,
     bad_return,
+    budget_of,
     is_normal_reason,
 )
 from ._typecheck import check_state
@@ -650,6 +651,26 @@ class Scheduler:
         proc = self.lookup(name)
         proc._flags &= ~SUSPENDED
         self.schedule(proc)
+
+    def statistics(self, name: str | None = None) -> dict[str, Any]:
+        """What ``node.statistics()`` shows (see there)."""
+        if name is not None:
+            proc = self.lookup(name)
+            flags = proc._flags
+            return {
+                "mailbox": len(proc._mbox or ()), "max_mailbox": proc._max_mailbox,
+                "refused": self.refused.get(name, 0), "restarts": proc._restarts,
+                "vsn": type(proc).vsn, "step_timeout": budget_of(proc),
+                "status": ("suspended" if flags & SUSPENDED else
+                           "running" if flags & BUSY else "idle"),
+            }
+        return {
+            "servers": len(self.procs), "supervisors": len(self.sups),
+            "run_queue": len(self.runq), "timers": self.pending_timers(),
+            "queued": sum(len(p._mbox) for p in self.procs.values() if p._mbox),
+            "refused": sum(self.refused.values()),
+            "refused_by_server": dict(self.refused),
+        }
 
     def set_fatal(self, exc: BaseException) -> None:
         if self.fatal is None:

@@ -395,6 +395,13 @@ def check_server_class(cls: object, what: str) -> type[GenServer[Any]]:
     return cls
 
 
+def budget_of(proc: GenServer[Any]) -> float:
+    """The seconds ``proc``'s callbacks may run: its Child spec's step_timeout, else its
+    class's."""
+    own = proc._spec.step_timeout
+    return type(proc).step_timeout if own is None else own
+
+
 def check_step_timeout(value: object, what: str, error: type[Exception] = ValueError) -> float:
     """``value`` as a step budget in seconds (> 0, or ``math.inf`` for none)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from ._exceptions import Overrun, StepTimeout
 from ._release import Migration
 from ._scheduler import Scheduler
+from ._server import budget_of
 from ._supervisor import Child, Supervisor
 
 if TYPE_CHECKING:
@@ -79,13 +80,6 @@ def _server_of(callback: FrameType) -> GenServer[Any] | None:
     runner = callback.f_back
     proc = runner.f_locals.get("proc") if runner is not None else None
     return proc
-
-
-def budget_of(proc: GenServer[Any]) -> float:
-    """The seconds ``proc``'s callbacks may run: its Child spec's step_timeout, else its
-    class's."""
-    own = proc._spec.step_timeout
-    return type(proc).step_timeout if own is None else own
 
 
 def _min_budget(spec: Supervisor) -> float:

@@ -514,3 +514,56 @@ def test_the_docstring_examples_run() -> None:
         code = textwrap.dedent("\n".join(block))
         assert "sim.run()" in code
         exec(compile(code, "<docstring>", "exec"), {"otpy": otpy})
+
+
+class Bounded(otpy.GenServer[list[Any]]):
+    """Records its casts and calls; its mailbox holds two messages."""
+
+    vsn = "1"
+    max_mailbox = 2
+
+    def init(self, arg: Any) -> list[Any]:
+        return []
+
+    def handle_cast(self, message: Any, state: list[Any]) -> list[Any]:
+        return [*state, message]
+
+    def handle_call(self, request: Any, caller: otpy.Caller, state: list[Any]) -> Any:
+        return otpy.Reply(len(state), [*state, request])
+
+
+def test_simulated_call_waits_for_room_in_a_full_mailbox() -> None:
+    """As on a node: casts to a full mailbox raise MailboxFull, a call waits for room
+    and is served after the messages before it; one that finds no room in time times
+    out without being queued."""
+    def flood() -> Any:
+        refused = 0
+        for i in range(4):
+            try:
+                yield ot.cast("b", i)
+            except otpy.MailboxFull:
+                refused += 1
+        return refused
+
+    def caller(timeout: float) -> Any:
+        try:
+            return (yield ot.call("b", "call", timeout=timeout))
+        except otpy.CallTimeout as exc:
+            return str(exc)
+
+    sim = ot.Simulation(otpy.Supervisor([otpy.Child("b", Bounded)]), seed=3)
+    sim.suspend("b")
+    flooder = sim.spawn(flood)
+    sim.run()
+    assert 2 == flooder.result
+    patient = sim.spawn(caller, 10.0)
+    hasty = sim.spawn(caller, 1.0)
+    sim.run(until=2.0)
+    assert "kept a full mailbox" in hasty.result
+    assert not patient.done
+    assert 2 == sim.statistics("b")["mailbox"]  # the call is not queued yet
+    assert 2 == sim.statistics("b")["refused"]  # and was not refused
+    sim.resume("b")
+    sim.run()
+    assert 2 == patient.result
+    assert [0, 1, "call"] == sim.get_state("b")
