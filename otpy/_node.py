@@ -18,7 +18,7 @@ import outcome
 import structlog
 import trio
 
-from ._exceptions import CallTimeout, NoSuchServer, OtpyError, SupervisorError
+from ._exceptions import CallTimeout, OtpyError, SupervisorError
 from ._release import Migration, Release, ReleaseHandler, ReleaseInfo
 from ._scheduler import CALL, CAST, INFO, Scheduler, TaskRef
 from ._server import Caller, GenServer, TaskDone, TaskFailed
@@ -272,11 +272,7 @@ class Node:
     # -- supervisors -----------------------------------------------------------------
 
     def _sup(self, sup: str) -> SupervisorRuntime:
-        rt = self._sched.sups.get(sup)
-        if rt is None:
-            raise NoSuchServer(sup, f"no supervisor of that name; supervisors are "
-                                    f"{sorted(self._sched.sups)[:20]!r}")
-        return rt
+        return self._sched.supervisor(sup)
 
     def which_children(self, sup: str = "root") -> list[ChildInfo]:
         """The children of supervisor ``sup`` in start order."""

@@ -161,6 +161,14 @@ class Scheduler:
             raise self._no_such(name)
         return proc
 
+    def supervisor(self, name: str) -> SupervisorRuntime:
+        """The running supervisor ``name``, or NoSuchServer listing the ones there are."""
+        rt = self.sups.get(name)
+        if rt is None:
+            raise NoSuchServer(name, f"no supervisor of that name; supervisors are "
+                                     f"{sorted(self.sups)[:20]!r}")
+        return rt
+
     def _no_such(self, name: object) -> NoSuchServer:
         detail = ""
         if name in self.sups:

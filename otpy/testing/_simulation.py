@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import structlog
 
-from .._exceptions import CallTimeout, NoSuchServer, OtpyError
+from .._exceptions import CallTimeout, OtpyError
 from .._release import Migration, ReleaseHandler, ReleaseInfo
 from .._scheduler import (
     CALL,
@@ -869,11 +869,7 @@ class Simulation:
         return self._step_counts.get(name, 0)
 
     def _sup(self, sup: str) -> SupervisorRuntime:
-        rt = self._sched.sups.get(sup)
-        if rt is None:
-            raise NoSuchServer(sup, f"no supervisor of that name; supervisors are "
-                                    f"{sorted(self._sched.sups)[:20]!r}")
-        return rt
+        return self._sched.supervisor(sup)
 
     def which_children(self, sup: str = "root") -> list[ChildInfo]:
         """The children of supervisor ``sup`` in start order, as ``node.which_children``."""
