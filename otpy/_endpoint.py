@@ -264,25 +264,26 @@ class _Connection:
                 # The hot path, flattened (each Python call here costs some 5% of the
                 # rate): ``call(name, request)`` of an idle server, answered within the
                 # step, as in Node.call. Everything else goes through _request.
-                params = msg[3]
-                if msg[2] == "call" and len(params) == 2 and type(params[0]) is str:
-                    proc = procs.get(params[0])
+                _, msgid, method, params = msg
+                if method == "call" and len(params) == 2:
+                    name, request = params
+                    proc = procs.get(name) if type(name) is str else None
                     if proc is not None and not proc._flags and proc._mbox is None:
                         caller = _TaskCaller()
-                        step(proc, CALL, params[1], caller)
+                        step(proc, CALL, request, caller)
                         if caller._status == 1 and caller._error is None:
                             try:
-                                out += pack((1, msg[1], None, caller._value))
+                                out += pack((1, msgid, None, caller._value))
                             except ENCODE_ERRORS as exc:
-                                self._unencodable(msg[1], caller._value, exc)
+                                self._unencodable(msgid, caller._value, exc)
                             if len(out) > room:
                                 return i + 1
                             continue
-                        self._settle(msg[1], caller, params[0], type(proc), None)
+                        self._settle(msgid, caller, name, type(proc), None)
                         if self._full():
                             return i + 1
                         continue
-                self._request(msg[1], msg[2], msg[3])
+                self._request(msgid, method, params)
                 if self._full():
                     return i + 1
             elif type(msg) is Notification:
