@@ -7,6 +7,7 @@ them; releases upgrade them live. See README.md and docs/ for a tour.
 from ._client import Client as Client
 from ._client import RemoteError as RemoteError
 from ._client import connect as connect
+from ._endpoint import EndpointLimits as EndpointLimits
 from ._exceptions import BadReturn as BadReturn
 from ._exceptions import CallTimeout as CallTimeout
 from ._exceptions import MailboxFull as MailboxFull
@@ -51,6 +52,7 @@ __all__ = [
     "ChildInfo",
     "Client",
     "Down",
+    "EndpointLimits",
     "GenServer",
     "Ignore",
     "MailboxFull",

@@ -24,6 +24,7 @@ import functools
 import os
 import secrets
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,19 +112,64 @@ class BadRequest(Exception):
     """Params of the wrong shape for the method (sent back as ``["BadRequest", ...]``)."""
 
 
-class Limits:
-    """Per-connection bounds of an endpoint."""
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EndpointLimits:
+    """The bounds each connection to a node's endpoints keeps, so that no client can
+    make the node buffer, or wait, without limit.
 
-    __slots__ = ("call_timeout", "max_depth", "max_frame", "max_inflight", "max_send_buffer")
+    ::
 
-    def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME,
-                 max_depth: int = DEFAULT_MAX_DEPTH, max_inflight: int = 256,
-                 max_send_buffer: int = 1 << 20, call_timeout: float = 5.0) -> None:
-        self.max_frame = max_frame
-        self.max_depth = max_depth
-        self.max_inflight = max_inflight
-        self.max_send_buffer = max_send_buffer
-        self.call_timeout = call_timeout
+        limits = otpy.EndpointLimits(max_frame=64 * 1024, call_timeout=2.0)
+        async with otpy.open_node(root, listen=("127.0.0.1", 0), limits=limits) as node:
+            ...
+
+    The same limits apply to the client endpoint (``listen=``) and the admin endpoint
+    (``admin=``); ``otpy.run`` takes them too.
+
+    Limits
+    ------
+    ``max_frame`` (bytes, default 1 MiB): the largest message a client may send. A
+    larger request gets the error ``["FrameTooLarge", ...]``; a frame that cannot be
+    told apart from garbage closes the connection. The node never buffers more than
+    ``max_frame`` plus one read (64 KiB) of a message.
+
+    ``max_depth`` (default 32): the deepest nesting of arrays and maps in a message,
+    the message itself included; deeper requests get ``["TooDeep", ...]``.
+
+    ``max_inflight`` (default 256): requests of one connection whose replies are still
+    awaited (a server deferred them, or is busy). At the limit the connection stops
+    reading until one completes.
+
+    ``max_send_buffer`` (bytes, default 1 MiB): replies made but not yet taken by the
+    client. Past it the connection stops reading until the client reads (a slow reader
+    slows only itself). Checked after each request, so one reply may overshoot.
+
+    ``call_timeout`` (seconds, default 5.0, as ``node.call``): how long a ``call`` made
+    over the wire waits for a deferred or queued reply before it is answered with
+    ``["CallTimeout", ...]``.
+    """
+
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_depth: int = DEFAULT_MAX_DEPTH
+    max_inflight: int = 256
+    max_send_buffer: int = 1 << 20
+    call_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        for field in ("max_frame", "max_depth", "max_inflight", "max_send_buffer"):
+            value = getattr(self, field)
+            if type(value) is not int:
+                raise TypeError(f"EndpointLimits({field}=...) takes an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"EndpointLimits({field}=...) must be at least 1, got "
+                                 f"{value!r}")
+        timeout = self.call_timeout
+        if type(timeout) is not float and type(timeout) is not int:
+            raise TypeError(f"EndpointLimits(call_timeout=...) takes seconds as a float, "
+                            f"got {timeout!r}")
+        if not timeout > 0:
+            raise ValueError(f"EndpointLimits(call_timeout=...) must be more than 0 "
+                             f"seconds, got {timeout!r}")
 
 
 def _name(params: tuple[Any, ...], n: int = 0) -> str:
@@ -146,7 +192,7 @@ class _Connection:
                  "wake")
 
     def __init__(self, node: Node, stream: trio.SocketStream, cookie: bytes | None,
-                 limits: Limits) -> None:
+                 limits: EndpointLimits) -> None:
         self.node = node
         self.stream = stream
         self.cookie = cookie
@@ -499,7 +545,7 @@ def _vanished(exc: BaseException) -> bool:
                       | ConnectionError)
 
 
-async def _handle(node: Node, cookie: bytes | None, limits: Limits,
+async def _handle(node: Node, cookie: bytes | None, limits: EndpointLimits,
                   stream: trio.SocketStream) -> None:
     conn = _Connection(node, stream, cookie, limits)
     try:
@@ -514,7 +560,7 @@ async def _handle(node: Node, cookie: bytes | None, limits: Limits,
 
 
 async def _serve(node: Node, address: tuple[str, int], cookie: bytes | None,
-                 limits: Limits, task_status: Any) -> None:
+                 limits: EndpointLimits, task_status: Any) -> None:
     host, port = address
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[:2]
@@ -525,17 +571,17 @@ async def _serve(node: Node, address: tuple[str, int], cookie: bytes | None,
 
 
 async def serve_client(node: Node, address: tuple[str, int], *,
-                       limits: Limits | None = None,
+                       limits: EndpointLimits | None = None,
                        task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the client endpoint on ``address`` until cancelled; reports the bound
     ``(host, port)`` through ``nursery.start``."""
-    await _serve(node, address, None, limits or Limits(), task_status)
+    await _serve(node, address, None, limits or EndpointLimits(), task_status)
 
 
 async def serve_admin(node: Node, address: tuple[str, int], *,
-                      limits: Limits | None = None, cookie: bytes | None = None,
+                      limits: EndpointLimits | None = None, cookie: bytes | None = None,
                       task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the admin endpoint on ``address`` until cancelled (the cookie is read, or
     its file created, first); reports the bound ``(host, port)``."""
     secret = cookie if cookie is not None else read_cookie(create=True)
-    await _serve(node, address, secret, limits or Limits(), task_status)
+    await _serve(node, address, secret, limits or EndpointLimits(), task_status)

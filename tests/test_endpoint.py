@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import otpy
-from otpy._endpoint import CookieError, Limits, read_cookie, serve_admin, serve_client
+from otpy._endpoint import CookieError, read_cookie, serve_admin, serve_client
 
 RELEASES = Path(__file__).resolve().parent.parent / "examples" / "releases"
 COOKIE = "test-cookie-123"
@@ -162,7 +162,7 @@ async def node(**limits: Any) -> AsyncIterator[otpy.Node]:
     async with otpy.open_node(tree(), admin=("127.0.0.1", 0)) as n, \
             trio.open_nursery() as nursery:
         n.address = await nursery.start(functools.partial(
-            serve_client, n, ("127.0.0.1", 0), limits=Limits(**limits)))
+            serve_client, n, ("127.0.0.1", 0), limits=otpy.EndpointLimits(**limits)))
         yield n
         nursery.cancel_scope.cancel()
 
@@ -242,6 +242,76 @@ async def test_deferred_versioned_call_and_suspended_server() -> None:
         await trio.sleep(0.01)
         n.resume("v")
         assert (1, 1, None, 42) == await r.recv()
+
+
+# -- limits set through open_node -----------------------------------------------------
+
+
+async def test_open_node_limits_bound_both_endpoints() -> None:
+    """``open_node(..., limits=otpy.EndpointLimits(max_frame=...))``: a request larger
+    than the limit gets FrameTooLarge at the client and the admin endpoint alike, and
+    each connection goes on serving."""
+    limits = otpy.EndpointLimits(max_frame=1024)
+    async with otpy.open_node(tree(), listen=("127.0.0.1", 0), admin=("127.0.0.1", 0),
+                              limits=limits) as n, \
+            raw(n.address) as r, admin_raw(n.admin_address) as a:
+        _, _, error, _ = await r.call(1, "echo", ("echo", "x" * 2000))
+        assert "FrameTooLarge" == error[0] and "1024" in error[1]
+        assert (1, 2, None, "x" * 900) == await r.call(2, "echo", ("echo", "x" * 900))
+        _, _, error, _ = await a.call(3, "v" * 2000, method="get_state")
+        assert "FrameTooLarge" == error[0]
+        assert (1, 4, None, 42) == await a.call(4, "v", method="get_state")
+
+
+async def test_open_node_call_timeout_answers_a_deferred_call(autojump_clock: Any) -> None:
+    """``EndpointLimits(call_timeout=...)``: a call whose reply is deferred longer gets
+    CallTimeout; the connection keeps serving."""
+    limits = otpy.EndpointLimits(call_timeout=2.0)
+    async with otpy.open_node(tree(), listen=("127.0.0.1", 0), limits=limits) as n, \
+            raw(n.address) as r:
+        start = trio.current_time()
+        _, _, error, _ = await r.call(1, "echo", ("defer", "never"))
+        assert "CallTimeout" == error[0]
+        assert 2.0 <= trio.current_time() - start
+        assert (1, 2, None, "on") == await r.call(2, "echo", ("echo", "on"))
+
+
+def test_run_takes_the_endpoint_limits() -> None:
+    """``otpy.run(..., limits=...)`` passes the limits on to the endpoint it starts."""
+
+    async def main(n: otpy.Node) -> Any:
+        assert n.address is not None
+        async with otpy.connect(*n.address) as client:
+            with pytest.raises(otpy.RemoteError) as info:
+                await client.call("echo", ("echo", [[[[["deep"]]]]]))
+            return info.value.kind
+
+    limits = otpy.EndpointLimits(max_depth=4)
+    assert "TooDeep" == otpy.run(tree(), main, listen=("127.0.0.1", 0), limits=limits)
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"max_frame": 0}, ValueError),
+    ({"max_inflight": -1}, ValueError),
+    ({"max_depth": "32"}, TypeError),
+    ({"max_send_buffer": 1.5}, TypeError),
+    ({"call_timeout": 0}, ValueError),
+    ({"call_timeout": "5"}, TypeError),
+])
+def test_endpoint_limits_refuse_values_out_of_range(kwargs: dict[str, Any],
+                                                    error: type[Exception]) -> None:
+    """Each limit is checked when the value is made, naming the field."""
+    field = next(iter(kwargs))
+    with pytest.raises(error, match=field):
+        otpy.EndpointLimits(**kwargs)
+
+
+async def test_open_node_refuses_limits_of_another_type() -> None:
+    """``limits=`` must be an ``otpy.EndpointLimits``; the error says how to make one."""
+    with pytest.raises(TypeError, match="EndpointLimits"):
+        async with otpy.open_node(tree(), listen=("127.0.0.1", 0),
+                                  limits={"max_frame": 10}):  # type: ignore[arg-type]
+            raise AssertionError("the body must not run")  # pragma: no cover
 
 
 # -- bad input -----------------------------------------------------------------------
