@@ -28,8 +28,9 @@ from typing import Any
 
 import trio
 
-from ._client import AuthFailed, Client, ConnectionLost, RemoteError, connect_admin
+from ._client import AuthFailed, Client, ConnectionLost, connect_admin
 from ._endpoint import CookieError, read_cookie
+from ._exceptions import CallTimeout, RemoteError
 
 DEFAULT_NODE = "127.0.0.1:4370"
 EX_ERROR, EX_USAGE, EX_UNAVAILABLE, EX_NOPERM = 1, 2, 69, 77
@@ -115,6 +116,9 @@ async def _run(args: argparse.Namespace) -> int:
             from None
     except RemoteError as exc:
         raise _Fail(f"the node answered: {exc}", EX_ERROR) from None
+    except CallTimeout as exc:  # before OSError: it is a TimeoutError
+        raise _Fail(f"the node at {host}:{port} did not answer: {exc}; pass a larger "
+                    f"--timeout", EX_UNAVAILABLE) from None
     except (OSError, ConnectionLost, trio.BrokenResourceError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise _Fail(f"cannot reach the node's admin endpoint at {host}:{port}: {reason}. "

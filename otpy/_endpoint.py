@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from ._exceptions import OtpyError
+from ._exceptions import BadRequest, OtpyError
 from ._node import _TaskCaller
 from ._release import Release
 from ._scheduler import CALL
@@ -106,10 +106,6 @@ def read_cookie(*, create: bool = False) -> bytes:
     if not text:
         raise CookieError(f"the cookie file {str(path)!r} is empty")
     return text.encode()
-
-
-class BadRequest(Exception):
-    """Params of the wrong shape for the method (sent back as ``["BadRequest", ...]``)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import hmac
 import os
+import pickle
 import socket
 import stat
 import struct
@@ -589,6 +590,36 @@ async def test_connect_client_calls_casts_and_raises_remote_errors() -> None:
             await trio.sleep(0.01)
             await c.call("echo", ("release", "k", "late"))
         assert {i: i for i in range(100)} == results
+
+
+async def test_remote_errors_are_also_the_local_errors(autojump_clock: Any) -> None:
+    """An error reply whose kind names one of otpy's errors raises an error that is
+    both ``otpy.RemoteError`` (with ``kind`` and ``message``) and that error, so code
+    written against a local node catches it unchanged; other kinds stay RemoteError."""
+    limits = otpy.EndpointLimits(call_timeout=1.0, max_depth=8)
+    async with otpy.open_node(tree(), listen=("127.0.0.1", 0), limits=limits) as n, \
+            otpy.connect(*n.address) as c:  # type: ignore[misc]
+        with pytest.raises(otpy.NoSuchServer) as missing:
+            await c.call("kv9", "x")
+        assert isinstance(missing.value, otpy.RemoteError)
+        assert isinstance(missing.value, LookupError)
+        assert "NoSuchServer" == missing.value.kind
+        assert "'kv9'" in missing.value.message
+        with pytest.raises(otpy.ServerCrashed) as crashed:
+            await c.call("echo", "crash")
+        assert isinstance(crashed.value, otpy.ServerStopped | otpy.RemoteError)
+        with pytest.raises(otpy.CallTimeout) as timeout:
+            await c.call("echo", ("defer", "k"))
+        assert isinstance(timeout.value, otpy.RemoteError)
+        with pytest.raises(otpy.BadRequest) as bad:
+            await c.request("call", "echo")
+        assert isinstance(bad.value, ValueError) and "BadRequest" == bad.value.kind
+        with pytest.raises(otpy.RemoteError) as deep:
+            await c.call("echo", [[[[[[[[["deep"]]]]]]]]])
+        assert ("TooDeep", otpy.RemoteError) == (deep.value.kind, type(deep.value))
+    assert type(missing.value) is type(
+        pickle.loads(pickle.dumps(missing.value)))  # one class per kind, picklable
+    assert "RemoteError[NoSuchServer]" == type(missing.value).__qualname__
 
 
 # -- random frames -------------------------------------------------------------------
