@@ -67,6 +67,15 @@ def _show(value: Any) -> str:
     return json.dumps(value, default=default)
 
 
+def _servers(names: Sequence[str], shown: int = 5) -> str:
+    """``3 servers (c0, c1, c2)``; past ``shown`` names, the rest are counted."""
+    if not names:
+        return "no servers"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} server{'s' if len(names) > 1 else ''} " \
+           f"({', '.join(names[:shown])}{more})"
+
+
 async def _tree(admin: Client, sup: str, prefix: str, out: list[str]) -> None:
     children = await admin.request("which_children", sup)
     for n, child in enumerate(children):
@@ -102,14 +111,16 @@ async def _run(args: argparse.Namespace) -> int:
                                                 timeout=args.timeout)))
             elif cmd == "upgrade":
                 path = os.path.abspath(args.release_file)
-                print(_show(await admin.request("upgrade", path, timeout=args.timeout)))
+                report = await admin.request("upgrade", path, timeout=args.timeout)
+                print(f"release {report['release']} installed: {_servers(report['servers'])}")
             elif cmd == "downgrade":
-                print(_show(await admin.request("downgrade", timeout=args.timeout)))
+                report = await admin.request("downgrade", timeout=args.timeout)
+                print(f"release {report['release']} taken back: "
+                      f"{_servers(report['servers'])}")
             elif cmd == "releases":
                 for rel in await admin.request("releases"):
-                    servers = ", ".join(rel["servers"]) or "-"
                     desc = f"  {rel['description']}" if rel["description"] else ""
-                    print(f"{rel['vsn']}  servers: {servers}{desc}")
+                    print(f"{rel['vsn']}  servers: {_servers(rel['servers'])}{desc}")
     except AuthFailed as exc:
         raise _Fail(f"authentication failed at {host}:{port}: {exc}. Use the node's "
                     f"cookie: set OTPY_COOKIE, or OTPY_COOKIE_FILE to its file", EX_NOPERM) \
