@@ -236,13 +236,16 @@ async def test_versioned_call_is_adapted_both_ways() -> None:
 
 
 async def test_deferred_versioned_call_and_suspended_server() -> None:
-    """A call to a suspended server waits and is answered when it resumes."""
+    """Calls to a suspended server wait and are answered when it resumes (each reply
+    goes out as it completes, so in any order)."""
     async with node() as n, raw(n.address) as r:
         n.suspend("v")
-        await r.send([0, 1, "call", ["v", "value", "1"]])
+        await r.send([0, 1, "call", ["v", "value", "1"]], [0, 2, "call", ["v", ["get"]]])
         await trio.sleep(0.01)
         n.resume("v")
-        assert (1, 1, None, 42) == await r.recv()
+        replies = [await r.recv(), await r.recv()]
+        assert [(1, 1, None, 42), (1, 2, None, {"value": 42})] == sorted(
+            replies, key=lambda reply: reply[1])
 
 
 # -- limits set through open_node -----------------------------------------------------
@@ -329,6 +332,7 @@ def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     ([0, 5, "nope", []], "NoSuchMethod"),
     ([0, 5, "call", ["echo"]], "BadRequest"),
     ([0, 5, "call", [17, "x"]], "BadRequest"),
+    ([0, 5, "call", [{"a": 1}, "x"]], "BadRequest"),
     ([0, 5, "call", ["echo", "x", 3]], "BadRequest"),
     ([0, 5, "cast", ["echo"]], "BadRequest"),
     ([0, 5, "call", ["echo", "object"]], "UnencodableReply"),
@@ -416,6 +420,32 @@ async def test_slow_reader_does_not_make_the_node_buffer_without_bound() -> None
             assert (1, 1, None, "ok") == await other.call(1, "echo", ("echo", "ok"))
 
 
+async def test_max_inflight_stops_reading_until_a_call_completes(
+        autojump_clock: Any) -> None:
+    """With ``max_inflight`` deferred calls waiting, the connection reads no more
+    requests; each reply that completes lets one more in."""
+    async with node(max_inflight=3) as n, raw(n.address) as r, raw(n.address) as other:
+        await r.send(*[[0, i, "call", ["echo", ["defer", i]]] for i in range(6)])
+        await trio.sleep(1)
+        assert [0, 1, 2] == sorted(n.get_state("echo")["waiting"])
+        assert (1, 1, None, "released") == await other.call(1, "echo", ("release", 0, "a"))
+        assert (1, 0, None, "a") == await r.recv()
+        await trio.sleep(1)
+        assert [1, 2, 3] == sorted(n.get_state("echo")["waiting"])
+
+
+async def test_notifications_that_cannot_be_served_are_logged_and_dropped(
+        logs: list[dict[str, Any]]) -> None:
+    """A notification has no reply to carry an error: an unknown method or a cast to a
+    missing server is logged, and the connection keeps serving."""
+    async with node() as n, raw(n.address) as r:
+        await r.send([2, "nope", ["echo", 1]], [2, "cast", ["kv9", 1]], [2, "cast", ["echo"]])
+        assert (1, 1, None, ()) == await r.call(1, "echo", "casts")
+    assert ["NoSuchMethod"] == [e["kind"] for e in events(logs, "wire_bad_request")]
+    assert ["NoSuchServer", "BadRequest"] == [
+        e["error"][0] for e in events(logs, "wire_notification_failed")]
+
+
 # -- the admin endpoint --------------------------------------------------------------
 
 
@@ -499,6 +529,19 @@ async def test_admin_replayed_answer_is_refused() -> None:
             _, _, error, _ = await second.call(1, answer, method="auth")
             assert "AuthFailed" == error[0]
             assert await second.closed()
+
+
+async def test_admin_silent_client_is_closed_after_the_auth_timeout(
+        autojump_clock: Any, logs: list[dict[str, Any]]) -> None:
+    """A client that never answers the challenge is closed (after 10 s)."""
+    async with node() as n, raw(n.admin_address) as r:
+        await r.recv()
+        start = trio.current_time()
+        with trio.fail_after(60):
+            while await r.stream.receive_some(65536):
+                pass  # pragma: no cover - the node sends nothing more
+        assert 10.0 <= trio.current_time() - start
+    assert ["no answer in time"] == [e["reason"] for e in events(logs, "admin_auth_failed")]
 
 
 @pytest.mark.parametrize("answer", [None, "text", 12, b"", b"\x00" * 32])
