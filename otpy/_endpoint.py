@@ -4,7 +4,14 @@ endpoint of a node (``open_node(root, listen=..., admin=...)``).
 One task reads each connection and serves every request it can answer at once inline,
 in the step that decoded it; a request whose server defers its reply (``NoReply``,
 busy, suspended) gets a task of its own that waits for it, so replies go out as they
-complete, out of order. One writer task per connection sends what is queued.
+complete, out of order. The reader writes the replies it made itself, per batch read
+(see ``_Connection._serve``); one writer task per connection sends the others.
+
+Where the time goes, per request answered inline (about 1.2 us on the reference
+machine): msgpack decoding 0.1, the shape checks 0.15, the server's step with its
+``handle_call`` 0.4-0.5 (of which the callback itself, building its ``Reply``, about
+half), the caller object 0.07, encoding the reply 0.1, dispatch 0.3; then per batch
+read one receive and one or two writes.
 
 Bounds that must stay true, so that no client can make the node buffer without limit:
 a connection stops serving and reading while it has ``max_inflight`` requests waiting
