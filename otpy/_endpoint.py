@@ -67,6 +67,7 @@ COOKIE_ENV = "OTPY_COOKIE"
 COOKIE_FILE_ENV = "OTPY_COOKIE_FILE"
 AUTH_MAX_FRAME = 1024
 AUTH_TIMEOUT = 10.0
+DIRECT_IO = os.name == "posix"
 
 _log = structlog.get_logger("otpy")
 
@@ -205,8 +206,9 @@ class _Connection:
         self.decoder = Decoder(max_frame=limits.max_frame, max_depth=limits.max_depth)
         self.out = bytearray()  # replies not handed to the stream yet
         self.in_send = 0  # bytes of the send in progress; 0 when none is
-        # Written to directly by _write_now where a socket is a file descriptor.
-        self.fd = stream.socket.fileno() if os.name == "posix" else -1
+        # Read and written directly (_receive, _write_now) where a socket is a file
+        # descriptor; -1 elsewhere, where trio's stream does it all.
+        self.fd = stream.socket.fileno() if DIRECT_IO else -1
         self.pack = result_packer(lenient=self.admin)
         self.pending = 0
         self.wake = trio.lowlevel.ParkingLot()  # the writer waits here for bytes
@@ -287,7 +289,6 @@ class _Connection:
             if authed is None:
                 return False
             messages = authed
-        stream = self.stream
         decoder = self.decoder
         while True:
             # One receive per batch read, as a bare echo server does, and the batch's
@@ -301,11 +302,30 @@ class _Connection:
                     self._write_now()
                 await self._flush()
                 await self._room()
-            data = await stream.receive_some(READ_SIZE)
+            data = await self._receive()
             if not data:
                 self.log.debug("wire_connection_closed", pending=self.pending)
                 return True
             messages = decoder.feed(data)
+
+    async def _receive(self) -> bytes:
+        """``stream.receive_some``, as trio does it (one trip through the scheduler,
+        cancellable), without its layers of wrappers, which cost a few percent of the
+        pipelined rate; where the socket is not a file descriptor, trio's own."""
+        if self.fd < 0:
+            return await self.stream.receive_some(READ_SIZE)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            while True:
+                await trio.lowlevel.wait_readable(self.fd)
+                try:
+                    return os.read(self.fd, READ_SIZE)
+                except BlockingIOError:  # pragma: no cover - a spurious wakeup
+                    pass
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
 
     def _full(self) -> bool:
         limits = self.limits
@@ -568,8 +588,10 @@ def _vanished(exc: BaseException) -> bool:
     """Whether ``exc`` (maybe a group of them) only says that the peer went away."""
     if isinstance(exc, BaseExceptionGroup):
         return all(_vanished(e) for e in exc.exceptions)
-    return isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError
-                      | ConnectionError)
+    # OSError: the connection's own reads and writes (_receive, _write_now) raise what
+    # the socket reports (a reset, a timeout), which trio's stream would have turned
+    # into BrokenResourceError.
+    return isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError)
 
 
 async def _handle(node: Node, cookie: bytes | None, limits: EndpointLimits,

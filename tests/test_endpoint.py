@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import otpy
+from otpy import _endpoint
 from otpy._endpoint import CookieError, read_cookie, serve_admin, serve_client
 
 RELEASES = Path(__file__).resolve().parent.parent / "examples" / "releases"
@@ -246,6 +247,22 @@ async def test_deferred_versioned_call_and_suspended_server() -> None:
         replies = [await r.recv(), await r.recv()]
         assert [(1, 1, None, 42), (1, 2, None, {"value": 42})] == sorted(
             replies, key=lambda reply: reply[1])
+
+
+async def test_without_direct_io_the_stream_does_all_the_io(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where sockets are not file descriptors the endpoint reads and writes through
+    trio's stream only: pipelined, deferred and large replies all arrive."""
+    monkeypatch.setattr(_endpoint, "DIRECT_IO", False)
+    async with node() as n, raw(n.address) as r:
+        await r.send([0, 1, "call", ["echo", ["defer", "k"]]],
+                     *[[0, i, "call", ["echo", ["echo", i]]] for i in range(2, 100)],
+                     [0, 100, "call", ["echo", ["blob", 1 << 20]]],
+                     [0, 101, "call", ["echo", ["release", "k", "late"]]])
+        got = {(await r.recv())[1:] for _ in range(101)}
+        assert {(i, None, i) for i in range(2, 100)} <= got
+        assert {(1, None, "late"), (100, None, b"x" * (1 << 20)),
+                (101, None, "released")} <= got
 
 
 # -- limits set through open_node -----------------------------------------------------
