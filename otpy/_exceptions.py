@@ -173,13 +173,13 @@ def remote_error(kind: str, message: str) -> RemoteError:
         local = _local_error(kind)
         if local is None:
             return RemoteError(kind, message)
-        # The local constructor is not run, so the attributes it would set are given
-        # here, as unknown.
+        # The local constructor is not run, so the attributes the local errors' own
+        # constructors set are given here, as unknown: keep this list in step with them.
         namespace: dict[str, Any] = {
             "__module__": "otpy", "__qualname__": f"RemoteError[{kind}]",
             "__doc__": f"{local.__name__} on a remote node, reported as an error reply.",
             "name": None, "reason": None, "child": None, "supervisor": None,
-            "last_failure": None, "failures": MappingProxyType({}),
+            "last_failure": None, "seconds": None, "failures": MappingProxyType({}),
         }
         cls = _remote_classes[kind] = type(f"RemoteError[{kind}]", (RemoteError, local),
                                            namespace)
