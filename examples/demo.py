@@ -14,12 +14,19 @@ The tree holds the key-value store of ``kv_store.py`` and the counter of
 Looking up the key ``"crash"`` makes a KVStore divide by zero. When kv2 crashes, its
 rest_for_one supervisor restarts kv2 and the child started after it (kv3); kv1 and the
 counter do not notice.
+
+Then 500 counters are upgraded in process under load, and last a node in another
+process (``python demo.py --serve``) is driven over TCP while the ``otpy`` command
+upgrades it through its admin endpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +226,136 @@ async def release_upgrade(node: otpy.Node) -> None:
     await node.delete_child("root", "counters")
 
 
+# -- over the network -------------------------------------------------------------------
+
+N_REMOTE = 500
+EXAMPLES = Path(__file__).resolve().parent
+
+
+def serve() -> None:
+    """``demo.py --serve``: a node of 500 counters (vsn 1) with both endpoints on free
+    ports; prints the two bound addresses, then serves until its stdin closes."""
+    sys.path.insert(0, str(RELEASES))
+    from counter_v1 import Counter as CounterV1
+
+    structlog.configure(
+        processors=[one_line],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+    root = otpy.Supervisor([otpy.Supervisor(
+        [otpy.Child(f"c{i}", CounterV1) for i in range(N_REMOTE)], name="counters")])
+
+    async def main(node: otpy.Node) -> None:
+        assert node.address is not None and node.admin_address is not None
+        print(*node.address, *node.admin_address, flush=True)
+        await trio.to_thread.run_sync(sys.stdin.buffer.read, abandon_on_cancel=True)
+
+    otpy.run(root, main, listen=("127.0.0.1", 0), admin=("127.0.0.1", 0))
+
+
+def otpy_command(*args: str) -> list[str]:
+    """The ``otpy`` console script installed beside this Python, or its module."""
+    script = Path(sys.executable).parent / "otpy"
+    if script.exists():
+        return [str(script), *args]
+    return [sys.executable, "-m", "otpy._cli", *args]  # pragma: no cover
+
+
+async def read_line(stream: Any) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await stream.receive_some(1024)
+        if not chunk:
+            raise RuntimeError("the node exited before telling its address")
+        data += chunk
+    return data.decode()
+
+
+async def over_the_network() -> None:
+    """Start a node in a subprocess, call its counters over TCP from 32 tasks on 4
+    connections, and upgrade it with ``otpy upgrade`` meanwhile."""
+    heading("Over the network: a node in another process, upgraded by the otpy command")
+    with tempfile.TemporaryDirectory(prefix="otpy-demo-") as tmp:
+        env = {k: v for k, v in os.environ.items() if k != "OTPY_COOKIE"}
+        env["OTPY_COOKIE_FILE"] = os.path.join(tmp, "cookie")  # the node creates it
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, __file__, "--serve"], env=env, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE)
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            with trio.fail_after(30):
+                host, port, admin_host, admin_port = (await read_line(proc.stdout)).split()
+            mode = os.stat(env["OTPY_COOKIE_FILE"]).st_mode & 0o777
+            print(f"Started `python demo.py --serve`: {N_REMOTE} counters (vsn 1), a "
+                  f"client endpoint and an admin endpoint;")
+            print(f"its cookie is a new file of mode {mode:o} in a temporary directory.")
+            await drive_and_upgrade(host, int(port), f"{admin_host}:{admin_port}", env)
+            await proc.stdin.aclose()  # the node's cue to shut its tree down
+            with trio.fail_after(30):
+                code = await proc.wait()
+        finally:
+            if proc.returncode is None:  # something above failed: do not leave it behind
+                proc.kill()
+                with trio.CancelScope(shield=True):
+                    await proc.wait()
+        print(f"The node shut down when its stdin closed (exit code {code}).")
+
+
+async def drive_and_upgrade(host: str, port: int, admin: str, env: dict[str, str]) -> None:
+    made = failed = 0
+    worst = 0.0
+    stop = False
+
+    async def caller(client: otpy.Client, seed: int) -> None:
+        nonlocal made, failed, worst
+        k = seed
+        while not stop:
+            k = (k * 7919 + 1) % N_REMOTE
+            start = trio.current_time()
+            try:
+                await client.call(f"c{k}", "incr")
+                made += 1
+            except otpy.OtpyError:
+                failed += 1
+            worst = max(worst, trio.current_time() - start)
+
+    async def otpy_cli(*args: str) -> None:
+        print(f"$ otpy {' '.join(args)}")
+        # Run from the project's directory, so that the command shown is the one run.
+        result = await trio.run_process(otpy_command(*args), env=env, capture_stdout=True,
+                                        check=False, cwd=EXAMPLES.parent)
+        for line in result.stdout.decode().splitlines():
+            print(f"   {line}")
+        if result.returncode:
+            print(f"   (exit code {result.returncode})")
+
+    print(f"Load: 4 TCP connections to {host}:{port}, 8 callers on each, calling "
+          f"'incr' on counters in turn...")
+    async with otpy.connect(host, port) as c1, otpy.connect(host, port) as c2, \
+            otpy.connect(host, port) as c3, otpy.connect(host, port) as c4:
+        async with trio.open_nursery() as nursery:
+            for i, client in enumerate((c1, c2, c3, c4) * 8):
+                nursery.start_soon(caller, client, i)
+            await trio.sleep(0.3)
+            before = made
+            release = (RELEASES / "v2.toml").relative_to(EXAMPLES.parent)
+            await otpy_cli("upgrade", str(release), "--node", admin)
+            during = made - before
+            await otpy_cli("state", "c0", "--node", admin)
+            print("   (counter v2's state: the count when v2 came, and the count)")
+            await trio.sleep(0.3)
+            stop = True
+        print(f"   calls over TCP: {made} made, {failed} failed; worst latency "
+              f"{worst * 1000:.1f} ms; {during} answered while `otpy upgrade` ran")
+        counts = [await c1.call(f"c{i}", "count") for i in range(N_REMOTE)]
+        print(f"   the counters, read back over TCP, add up to {sum(counts)}")
+        if failed == 0 and sum(counts) == made:
+            print("   => no call failed, no increment was lost")
+        else:
+            print(f"   => MISMATCH: {failed} calls failed, {made - sum(counts)} increments lost")
+
+
 async def main() -> None:
     configure_logging()
     print("otpy demo: one trio loop steps every server inline, in a supervision tree.")
@@ -232,8 +369,12 @@ async def main() -> None:
         heading("The tree now")
         show_tree(node)
         heading("Shutting down: children stop in reverse start order")
+    await over_the_network()
     print("\nDone.")
 
 
 if __name__ == "__main__":
-    trio.run(main)
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        trio.run(main)

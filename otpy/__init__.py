@@ -5,13 +5,15 @@ them; releases upgrade them live. See README.md and docs/ for a tour.
 """
 
 from ._client import Client as Client
-from ._client import RemoteError as RemoteError
 from ._client import connect as connect
+from ._endpoint import EndpointLimits as EndpointLimits
+from ._exceptions import BadRequest as BadRequest
 from ._exceptions import BadReturn as BadReturn
 from ._exceptions import CallTimeout as CallTimeout
 from ._exceptions import MailboxFull as MailboxFull
 from ._exceptions import NoSuchServer as NoSuchServer
 from ._exceptions import OtpyError as OtpyError
+from ._exceptions import RemoteError as RemoteError
 from ._exceptions import RestartIntensityExceeded as RestartIntensityExceeded
 from ._exceptions import ServerCrashed as ServerCrashed
 from ._exceptions import ServerStopped as ServerStopped
@@ -45,6 +47,7 @@ from ._supervisor import Strategy as Strategy
 from ._supervisor import Supervisor as Supervisor
 
 __all__ = [
+    "BadRequest",
     "BadReturn",
     "CallTimeout",
     "Caller",
@@ -52,6 +55,7 @@ __all__ = [
     "ChildInfo",
     "Client",
     "Down",
+    "EndpointLimits",
     "GenServer",
     "Ignore",
     "MailboxFull",

@@ -28,8 +28,9 @@ from typing import Any
 
 import trio
 
-from ._client import AuthFailed, Client, ConnectionLost, RemoteError, connect_admin
+from ._client import AuthFailed, Client, ConnectionLost, connect_admin
 from ._endpoint import CookieError, read_cookie
+from ._exceptions import CallTimeout, RemoteError
 
 DEFAULT_NODE = "127.0.0.1:4370"
 EX_ERROR, EX_USAGE, EX_UNAVAILABLE, EX_NOPERM = 1, 2, 69, 77
@@ -64,6 +65,15 @@ def _show(value: Any) -> str:
         return repr(obj)
 
     return json.dumps(value, default=default)
+
+
+def _servers(names: Sequence[str], shown: int = 5) -> str:
+    """``3 servers (c0, c1, c2)``; past ``shown`` names, the rest are counted."""
+    if not names:
+        return "no servers"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} server{'s' if len(names) > 1 else ''} " \
+           f"({', '.join(names[:shown])}{more})"
 
 
 async def _tree(admin: Client, sup: str, prefix: str, out: list[str]) -> None:
@@ -101,20 +111,25 @@ async def _run(args: argparse.Namespace) -> int:
                                                 timeout=args.timeout)))
             elif cmd == "upgrade":
                 path = os.path.abspath(args.release_file)
-                print(_show(await admin.request("upgrade", path, timeout=args.timeout)))
+                report = await admin.request("upgrade", path, timeout=args.timeout)
+                print(f"release {report['release']} installed: {_servers(report['servers'])}")
             elif cmd == "downgrade":
-                print(_show(await admin.request("downgrade", timeout=args.timeout)))
+                report = await admin.request("downgrade", timeout=args.timeout)
+                print(f"release {report['release']} taken back: "
+                      f"{_servers(report['servers'])}")
             elif cmd == "releases":
                 for rel in await admin.request("releases"):
-                    servers = ", ".join(rel["servers"]) or "-"
                     desc = f"  {rel['description']}" if rel["description"] else ""
-                    print(f"{rel['vsn']}  servers: {servers}{desc}")
+                    print(f"{rel['vsn']}  servers: {_servers(rel['servers'])}{desc}")
     except AuthFailed as exc:
         raise _Fail(f"authentication failed at {host}:{port}: {exc}. Use the node's "
                     f"cookie: set OTPY_COOKIE, or OTPY_COOKIE_FILE to its file", EX_NOPERM) \
             from None
     except RemoteError as exc:
         raise _Fail(f"the node answered: {exc}", EX_ERROR) from None
+    except CallTimeout as exc:  # before OSError: it is a TimeoutError
+        raise _Fail(f"the node at {host}:{port} did not answer: {exc}; pass a larger "
+                    f"--timeout", EX_UNAVAILABLE) from None
     except (OSError, ConnectionLost, trio.BrokenResourceError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise _Fail(f"cannot reach the node's admin endpoint at {host}:{port}: {reason}. "

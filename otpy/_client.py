@@ -17,7 +17,7 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]
 import trio
 
-from ._exceptions import CallTimeout, OtpyError
+from ._exceptions import CallTimeout, OtpyError, RemoteError, remote_error
 from ._wire import (
     MAX_MSGID,
     NOTIFICATION,
@@ -27,16 +27,6 @@ from ._wire import (
     encode_notification,
     encode_request,
 )
-
-
-class RemoteError(OtpyError):
-    """A node answered a request with an error ``[kind, message]``; ``kind`` is the name
-    of the error on the node (``"NoSuchServer"``, ``"ServerCrashed"``, ...)."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
-        self.message = message
 
 
 class ConnectionLost(OtpyError, ConnectionError):
@@ -85,7 +75,7 @@ class Client:
             self._results.pop(msgid, None)
         if error is not None:
             if isinstance(error, tuple) and len(error) == 2:
-                raise RemoteError(str(error[0]), str(error[1]))
+                raise remote_error(str(error[0]), str(error[1]))
             raise RemoteError("Error", repr(error))
         return result
 

@@ -4,7 +4,14 @@ endpoint of a node (``open_node(root, listen=..., admin=...)``).
 One task reads each connection and serves every request it can answer at once inline,
 in the step that decoded it; a request whose server defers its reply (``NoReply``,
 busy, suspended) gets a task of its own that waits for it, so replies go out as they
-complete, out of order. One writer task per connection sends what is queued.
+complete, out of order. The reader writes the replies it made itself, per batch read
+(see ``_Connection._serve``); one writer task per connection sends the others.
+
+Where the time goes, per request answered inline (about 1.2 us on the reference
+machine): msgpack decoding 0.1, the shape checks 0.15, the server's step with its
+``handle_call`` 0.4-0.5 (of which the callback itself, building its ``Reply``, about
+half), the caller object 0.07, encoding the reply 0.1, dispatch 0.3; then per batch
+read one receive and one or two writes.
 
 Bounds that must stay true, so that no client can make the node buffer without limit:
 a connection stops serving and reading while it has ``max_inflight`` requests waiting
@@ -24,15 +31,17 @@ import functools
 import os
 import secrets
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
-from ._exceptions import OtpyError
+from ._exceptions import BadRequest, OtpyError
 from ._node import _TaskCaller
 from ._release import Release
+from ._scheduler import CALL
 from ._wire import (
     DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_FRAME,
@@ -42,13 +51,13 @@ from ._wire import (
     Fatal,
     Invalid,
     Notification,
-    Request,
     auth_ok,
     encode_error,
     encode_notification,
     encode_result,
     error_of,
     new_nonce,
+    result_packer,
 )
 
 if TYPE_CHECKING:
@@ -58,6 +67,7 @@ COOKIE_ENV = "OTPY_COOKIE"
 COOKIE_FILE_ENV = "OTPY_COOKIE_FILE"
 AUTH_MAX_FRAME = 1024
 AUTH_TIMEOUT = 10.0
+DIRECT_IO = os.name == "posix"
 
 _log = structlog.get_logger("otpy")
 
@@ -106,23 +116,64 @@ def read_cookie(*, create: bool = False) -> bytes:
     return text.encode()
 
 
-class BadRequest(Exception):
-    """Params of the wrong shape for the method (sent back as ``["BadRequest", ...]``)."""
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EndpointLimits:
+    """The bounds each connection to a node's endpoints keeps, so that no client can
+    make the node buffer, or wait, without limit.
 
+    ::
 
-class Limits:
-    """Per-connection bounds of an endpoint."""
+        limits = otpy.EndpointLimits(max_frame=64 * 1024, call_timeout=2.0)
+        async with otpy.open_node(root, listen=("127.0.0.1", 0), limits=limits) as node:
+            ...
 
-    __slots__ = ("call_timeout", "max_depth", "max_frame", "max_inflight", "max_send_buffer")
+    The same limits apply to the client endpoint (``listen=``) and the admin endpoint
+    (``admin=``); ``otpy.run`` takes them too.
 
-    def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME,
-                 max_depth: int = DEFAULT_MAX_DEPTH, max_inflight: int = 256,
-                 max_send_buffer: int = 1 << 20, call_timeout: float = 5.0) -> None:
-        self.max_frame = max_frame
-        self.max_depth = max_depth
-        self.max_inflight = max_inflight
-        self.max_send_buffer = max_send_buffer
-        self.call_timeout = call_timeout
+    Limits
+    ------
+    ``max_frame`` (bytes, default 1 MiB): the largest message a client may send. A
+    larger request gets the error ``["FrameTooLarge", ...]``; a frame that cannot be
+    told apart from garbage closes the connection. The node never buffers more than
+    ``max_frame`` plus one read (64 KiB) of a message.
+
+    ``max_depth`` (default 32): the deepest nesting of arrays and maps in a message,
+    the message itself included; deeper requests get ``["TooDeep", ...]``.
+
+    ``max_inflight`` (default 256): requests of one connection whose replies are still
+    awaited (a server deferred them, or is busy). At the limit the connection stops
+    reading until one completes.
+
+    ``max_send_buffer`` (bytes, default 1 MiB): replies made but not yet taken by the
+    client. Past it the connection stops reading until the client reads (a slow reader
+    slows only itself). Checked after each request, so one reply may overshoot.
+
+    ``call_timeout`` (seconds, default 5.0, as ``node.call``): how long a ``call`` made
+    over the wire waits for a deferred or queued reply before it is answered with
+    ``["CallTimeout", ...]``.
+    """
+
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_depth: int = DEFAULT_MAX_DEPTH
+    max_inflight: int = 256
+    max_send_buffer: int = 1 << 20
+    call_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        for field in ("max_frame", "max_depth", "max_inflight", "max_send_buffer"):
+            value = getattr(self, field)
+            if type(value) is not int:
+                raise TypeError(f"EndpointLimits({field}=...) takes an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"EndpointLimits({field}=...) must be at least 1, got "
+                                 f"{value!r}")
+        timeout = self.call_timeout
+        if type(timeout) is not float and type(timeout) is not int:
+            raise TypeError(f"EndpointLimits(call_timeout=...) takes seconds as a float, "
+                            f"got {timeout!r}")
+        if not timeout > 0:
+            raise ValueError(f"EndpointLimits(call_timeout=...) must be more than 0 "
+                             f"seconds, got {timeout!r}")
 
 
 def _name(params: tuple[Any, ...], n: int = 0) -> str:
@@ -140,12 +191,12 @@ def _sup_arg(params: tuple[Any, ...]) -> str:
 
 
 class _Connection:
-    __slots__ = ("admin", "authenticated", "cookie", "decoder", "limits", "log", "methods",
-                 "node", "nursery", "out", "pending", "room", "sending", "stream", "unsent",
-                 "wake")
+    __slots__ = ("admin", "authenticated", "cookie", "decoder", "fd", "in_send", "limits",
+                 "log", "methods", "node", "nursery", "out", "pack", "pending", "room",
+                 "stream", "wake")
 
     def __init__(self, node: Node, stream: trio.SocketStream, cookie: bytes | None,
-                 limits: Limits) -> None:
+                 limits: EndpointLimits) -> None:
         self.node = node
         self.stream = stream
         self.cookie = cookie
@@ -153,9 +204,12 @@ class _Connection:
         self.authenticated = cookie is None
         self.limits = limits
         self.decoder = Decoder(max_frame=limits.max_frame, max_depth=limits.max_depth)
-        self.out = bytearray()
-        self.unsent = 0
-        self.sending = False
+        self.out = bytearray()  # replies not handed to the stream yet
+        self.in_send = 0  # bytes of the send in progress; 0 when none is
+        # Read and written directly (_receive, _write_now) where a socket is a file
+        # descriptor; -1 elsewhere, where trio's stream does it all.
+        self.fd = stream.socket.fileno() if DIRECT_IO else -1
+        self.pack = result_packer(lenient=self.admin)
         self.pending = 0
         self.wake = trio.lowlevel.ParkingLot()  # the writer waits here for bytes
         self.room = trio.lowlevel.ParkingLot()  # the reader waits here for room
@@ -183,105 +237,177 @@ class _Connection:
                 # Let the replies still owed go out: all of them after an orderly end,
                 # only those already made after a protocol error.
                 with trio.move_on_after(self.limits.call_timeout + 1.0):
-                    while (clean and self.pending) or self.unsent:
+                    await self._flush()
+                    while (clean and self.pending) or self.out or self.in_send:
                         await self.room.park()
             finally:
                 nursery.cancel_scope.cancel()
 
     async def _writer(self) -> None:
         # Sends the replies of deferred requests; the reader sends its own inline
-        # replies itself (see _flush), saving a task switch per packet. ``sending``
+        # replies itself (see _flush), saving a task switch per packet. ``in_send``
         # keeps the two from ever writing at once.
         while True:
-            while not self.out or self.sending:
+            while not self.out or self.in_send:
                 await self.wake.park()
             await self._flush()
 
     async def _flush(self) -> None:
-        while self.out and not self.sending:
+        while self.out and not self.in_send:
             data, self.out = self.out, bytearray()
-            self.sending = True
+            self.in_send = len(data)
             try:
                 await self.stream.send_all(data)
             finally:
-                self.sending = False
-            self.unsent -= len(data)
-            self.room.unpark_all()
+                self.in_send = 0
+            if self.room:
+                self.room.unpark_all()
+
+    def _write_now(self) -> None:
+        """Give the socket what it takes of the unsent replies now, without waiting and
+        without a trip through trio's scheduler (which costs as much as the write);
+        what it does not take is left for _flush. Only while no send is in progress,
+        so that bytes never interleave. Errors are the peer's going, as from _flush."""
+        if self.fd < 0:
+            return
+        try:
+            sent = os.write(self.fd, self.out)
+        except BlockingIOError:
+            return
+        del self.out[:sent]
 
     def _send(self, data: bytes) -> None:
         self.out += data
-        self.unsent += len(data)
-        if self.wake and not self.sending:
+        if self.wake and not self.in_send:
             self.wake.unpark()
 
     async def _read(self) -> bool:
         """Serve requests until the peer closes (True) or breaks the protocol (False)."""
-        pending: list[Any] = []
+        messages: list[Any] = []
         if not self.authenticated:
             authed = await self._handshake()
             if authed is None:
                 return False
-            pending = authed
-        stream = self.stream
+            messages = authed
         decoder = self.decoder
         while True:
+            # One receive per batch read, as a bare echo server does, and the batch's
+            # replies sent together (see _serve and _write_now).
             start = 0
-            while start < len(pending):
-                start = self._serve(pending, start)
+            while start < len(messages):
+                start = self._serve(messages, start)
                 if start < 0:
                     return False
+                if self.out and not self.in_send:
+                    self._write_now()
                 await self._flush()
                 await self._room()
-            await self._flush()
-            await self._room()
-            data = await stream.receive_some(READ_SIZE)
+            data = await self._receive()
             if not data:
                 self.log.debug("wire_connection_closed", pending=self.pending)
                 return True
-            pending = decoder.feed(data)
+            messages = decoder.feed(data)
+
+    async def _receive(self) -> bytes:
+        """``stream.receive_some``, as trio does it (one trip through the scheduler,
+        cancellable), without its layers of wrappers, which cost a few percent of the
+        pipelined rate; where the socket is not a file descriptor, trio's own."""
+        if self.fd < 0:
+            return await self.stream.receive_some(READ_SIZE)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            while True:
+                await trio.lowlevel.wait_readable(self.fd)
+                try:
+                    return os.read(self.fd, READ_SIZE)
+                except BlockingIOError:  # pragma: no cover - a spurious wakeup
+                    pass
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+    def _full(self) -> bool:
+        limits = self.limits
+        return (self.pending >= limits.max_inflight
+                or len(self.out) + self.in_send > limits.max_send_buffer)
 
     async def _room(self) -> None:
-        limits = self.limits
-        while self.pending >= limits.max_inflight or self.unsent > limits.max_send_buffer:
+        while self._full():
             await self.room.park()
 
     def _serve(self, messages: list[Any], start: int) -> int:
         """Serve messages from ``start`` until the end or until the connection's bounds
         are reached; the index to go on from, or -1 when the connection must close."""
-        limits = self.limits
+        out = self.out  # no await below: nothing else touches it meanwhile
+        # The reply bytes that may be added before the reader waits for the writer.
+        room = self.limits.max_send_buffer - self.in_send
+        # The replies to the first half of a batch are written as soon as they are
+        # made: a pipelining client then refills its window while the node serves the
+        # second half, instead of both taking turns (+10-15% pipelined on 2 cores). One
+        # write more per batch, so only for batches worth it.
+        half = (start + len(messages)) // 2 if len(messages) - start >= 16 else -1
+        sched = self.node._sched
+        procs, step, pack = sched.procs, sched.step, self.pack
         for i in range(start, len(messages)):
             msg = messages[i]
-            kind = type(msg)
-            if kind is Request:
-                method = self.methods.get(msg.method)
-                if method is None:
-                    self.log.warning("wire_bad_request", msgid=msg.msgid, kind="NoSuchMethod",
-                                     method=msg.method)
-                    self._send(encode_error(
-                        msg.msgid, "NoSuchMethod",
-                        f"no method {msg.method!r}; this endpoint serves "
-                        f"{sorted(self.methods)}"))
-                    continue
-                try:
-                    method(msg.msgid, msg.params)
-                except Exception as exc:
-                    if isinstance(exc, BadRequest):
-                        self.log.warning("wire_bad_request", msgid=msg.msgid,
-                                         kind="BadRequest", reason=str(exc))
-                    self._send(encode_error(msg.msgid, *error_of(exc)))
-                if self.pending >= limits.max_inflight or self.unsent > limits.max_send_buffer:
+            if type(msg) is tuple:  # a well-formed request (see _wire.Request)
+                # The hot path, flattened (each Python call here costs some 5% of the
+                # rate): ``call(name, request)`` of an idle server, answered within the
+                # step, as in Node.call. Everything else goes through _request.
+                _, msgid, method, params = msg
+                if method == "call" and len(params) == 2:
+                    name, request = params
+                    proc = procs.get(name) if type(name) is str else None
+                    if proc is not None and not proc._flags and proc._mbox is None:
+                        caller = _TaskCaller()
+                        step(proc, CALL, request, caller)
+                        if caller._status == 1 and caller._error is None:
+                            try:
+                                out += pack((1, msgid, None, caller._value))
+                            except ENCODE_ERRORS as exc:
+                                self._unencodable(msgid, caller._value, exc)
+                            if len(out) > room:
+                                return i + 1
+                            if i == half and not self.in_send:
+                                self._write_now()
+                            continue
+                        self._settle(msgid, caller, name, type(proc), None)
+                        if self._full():
+                            return i + 1
+                        continue
+                self._request(msgid, method, params)
+                if self._full():
                     return i + 1
-            elif kind is Notification:
+            elif type(msg) is Notification:
                 self._notify(msg)
-            elif kind is Invalid:
+            elif type(msg) is Invalid:
                 self.log.warning("wire_bad_request", msgid=msg.msgid, kind=msg.kind,
                                  reason=msg.message)
                 self._send(encode_error(msg.msgid, msg.kind, msg.message))
             else:
-                assert isinstance(msg, Fatal)
+                assert type(msg) is Fatal
                 self.log.warning("wire_protocol_error", reason=msg.reason)
                 return -1
         return len(messages)
+
+    def _request(self, msgid: int, name: str, params: tuple[Any, ...]) -> None:
+        """Serve any request by the method table; errors become error replies."""
+        method = self.methods.get(name)
+        if method is None:
+            self.log.warning("wire_bad_request", msgid=msgid, kind="NoSuchMethod",
+                             method=name)
+            self._send(encode_error(msgid, "NoSuchMethod",
+                                    f"no method {name!r}; this endpoint serves "
+                                    f"{sorted(self.methods)}"))
+            return
+        try:
+            method(msgid, params)
+        except Exception as exc:
+            if isinstance(exc, BadRequest):
+                self.log.warning("wire_bad_request", msgid=msgid, kind="BadRequest",
+                                 reason=str(exc))
+            self._send(encode_error(msgid, *error_of(exc)))
 
     def _notify(self, msg: Notification) -> None:
         if msg.method != "cast":
@@ -313,25 +439,28 @@ class _Connection:
             self.log.warning("admin_auth_failed", reason="no answer in time")
             return None
         first = messages[0]
-        if isinstance(first, Request | Invalid) and not (
-                isinstance(first, Request) and first.method == "auth"):
+        if type(first) is tuple:  # a request
+            _, msgid, method, params = first
+        elif type(first) is Invalid:
+            msgid, method, params = first.msgid, None, ()
+        else:
+            self.log.warning("admin_auth_failed", reason="no auth request")
+            return None
+        if method != "auth":
             self.log.warning("admin_auth_failed", reason="a request before authenticating")
-            self._send(encode_error(first.msgid, "AuthRequired",
+            self._send(encode_error(msgid, "AuthRequired",
                                     "authenticate first: answer the challenge with "
                                     "[0, msgid, 'auth', [HMAC-SHA256(cookie, nonce)]]"))
             return None
-        if not isinstance(first, Request):
-            self.log.warning("admin_auth_failed", reason="no auth request")
-            return None
-        if len(first.params) != 1 or not auth_ok(self.cookie, nonce, first.params[0]):
+        if len(params) != 1 or not auth_ok(self.cookie, nonce, params[0]):
             self.log.warning("admin_auth_failed", reason="wrong answer to the challenge")
-            self._send(encode_error(first.msgid, "AuthFailed",
+            self._send(encode_error(msgid, "AuthFailed",
                                     "authentication failed: the answer does not match the "
                                     "node's cookie"))
             return None
         self.authenticated = True
         self.log.info("admin_authenticated")
-        self._send(encode_result(first.msgid, True))
+        self._send(encode_result(msgid, True))
         return messages[1:]
 
     # -- replies ---------------------------------------------------------------------
@@ -340,13 +469,17 @@ class _Connection:
         try:
             data = encode_result(msgid, result, lenient=self.admin)
         except ENCODE_ERRORS as exc:
-            self.log.warning("wire_reply_unencodable", msgid=msgid, error=str(exc),
-                             reply=repr(result)[:200])
-            data = encode_error(
-                msgid, "UnencodableReply",
-                f"the reply cannot be encoded as msgpack ({exc}): {repr(result)[:80]}; "
-                f"reply with None, bool, int, float, str, bytes, lists/tuples and dicts")
-        self._send(data)
+            self._unencodable(msgid, result, exc)
+        else:
+            self._send(data)
+
+    def _unencodable(self, msgid: int, result: Any, exc: Exception) -> None:
+        self.log.warning("wire_reply_unencodable", msgid=msgid, error=str(exc),
+                         reply=repr(result)[:200])
+        self._send(encode_error(
+            msgid, "UnencodableReply",
+            f"the reply cannot be encoded as msgpack ({exc}): {repr(result)[:80]}; "
+            f"reply with None, bool, int, float, str, bytes, lists/tuples and dicts"))
 
     def _spawn(self, msgid: int, fn: Any, *args: Any) -> None:
         assert self.nursery is not None
@@ -383,15 +516,21 @@ class _Connection:
                 node.call, name, params[1], vsn=vsn, timeout=self.limits.call_timeout))
             return
         caller, served_by = started
+        self._settle(msgid, caller, name, served_by, vsn)
+
+    def _settle(self, msgid: int, caller: _TaskCaller, name: str, served_by: Any,
+                vsn: str | None) -> None:
+        """Answer a call once its step is over: with its reply or error now, or from a
+        task that waits for it. Raises what adapting a versioned reply raises."""
         if caller._status == 0:
             self._spawn(msgid, self._await_call, caller, name, served_by, vsn)
-            return
-        if caller._error is not None:
-            raise caller._error
-        result = caller._value
-        if vsn is not None:
-            result = node._adapt_reply(served_by, vsn, result)
-        self._reply(msgid, result)
+        elif caller._error is not None:
+            self._send(encode_error(msgid, *error_of(caller._error)))
+        else:
+            result = caller._value
+            if vsn is not None:
+                result = self.node._adapt_reply(served_by, vsn, result)
+            self._reply(msgid, result)
 
     async def _await_call(self, caller: _TaskCaller, name: str, served_by: Any,
                           vsn: str | None) -> Any:
@@ -455,11 +594,13 @@ def _vanished(exc: BaseException) -> bool:
     """Whether ``exc`` (maybe a group of them) only says that the peer went away."""
     if isinstance(exc, BaseExceptionGroup):
         return all(_vanished(e) for e in exc.exceptions)
-    return isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError
-                      | ConnectionError)
+    # OSError: the connection's own reads and writes (_receive, _write_now) raise what
+    # the socket reports (a reset, a timeout), which trio's stream would have turned
+    # into BrokenResourceError.
+    return isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError)
 
 
-async def _handle(node: Node, cookie: bytes | None, limits: Limits,
+async def _handle(node: Node, cookie: bytes | None, limits: EndpointLimits,
                   stream: trio.SocketStream) -> None:
     conn = _Connection(node, stream, cookie, limits)
     try:
@@ -474,7 +615,7 @@ async def _handle(node: Node, cookie: bytes | None, limits: Limits,
 
 
 async def _serve(node: Node, address: tuple[str, int], cookie: bytes | None,
-                 limits: Limits, task_status: Any) -> None:
+                 limits: EndpointLimits, task_status: Any) -> None:
     host, port = address
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[:2]
@@ -485,17 +626,17 @@ async def _serve(node: Node, address: tuple[str, int], cookie: bytes | None,
 
 
 async def serve_client(node: Node, address: tuple[str, int], *,
-                       limits: Limits | None = None,
+                       limits: EndpointLimits | None = None,
                        task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the client endpoint on ``address`` until cancelled; reports the bound
     ``(host, port)`` through ``nursery.start``."""
-    await _serve(node, address, None, limits or Limits(), task_status)
+    await _serve(node, address, None, limits or EndpointLimits(), task_status)
 
 
 async def serve_admin(node: Node, address: tuple[str, int], *,
-                      limits: Limits | None = None, cookie: bytes | None = None,
+                      limits: EndpointLimits | None = None, cookie: bytes | None = None,
                       task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the admin endpoint on ``address`` until cancelled (the cookie is read, or
     its file created, first); reports the bound ``(host, port)``."""
     secret = cookie if cookie is not None else read_cookie(create=True)
-    await _serve(node, address, secret, limits or Limits(), task_status)
+    await _serve(node, address, secret, limits or EndpointLimits(), task_status)

@@ -16,7 +16,14 @@ the built-in exception a Python user would already catch for that situation::
     ├── StartFailed                           a child's init failed while starting
     ├── RestartIntensityExceeded              a supervisor gave up (too many restarts)
     ├── SupervisorError (ValueError)          a bad child spec, id or supervisor call
-    └── UpgradeFailed                         a release upgrade changed nothing (why inside)
+    ├── UpgradeFailed                         a release upgrade changed nothing (why inside)
+    ├── BadRequest (ValueError)               a request over the network had the wrong shape
+    └── RemoteError                           a node answered a client with an error
+        └── RemoteError[kind]                 ... also the local error named kind, if any
+
+A client of a node's endpoint (``otpy.connect``) raises ``RemoteError``; when its kind
+names one of the errors above it is also that error, so ``except otpy.NoSuchServer``
+works over the network as it does in process.
 
 A message says what was expected, shows what was got and says how to fix it;
 context such as the server name goes on with ``add_note``.
@@ -24,6 +31,8 @@ context such as the server name goes on with ``add_note``.
 
 from __future__ import annotations
 
+import sys
+from types import MappingProxyType
 from typing import Any
 
 
@@ -139,3 +148,70 @@ class UpgradeFailed(OtpyError):
     def __init__(self, message: str, failures: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.failures: dict[str, str] = dict(failures or {})
+
+
+class BadRequest(OtpyError, ValueError):
+    """A request over the network did not have the shape its method takes (e.g. ``call``
+    without a server name); the node answers ``["BadRequest", message]``."""
+
+
+class RemoteError(OtpyError):
+    """A node answered a request made over the network with an error ``[kind,
+    message]``; ``kind`` is the name of the error on the node (``"NoSuchServer"``,
+    ``"ServerCrashed"``, ``"BadRequest"``, ``"FrameTooLarge"``, ...).
+
+    ::
+
+        try:
+            await client.call("kv9", "x")
+        except otpy.NoSuchServer as exc:      # also an otpy.RemoteError
+            print(exc.kind, exc.message)
+
+    When ``kind`` names one of otpy's errors, the error raised is also an instance of
+    that class (a subclass of both, shown as ``RemoteError[NoSuchServer]``), so code
+    written against a local node catches the same errors from a remote one. What only
+    the node knew is not there: the original exception of a ``ServerCrashed`` stays in
+    the node's log, and attributes such as ``name`` or ``reason`` are None."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        # Not super().__init__: in a RemoteError[kind] that would be the local error's
+        # constructor, which takes other arguments.
+        Exception.__init__(self, f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return remote_error, (self.kind, self.message)
+
+
+_remote_classes: dict[str, type[RemoteError]] = {}
+
+
+def _local_error(kind: str) -> type[OtpyError] | None:
+    cls = getattr(sys.modules[__name__], kind, None)
+    if (isinstance(cls, type) and issubclass(cls, OtpyError) and cls is not OtpyError
+            and not issubclass(cls, RemoteError)):
+        return cls
+    return None
+
+
+def remote_error(kind: str, message: str) -> RemoteError:
+    """The error to raise for an error reply ``[kind, message]``: a :class:`RemoteError`
+    that is also the local error named ``kind``, if otpy has one (one class per kind,
+    made on first use)."""
+    cls = _remote_classes.get(kind)
+    if cls is None:
+        local = _local_error(kind)
+        if local is None:
+            return RemoteError(kind, message)
+        # The local constructor is not run, so the attributes the local errors' own
+        # constructors set are given here, as unknown: keep this list in step with them.
+        namespace: dict[str, Any] = {
+            "__module__": "otpy", "__qualname__": f"RemoteError[{kind}]",
+            "__doc__": f"{local.__name__} on a remote node, reported as an error reply.",
+            "name": None, "reason": None, "child": None, "supervisor": None,
+            "last_failure": None, "seconds": None, "failures": MappingProxyType({}),
+        }
+        cls = _remote_classes[kind] = type(f"RemoteError[{kind}]", (RemoteError, local),
+                                           namespace)
+    return cls(kind, message)

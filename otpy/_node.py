@@ -12,7 +12,8 @@ import gc
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import outcome
 import structlog
@@ -30,6 +31,9 @@ from ._supervisor import (
     check_unique_names,
 )
 from ._watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from ._endpoint import EndpointLimits
 
 T = TypeVar("T")
 
@@ -460,7 +464,7 @@ def _unwrap(exc: BaseException) -> BaseException:
 @asynccontextmanager
 async def open_node(
     root: Supervisor, *, listen: tuple[str, int] | None = None,
-    admin: tuple[str, int] | None = None,
+    admin: tuple[str, int] | None = None, limits: EndpointLimits | None = None,
 ) -> AsyncIterator[Node]:
     """Start the supervision tree ``root`` on the current trio loop.
 
@@ -476,7 +480,15 @@ async def open_node(
 
     ``listen=(host, port)`` serves MessagePack-RPC ``call``/``cast`` to clients and
     ``admin=(host, port)`` the cookie-authenticated admin endpoint (port 0 picks a free
-    port; the bound addresses are ``node.address`` and ``node.admin_address``)."""
+    port; the bound addresses are ``node.address`` and ``node.admin_address``).
+    ``limits=otpy.EndpointLimits(...)`` bounds each of their connections (frame size,
+    nesting, requests in flight, unsent replies, call timeout)."""
+    if limits is not None:
+        from ._endpoint import EndpointLimits
+
+        if not isinstance(limits, EndpointLimits):
+            raise TypeError(f"open_node(limits=...) takes an otpy.EndpointLimits, got "
+                            f"{limits!r}; e.g. limits=otpy.EndpointLimits(max_frame=65536)")
     node = Node(root)
     sched = node._sched
     try:
@@ -490,9 +502,11 @@ async def open_node(
                         from ._endpoint import serve_admin, serve_client
 
                         if listen is not None:
-                            node.address = await system.start(serve_client, node, listen)
+                            node.address = await system.start(
+                                partial(serve_client, node, listen, limits=limits))
                         if admin is not None:
-                            node.admin_address = await system.start(serve_admin, node, admin)
+                            node.admin_address = await system.start(
+                                partial(serve_admin, node, admin, limits=limits))
                     with trio.CancelScope() as body:
                         node._body = body
                         if sched.fatal is not None:
@@ -516,12 +530,14 @@ async def open_node(
 def run(
     root: Supervisor, main: Callable[[Node], Awaitable[T]] | None = None, *,
     listen: tuple[str, int] | None = None, admin: tuple[str, int] | None = None,
+    limits: EndpointLimits | None = None,
 ) -> T | None:
     """Run a node from synchronous code: start ``root``, run ``await main(node)`` (or
-    serve until interrupted when ``main`` is None), shut down, return main's result."""
+    serve until interrupted when ``main`` is None), shut down, return main's result.
+    ``listen``, ``admin`` and ``limits`` are as for :func:`open_node`."""
 
     async def _amain() -> T | None:
-        async with open_node(root, listen=listen, admin=admin) as node:
+        async with open_node(root, listen=listen, admin=admin, limits=limits) as node:
             if main is None:
                 await trio.sleep_forever()
                 return None

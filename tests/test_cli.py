@@ -88,13 +88,14 @@ def test_cli_drives_an_upgrade_and_a_downgrade_of_a_live_node(
     assert "sub  supervisor  running" in tree and "c1  worker  running  vsn 1" in tree
     assert "3" == run("call", "c0", '"count"').strip()
     assert "3" == run("state", "c0").strip()
-    run("upgrade", str(RELEASES / "v2.toml"))
+    assert "release 2 installed: 2 servers (c0, c1)" == run(
+        "upgrade", str(RELEASES / "v2.toml")).strip()
     assert [3, 3] == json.loads(run("state", "c0"))
     assert "c0  worker  running  vsn 2" in run("tree")
     assert "2  servers:" in run("releases")
     assert '"ok"' == run("call", "c0", "reset").strip()
     assert [3, 0] == json.loads(run("state", "c0"))
-    run("downgrade")
+    assert "release 2 taken back: 2 servers (c0, c1)" == run("downgrade").strip()
     assert "0" == run("state", "c0").strip()
     assert "c0  worker  running  vsn 1" in run("tree")
 

@@ -182,6 +182,11 @@ EXAMPLE_LINES: dict[str, list[str]] = {
         "   ('lookup', 'y')          -> None",
         "      kv2 (running, vsn 1, restarted 2x)",
         "    KV store terminating: kv1 ('shutdown')",
+        "== Over the network: a node in another process, upgraded by the otpy command",
+        "its cookie is a new file of mode 600 in a temporary directory.",
+        "   release 2 installed: 500 servers (c0, c1, c2, c3, c4 and 495 more)",
+        "   => no call failed, no increment was lost",
+        "The node shut down when its stdin closed (exit code 0).",
         "Done.",
     ],
 }

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import hmac
 import os
+import pickle
 import socket
 import stat
 import struct
@@ -25,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import otpy
-from otpy._endpoint import CookieError, Limits, read_cookie, serve_admin, serve_client
+from otpy import _endpoint
+from otpy._endpoint import CookieError, read_cookie, serve_admin, serve_client
 
 RELEASES = Path(__file__).resolve().parent.parent / "examples" / "releases"
 COOKIE = "test-cookie-123"
@@ -162,7 +164,7 @@ async def node(**limits: Any) -> AsyncIterator[otpy.Node]:
     async with otpy.open_node(tree(), admin=("127.0.0.1", 0)) as n, \
             trio.open_nursery() as nursery:
         n.address = await nursery.start(functools.partial(
-            serve_client, n, ("127.0.0.1", 0), limits=Limits(**limits)))
+            serve_client, n, ("127.0.0.1", 0), limits=otpy.EndpointLimits(**limits)))
         yield n
         nursery.cancel_scope.cancel()
 
@@ -235,13 +237,102 @@ async def test_versioned_call_is_adapted_both_ways() -> None:
 
 
 async def test_deferred_versioned_call_and_suspended_server() -> None:
-    """A call to a suspended server waits and is answered when it resumes."""
+    """Calls to a suspended server wait and are answered when it resumes (each reply
+    goes out as it completes, so in any order)."""
     async with node() as n, raw(n.address) as r:
         n.suspend("v")
-        await r.send([0, 1, "call", ["v", "value", "1"]])
+        await r.send([0, 1, "call", ["v", "value", "1"]], [0, 2, "call", ["v", ["get"]]])
         await trio.sleep(0.01)
         n.resume("v")
-        assert (1, 1, None, 42) == await r.recv()
+        replies = [await r.recv(), await r.recv()]
+        assert [(1, 1, None, 42), (1, 2, None, {"value": 42})] == sorted(
+            replies, key=lambda reply: reply[1])
+
+
+async def test_without_direct_io_the_stream_does_all_the_io(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where sockets are not file descriptors the endpoint reads and writes through
+    trio's stream only: pipelined, deferred and large replies all arrive."""
+    monkeypatch.setattr(_endpoint, "DIRECT_IO", False)
+    async with node() as n, raw(n.address) as r:
+        await r.send([0, 1, "call", ["echo", ["defer", "k"]]],
+                     *[[0, i, "call", ["echo", ["echo", i]]] for i in range(2, 100)],
+                     [0, 100, "call", ["echo", ["blob", 1 << 20]]],
+                     [0, 101, "call", ["echo", ["release", "k", "late"]]])
+        got = {(await r.recv())[1:] for _ in range(101)}
+        assert {(i, None, i) for i in range(2, 100)} <= got
+        assert {(1, None, "late"), (100, None, b"x" * (1 << 20)),
+                (101, None, "released")} <= got
+
+
+# -- limits set through open_node -----------------------------------------------------
+
+
+async def test_open_node_limits_bound_both_endpoints() -> None:
+    """``open_node(..., limits=otpy.EndpointLimits(max_frame=...))``: a request larger
+    than the limit gets FrameTooLarge at the client and the admin endpoint alike, and
+    each connection goes on serving."""
+    limits = otpy.EndpointLimits(max_frame=1024)
+    async with otpy.open_node(tree(), listen=("127.0.0.1", 0), admin=("127.0.0.1", 0),
+                              limits=limits) as n, \
+            raw(n.address) as r, admin_raw(n.admin_address) as a:
+        _, _, error, _ = await r.call(1, "echo", ("echo", "x" * 2000))
+        assert "FrameTooLarge" == error[0] and "1024" in error[1]
+        assert (1, 2, None, "x" * 900) == await r.call(2, "echo", ("echo", "x" * 900))
+        _, _, error, _ = await a.call(3, "v" * 2000, method="get_state")
+        assert "FrameTooLarge" == error[0]
+        assert (1, 4, None, 42) == await a.call(4, "v", method="get_state")
+
+
+async def test_open_node_call_timeout_answers_a_deferred_call(autojump_clock: Any) -> None:
+    """``EndpointLimits(call_timeout=...)``: a call whose reply is deferred longer gets
+    CallTimeout; the connection keeps serving."""
+    limits = otpy.EndpointLimits(call_timeout=2.0)
+    async with otpy.open_node(tree(), listen=("127.0.0.1", 0), limits=limits) as n, \
+            raw(n.address) as r:
+        start = trio.current_time()
+        _, _, error, _ = await r.call(1, "echo", ("defer", "never"))
+        assert "CallTimeout" == error[0]
+        assert 2.0 <= trio.current_time() - start
+        assert (1, 2, None, "on") == await r.call(2, "echo", ("echo", "on"))
+
+
+def test_run_takes_the_endpoint_limits() -> None:
+    """``otpy.run(..., limits=...)`` passes the limits on to the endpoint it starts."""
+
+    async def main(n: otpy.Node) -> Any:
+        assert n.address is not None
+        async with otpy.connect(*n.address) as client:
+            with pytest.raises(otpy.RemoteError) as info:
+                await client.call("echo", ("echo", [[[[["deep"]]]]]))
+            return info.value.kind
+
+    limits = otpy.EndpointLimits(max_depth=4)
+    assert "TooDeep" == otpy.run(tree(), main, listen=("127.0.0.1", 0), limits=limits)
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"max_frame": 0}, ValueError),
+    ({"max_inflight": -1}, ValueError),
+    ({"max_depth": "32"}, TypeError),
+    ({"max_send_buffer": 1.5}, TypeError),
+    ({"call_timeout": 0}, ValueError),
+    ({"call_timeout": "5"}, TypeError),
+])
+def test_endpoint_limits_refuse_values_out_of_range(kwargs: dict[str, Any],
+                                                    error: type[Exception]) -> None:
+    """Each limit is checked when the value is made, naming the field."""
+    field = next(iter(kwargs))
+    with pytest.raises(error, match=field):
+        otpy.EndpointLimits(**kwargs)
+
+
+async def test_open_node_refuses_limits_of_another_type() -> None:
+    """``limits=`` must be an ``otpy.EndpointLimits``; the error says how to make one."""
+    with pytest.raises(TypeError, match="EndpointLimits"):
+        async with otpy.open_node(tree(), listen=("127.0.0.1", 0),
+                                  limits={"max_frame": 10}):  # type: ignore[arg-type]
+            raise AssertionError("the body must not run")  # pragma: no cover
 
 
 # -- bad input -----------------------------------------------------------------------
@@ -258,6 +349,7 @@ def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     ([0, 5, "nope", []], "NoSuchMethod"),
     ([0, 5, "call", ["echo"]], "BadRequest"),
     ([0, 5, "call", [17, "x"]], "BadRequest"),
+    ([0, 5, "call", [{"a": 1}, "x"]], "BadRequest"),
     ([0, 5, "call", ["echo", "x", 3]], "BadRequest"),
     ([0, 5, "cast", ["echo"]], "BadRequest"),
     ([0, 5, "call", ["echo", "object"]], "UnencodableReply"),
@@ -345,6 +437,32 @@ async def test_slow_reader_does_not_make_the_node_buffer_without_bound() -> None
             assert (1, 1, None, "ok") == await other.call(1, "echo", ("echo", "ok"))
 
 
+async def test_max_inflight_stops_reading_until_a_call_completes(
+        autojump_clock: Any) -> None:
+    """With ``max_inflight`` deferred calls waiting, the connection reads no more
+    requests; each reply that completes lets one more in."""
+    async with node(max_inflight=3) as n, raw(n.address) as r, raw(n.address) as other:
+        await r.send(*[[0, i, "call", ["echo", ["defer", i]]] for i in range(6)])
+        await trio.sleep(1)
+        assert [0, 1, 2] == sorted(n.get_state("echo")["waiting"])
+        assert (1, 1, None, "released") == await other.call(1, "echo", ("release", 0, "a"))
+        assert (1, 0, None, "a") == await r.recv()
+        await trio.sleep(1)
+        assert [1, 2, 3] == sorted(n.get_state("echo")["waiting"])
+
+
+async def test_notifications_that_cannot_be_served_are_logged_and_dropped(
+        logs: list[dict[str, Any]]) -> None:
+    """A notification has no reply to carry an error: an unknown method or a cast to a
+    missing server is logged, and the connection keeps serving."""
+    async with node() as n, raw(n.address) as r:
+        await r.send([2, "nope", ["echo", 1]], [2, "cast", ["kv9", 1]], [2, "cast", ["echo"]])
+        assert (1, 1, None, ()) == await r.call(1, "echo", "casts")
+    assert ["NoSuchMethod"] == [e["kind"] for e in events(logs, "wire_bad_request")]
+    assert ["NoSuchServer", "BadRequest"] == [
+        e["error"][0] for e in events(logs, "wire_notification_failed")]
+
+
 # -- the admin endpoint --------------------------------------------------------------
 
 
@@ -428,6 +546,19 @@ async def test_admin_replayed_answer_is_refused() -> None:
             _, _, error, _ = await second.call(1, answer, method="auth")
             assert "AuthFailed" == error[0]
             assert await second.closed()
+
+
+async def test_admin_silent_client_is_closed_after_the_auth_timeout(
+        autojump_clock: Any, logs: list[dict[str, Any]]) -> None:
+    """A client that never answers the challenge is closed (after 10 s)."""
+    async with node() as n, raw(n.admin_address) as r:
+        await r.recv()
+        start = trio.current_time()
+        with trio.fail_after(60):
+            while await r.stream.receive_some(65536):
+                pass  # pragma: no cover - the node sends nothing more
+        assert 10.0 <= trio.current_time() - start
+    assert ["no answer in time"] == [e["reason"] for e in events(logs, "admin_auth_failed")]
 
 
 @pytest.mark.parametrize("answer", [None, "text", 12, b"", b"\x00" * 32])
@@ -519,6 +650,36 @@ async def test_connect_client_calls_casts_and_raises_remote_errors() -> None:
             await trio.sleep(0.01)
             await c.call("echo", ("release", "k", "late"))
         assert {i: i for i in range(100)} == results
+
+
+async def test_remote_errors_are_also_the_local_errors(autojump_clock: Any) -> None:
+    """An error reply whose kind names one of otpy's errors raises an error that is
+    both ``otpy.RemoteError`` (with ``kind`` and ``message``) and that error, so code
+    written against a local node catches it unchanged; other kinds stay RemoteError."""
+    limits = otpy.EndpointLimits(call_timeout=1.0, max_depth=8)
+    async with otpy.open_node(tree(), listen=("127.0.0.1", 0), limits=limits) as n, \
+            otpy.connect(*n.address) as c:  # type: ignore[misc]
+        with pytest.raises(otpy.NoSuchServer) as missing:
+            await c.call("kv9", "x")
+        assert isinstance(missing.value, otpy.RemoteError)
+        assert isinstance(missing.value, LookupError)
+        assert "NoSuchServer" == missing.value.kind
+        assert "'kv9'" in missing.value.message
+        with pytest.raises(otpy.ServerCrashed) as crashed:
+            await c.call("echo", "crash")
+        assert isinstance(crashed.value, otpy.ServerStopped | otpy.RemoteError)
+        with pytest.raises(otpy.CallTimeout) as timeout:
+            await c.call("echo", ("defer", "k"))
+        assert isinstance(timeout.value, otpy.RemoteError)
+        with pytest.raises(otpy.BadRequest) as bad:
+            await c.request("call", "echo")
+        assert isinstance(bad.value, ValueError) and "BadRequest" == bad.value.kind
+        with pytest.raises(otpy.RemoteError) as deep:
+            await c.call("echo", [[[[[[[[["deep"]]]]]]]]])
+        assert ("TooDeep", otpy.RemoteError) == (deep.value.kind, type(deep.value))
+    assert type(missing.value) is type(
+        pickle.loads(pickle.dumps(missing.value)))  # one class per kind, picklable
+    assert "RemoteError[NoSuchServer]" == type(missing.value).__qualname__
 
 
 # -- random frames -------------------------------------------------------------------
