@@ -4,6 +4,8 @@
 
     otpy tree                       --node 127.0.0.1:4370
     otpy state NAME
+    otpy stats [NAME]               counters of the node, or of server NAME (mailbox,
+                                    refused messages, restarts, ...)
     otpy call NAME REQUEST          REQUEST is JSON ('"incr"', '["store", "x", 1]');
                                     a bare word that is not JSON is sent as a string
     otpy upgrade RELEASE_FILE
@@ -102,6 +104,11 @@ async def _run(args: argparse.Namespace) -> int:
                 print("\n".join(lines))
             elif cmd == "state":
                 print(_show(await admin.request("get_state", args.name)))
+            elif cmd == "stats":
+                stats = await admin.request("statistics", *(
+                    [args.name] if args.name else []))
+                for key, value in stats.items():
+                    print(f"{key}: {_show(value)}")
             elif cmd == "call":
                 try:
                     request = _tuples(json.loads(args.request))
@@ -154,6 +161,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("tree", parents=[common], help="the live supervision tree")
     p = sub.add_parser("state", parents=[common], help="the state of server NAME")
     p.add_argument("name")
+    p = sub.add_parser("stats", parents=[common],
+                       help="counters of the node, or of server NAME")
+    p.add_argument("name", nargs="?")
     p = sub.add_parser("call", parents=[common], help="call server NAME with REQUEST (JSON)")
     p.add_argument("name")
     p.add_argument("request", help="JSON; arrays are sent as tuples")

@@ -223,7 +223,8 @@ class _Connection:
         if self.admin:
             self.methods.update(
                 which_children=self._which_children, count_children=self._count_children,
-                get_state=self._get_state, suspend=self._suspend, resume=self._resume,
+                get_state=self._get_state, statistics=self._statistics,
+                suspend=self._suspend, resume=self._resume,
                 releases=self._releases, upgrade=self._upgrade, downgrade=self._downgrade)
 
     # -- the connection's life -------------------------------------------------------
@@ -560,6 +561,9 @@ class _Connection:
 
     def _count_children(self, msgid: int, params: tuple[Any, ...]) -> None:
         self._reply(msgid, self.node.count_children(_sup_arg(params)))
+
+    def _statistics(self, msgid: int, params: tuple[Any, ...]) -> None:
+        self._reply(msgid, self.node.statistics(_name(params) if params else None))
 
     def _get_state(self, msgid: int, params: tuple[Any, ...]) -> None:
         self._reply(msgid, self.node.get_state(_name(params)))

@@ -88,6 +88,9 @@ def test_cli_drives_an_upgrade_and_a_downgrade_of_a_live_node(
     assert "sub  supervisor  running" in tree and "c1  worker  running  vsn 1" in tree
     assert "3" == run("call", "c0", '"count"').strip()
     assert "3" == run("state", "c0").strip()
+    assert {"servers: 2", "supervisors: 2", "refused: 0"} <= set(run("stats").splitlines())
+    assert {"mailbox: 0", "max_mailbox: 100000", "refused: 0", "vsn: \"1\""} <= set(
+        run("stats", "c0").splitlines())
     assert "release 2 installed: 2 servers (c0, c1)" == run(
         "upgrade", str(RELEASES / "v2.toml")).strip()
     assert [3, 3] == json.loads(run("state", "c0"))

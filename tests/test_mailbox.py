@@ -175,3 +175,30 @@ def test_bad_max_mailbox_is_refused(value: Any) -> None:
         type("Bad", (Log,), {"max_mailbox": value})
     with pytest.raises(otpy.SupervisorError, match="max_mailbox must be an int >= 1"):
         otpy.Child("c", Log, max_mailbox=value)
+
+
+async def test_call_over_the_wire_waits_for_room_and_cast_is_refused() -> None:
+    """Over the client endpoint as in process: a cast to a full mailbox gets a
+    MailboxFull error reply (and is counted), a call waits for room and is answered
+    once the server serves its queue."""
+    root = otpy.Supervisor([otpy.Child("s", Log)])
+    async with otpy.open_node(root, listen=("127.0.0.1", 0)) as node:
+        assert node.address is not None
+        node.suspend("s")
+        for i in range(10):
+            node.cast("s", i)
+        async with otpy.connect(*node.address) as client:
+            with pytest.raises(otpy.MailboxFull):
+                await client.request("cast", "s", 10)
+            replies: list[Any] = []
+            async with trio.open_nursery() as nursery:
+                async def call() -> None:
+                    replies.append(await client.call("s", "remote"))
+
+                nursery.start_soon(call)
+                await trio.testing.wait_all_tasks_blocked()
+                assert 10 == node.statistics("s")["mailbox"]
+                node.resume("s")
+            assert ["ok"] == replies
+        assert 1 == node.statistics("s")["refused"]
+        assert ("call", "remote") == (await node.call("s", "log"))[-1]
