@@ -24,7 +24,7 @@ import importlib.util
 import re
 import sys
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -276,13 +276,18 @@ class Migration:
     def finish(self) -> dict[str, Any]:
         """Commit if every server migrated (and is still the one held); else roll back
         and raise UpgradeFailed listing every failure."""
+        # This is the synchronous commit: the node's stall during a release is its
+        # length, so each server is visited once to check it and once to swap it.
         procs = self.sched.procs
+        failures = {}
         for m in self.moves:
-            if m.proc._flags & TOUCHED:
+            proc = m.proc
+            if proc._flags & TOUCHED:
                 self._migrate_one(m)  # it was stepped since: migrate its current state
-            if m.error is None and (m.proc._flags & DEAD or procs.get(m.name) is not m.proc):
+            if m.error is None and (proc._flags & DEAD or procs.get(m.name) is not proc):
                 m.error = "it stopped or restarted during the upgrade; try again"
-        failures = {m.name: m.error for m in self.moves if m.error is not None}
+            if m.error is not None:
+                failures[m.name] = m.error
         what = "downgrade from" if self.downgrade else "upgrade to"
         if failures:
             self.abort()
@@ -295,17 +300,16 @@ class Migration:
                 f"{len(failures)} of {len(self.moves)} servers failed: {shown}{more}",
                 failures)
         for m in self.moves:
-            proc = m.proc
-            proc.__class__ = m.to_cls
+            proc, to_cls, spec = m.proc, m.to_cls, m.proc._spec
+            proc.__class__ = to_cls
             proc._state = m.new_state
-            if proc._spec.max_mailbox is None:
-                proc._max_mailbox = m.to_cls.max_mailbox
-            sup = proc._sup
-            if m.to_cls is proc._spec.server_class:
-                sup.class_override.pop(m.name, None)
+            proc._flags &= ~(WATCHED | TOUCHED)
+            if spec.max_mailbox is None:
+                proc._max_mailbox = to_cls.max_mailbox
+            if to_cls is spec.server_class:
+                proc._sup.class_override.pop(m.name, None)
             else:
-                sup.class_override[m.name] = m.to_cls
-        self._release_all()
+                proc._sup.class_override[m.name] = to_cls
         self.handler.committed(self)
         self.sched.log.info("upgrade_committed", release=self.release.vsn,
                             downgrade=self.downgrade, servers=len(self.moves))
@@ -322,13 +326,60 @@ class Migration:
             m.proc._flags &= ~(WATCHED | TOUCHED)
 
 
+class Planner:
+    """A release being planned: its target servers checked in chunks. Nothing is held
+    or changed while it plans; :meth:`finish` gives the Migration, or raises
+    UpgradeFailed (refused, nothing changed) naming every server that cannot move."""
+
+    def __init__(self, handler: ReleaseHandler, release: Release,
+                 items: Iterator[_Move | tuple[str, str]], downgrade: bool) -> None:
+        self.handler = handler
+        self.release = release
+        self.downgrade = downgrade
+        self._items = items
+        self.moves: list[_Move] = []
+        self.failures: dict[str, str] = {}
+
+    def plan(self, budget: int) -> bool:
+        """Check up to ``budget`` more servers; True when all are checked."""
+        moves, failures = self.moves, self.failures
+        n = 0
+        for item in self._items:
+            if isinstance(item, _Move):
+                moves.append(item)
+            else:
+                failures[item[0]] = item[1]
+            n += 1
+            if n >= budget:
+                return False  # the next call finds out whether any are left
+        return True
+
+    def finish(self) -> Migration:
+        while not self.plan(1 << 30):
+            pass
+        failures = self.failures
+        if failures:
+            self.abort()
+            shown = "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5])
+            what = (f"downgrade from release {self.release.vsn!r}" if self.downgrade
+                    else f"release {self.release.vsn!r}")
+            raise UpgradeFailed(f"{what} refused, nothing changed: {shown}", failures)
+        migration = Migration(self.handler, self.moves, self.release, self.downgrade)
+        self.handler.active = migration
+        return migration
+
+    def abort(self) -> None:
+        """Give up planning: nothing was held."""
+        self.handler.active = None
+
+
 class ReleaseHandler:
     """The release history of a node and the planning of upgrades against it."""
 
     def __init__(self, sched: Scheduler) -> None:
         self.sched = sched
         self.history: list[_Record] = []
-        self.active: Migration | None = None
+        self.active: Migration | Planner | None = None
 
     def releases(self) -> list[ReleaseInfo]:
         return [ReleaseInfo(r.release.vsn, tuple(m[0] for m in r.moves),
@@ -342,15 +393,32 @@ class ReleaseHandler:
 
     def plan_upgrade(self, release: Release) -> Migration:
         """Check the release against the live servers; raise UpgradeFailed (nothing
-        held, nothing changed) if any update cannot apply."""
-        if not isinstance(release, Release):
-            raise TypeError(f"upgrade needs an otpy.Release, got {release!r}")
+        held, nothing changed) if any update cannot apply. (The node plans in chunks,
+        with :meth:`planner`.)"""
+        return self.planner(release).finish()
+
+    def planner(self, release: Release | None) -> Planner:
+        """Start planning ``release`` (None: a downgrade from the newest one); the
+        planner checks each target server in chunks (:meth:`Planner.plan`), so that a
+        release of many servers does not stall the node while it is planned."""
         self._refuse_if_busy()
-        if any(r.release.vsn == release.vsn for r in self.history):
-            raise UpgradeFailed(f"release {release.vsn!r} is already installed; give the "
-                                f"new release a new vsn")
-        moves: list[_Move] = []
-        failures: dict[str, str] = {}
+        if release is None:
+            if not self.history:
+                raise UpgradeFailed("there is no installed release to downgrade from")
+            record = self.history[-1]
+            planner = Planner(self, record.release, self._downgrade_moves(record), True)
+        else:
+            if not isinstance(release, Release):
+                raise TypeError(f"upgrade needs an otpy.Release, got {release!r}")
+            if any(r.release.vsn == release.vsn for r in self.history):
+                raise UpgradeFailed(f"release {release.vsn!r} is already installed; give "
+                                    f"the new release a new vsn")
+            planner = Planner(self, release, self._upgrade_moves(release), False)
+        self.active = planner
+        return planner
+
+    def _upgrade_moves(self, release: Release) -> Iterator[_Move | tuple[str, str]]:
+        """Each server the release moves, or (key, problem) for each that it cannot."""
         seen: set[str] = set()
         for upd in release.updates:
             for proc, problem in self._targets(upd):
@@ -358,52 +426,53 @@ class ReleaseHandler:
                 if problem is None and proc is not None and proc._name in seen:
                     problem = "two updates of this release target it"
                 if problem is not None:
-                    failures[key] = problem
+                    yield key, problem
                     continue
                 assert proc is not None
                 seen.add(proc._name)
-                moves.append(_Move(proc, upd.new_class, type(proc).vsn, upd.extra))
-        if failures:
-            shown = "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5])
-            raise UpgradeFailed(f"release {release.vsn!r} refused, nothing changed: {shown}",
-                                failures)
-        migration = self.active = Migration(self, moves, release, downgrade=False)
-        return migration
+                yield _Move(proc, upd.new_class, type(proc).vsn, upd.extra)
 
-    def _targets(self, upd: Update) -> list[tuple[GenServer[Any] | None, str | None]]:
+    def _targets(self, upd: Update) -> Iterator[tuple[GenServer[Any] | None, str | None]]:
         procs = self.sched.procs
         new = upd.new_class
         target = upd.target
         if isinstance(target, str):
             proc = procs.get(target)
             if proc is None:
-                return [(None, f"no server named {target!r} is running")]
+                yield None, f"no server named {target!r} is running"
+                return
             running = type(proc).vsn
             if upd.from_vsn is not None and running != upd.from_vsn:
-                return [(proc, f"server {target!r} runs version {running}; this update "
-                               f"expects version {upd.from_vsn}")]
-            if running == new.vsn:
-                return [(proc, f"server {target!r} already runs version {new.vsn}")]
-            return [(proc, None)]
+                yield proc, (f"server {target!r} runs version {running}; this update "
+                             f"expects version {upd.from_vsn}")
+            elif running == new.vsn:
+                yield proc, f"server {target!r} already runs version {new.vsn}"
+            else:
+                yield proc, None
+            return
         if isinstance(target, type):
             if target.vsn == new.vsn:
-                return [(None, f"{target.__qualname__} and {new.__qualname__} are both "
-                               f"version {new.vsn}; give the new class a new vsn")]
+                yield None, (f"{target.__qualname__} and {new.__qualname__} are both "
+                             f"version {new.vsn}; give the new class a new vsn")
+                return
             found = [p for p in procs.values() if type(p) is target]
             key = _class_key(target)
         else:
             key = _ref_key(target.ref)
             found = [p for p in procs.values() if _class_key(type(p)) == key]
         if found:
-            return [(p, None if type(p).vsn != new.vsn else
-                     f"server {p._name!r} already runs version {new.vsn}") for p in found]
+            for p in found:
+                yield p, (None if type(p).vsn != new.vsn else
+                          f"server {p._name!r} already runs version {new.vsn}")
+            return
         # Nothing runs the target: say what runs instead, if we replaced it earlier.
         former = self._former(target, key)
-        if former:
-            return [(p, f"server {p._name!r} runs version {type(p).vsn}; this update "
-                        f"expects version {vsn}") for p, vsn in former]
-        name = target.__qualname__ if isinstance(target, type) else target.ref
-        return [(None, f"no running server runs {name} (vsn {getattr(target, 'vsn', '?')})")]
+        for p, vsn in former:
+            yield p, (f"server {p._name!r} runs version {type(p).vsn}; this update "
+                      f"expects version {vsn}")
+        if not former:
+            name = target.__qualname__ if isinstance(target, type) else target.ref
+            yield None, f"no running server runs {name} (vsn {getattr(target, 'vsn', '?')})"
 
     def _former(self, target: Any, key: str) -> list[tuple[GenServer[Any], str]]:
         out = []
@@ -416,27 +485,20 @@ class ReleaseHandler:
         return out
 
     def plan_downgrade(self) -> Migration:
-        self._refuse_if_busy()
-        if not self.history:
-            raise UpgradeFailed("there is no installed release to downgrade from")
-        record = self.history[-1]
-        moves: list[_Move] = []
-        failures: dict[str, str] = {}
+        """Plan going back to the release before the newest (see plan_upgrade)."""
+        return self.planner(None).finish()
+
+    def _downgrade_moves(self, record: _Record) -> Iterator[_Move | tuple[str, str]]:
+        procs = self.sched.procs
         for name, old_cls, new_cls, extra in record.moves:
-            proc = self.sched.procs.get(name)
+            proc = procs.get(name)
             if proc is None:
-                failures[name] = f"no server named {name!r} is running"
+                yield name, f"no server named {name!r} is running"
             elif type(proc) is not new_cls:
-                failures[name] = (f"server {name!r} runs version {type(proc).vsn}; the "
-                                  f"downgrade expects version {new_cls.vsn}")
+                yield name, (f"server {name!r} runs version {type(proc).vsn}; the "
+                             f"downgrade expects version {new_cls.vsn}")
             else:
-                moves.append(_Move(proc, old_cls, Down(old_cls.vsn), extra))
-        if failures:
-            raise UpgradeFailed(
-                f"downgrade from release {record.release.vsn!r} refused, nothing changed: "
-                + "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5]), failures)
-        migration = self.active = Migration(self, moves, record.release, downgrade=True)
-        return migration
+                yield _Move(proc, old_cls, Down(old_cls.vsn), extra)
 
     def committed(self, migration: Migration) -> None:
         self.active = None

@@ -378,3 +378,31 @@ async def test_a_second_upgrade_while_one_runs_is_refused() -> None:
             with pytest.raises(otpy.UpgradeFailed, match="is being installed"):
                 await node.upgrade(otpy.Release("3", [otpy.Update(CounterV2, CounterV3)]))
         assert ["2"] == [r.vsn for r in node.releases()]
+
+
+async def test_a_restart_while_a_large_release_is_planned_rolls_it_back() -> None:
+    """A release of many servers is planned in chunks, the node serving between them;
+    a target that restarts meanwhile makes the whole release fail, nothing changed."""
+    async with otpy.open_node(counters(3000)) as node:
+        await incr(node, "c0", 2)
+        outcome: list[BaseException] = []
+
+        async def upgrade() -> None:
+            try:
+                await node.upgrade(V2)
+            except otpy.UpgradeFailed as exc:
+                outcome.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upgrade)
+            await trio.sleep(0)  # the upgrade has planned its first chunk
+            assert "ok" == await node.call("c2999", "incr")  # served meanwhile
+            await node.terminate_child("root", "c2999")
+            await node.restart_child("root", "c2999")
+        [failed] = outcome
+        assert isinstance(failed, otpy.UpgradeFailed)
+        assert {"c2999"} == set(failed.failures)
+        assert "restarted during the upgrade" in failed.failures["c2999"]
+        assert {"1"} == {node.vsn_of(f"c{i}") for i in range(3000)}
+        assert 2 == node.get_state("c0")
+        assert [] == node.releases()
