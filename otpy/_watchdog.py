@@ -54,7 +54,9 @@ _RUNNERS: frozenset[CodeType] = frozenset({
     Migration._migrate_one.__code__,
 })
 _OTPY = str(Path(__file__).resolve().parent)
-SIGNAL = getattr(signal, "SIGRTMIN", None) or signal.SIGUSR2  # ours, not a user's
+# Ours, not a user's; None where the platform has neither (Windows): no watchdog there.
+SIGNAL: int | None = (getattr(signal, "SIGRTMIN", None) or getattr(signal, "SIGUSR2", None)
+                      if hasattr(signal, "pthread_kill") else None)
 
 _dogs: list[Watchdog] = []  # running watchdogs (all on the main thread)
 _previous: Any = None  # the handler we replaced, restored when the last dog stops
@@ -110,6 +112,11 @@ class Watchdog:
     def start(self) -> bool:
         """Start watching the calling (node) thread; False if it is not the main one."""
         global _previous
+        if SIGNAL is None:
+            self.sched.log.warning(
+                "watchdog_unavailable", reason="this platform cannot signal a thread "
+                "(signal.pthread_kill); step_timeout is not enforced")
+            return False
         if threading.current_thread() is not threading.main_thread():
             self.sched.log.warning(
                 "watchdog_unavailable", reason="the node does not run on the main thread, "
@@ -133,13 +140,14 @@ class Watchdog:
         self._thread = None
         self.target = None
         _dogs.remove(self)
-        if not _dogs:
+        if not _dogs and SIGNAL is not None:
             signal.signal(SIGNAL, _previous if _previous is not None else signal.SIG_DFL)
             _previous = None
 
     def _watch(self) -> None:
         since: dict[FrameType, float] = {}  # when each callback on the stack was first seen
-        tid, interval = self._tid, self.interval
+        tid, interval, signum = self._tid, self.interval, SIGNAL
+        assert signum is not None  # start() checked
         while not self._stop.wait(interval):
             frames = _callback_frames(sys._current_frames().get(tid))
             now = time.monotonic()
@@ -148,7 +156,7 @@ class Watchdog:
             if self.target is not None:
                 # Signalled again each interval until the handler finds the node thread
                 # in the culprit's own code (or the callback ends).
-                signal.pthread_kill(tid, SIGNAL)
+                signal.pthread_kill(tid, signum)
             del frames
         since.clear()
 

@@ -221,3 +221,22 @@ def test_bad_step_timeout_is_refused(value: Any) -> None:
     if value is not None:
         with pytest.raises(otpy.SupervisorError, match="step_timeout must be seconds > 0"):
             otpy.Child("c", Spinner, step_timeout=value)
+
+
+def test_a_node_off_the_main_thread_runs_without_the_watchdog(logs: list[Any]) -> None:
+    """Python runs signal handlers only on the main thread: a node elsewhere works, and
+    says once that step_timeout is not enforced there."""
+    import threading
+
+    results: list[Any] = []
+
+    async def main() -> None:
+        async with otpy.open_node(tree()) as node:
+            results.append(await node.call("spin", "count"))
+
+    worker = threading.Thread(target=trio.run, args=(main,))
+    worker.start()
+    worker.join(timeout=30)
+    assert [1] == results
+    [event] = [e for e in logs if e["event"] == "watchdog_unavailable"]
+    assert "main thread" in event["reason"]
