@@ -268,12 +268,17 @@ class _Connection:
         """Give the socket what it takes of the unsent replies now, without waiting and
         without a trip through trio's scheduler (which costs as much as the write);
         what it does not take is left for _flush. Only while no send is in progress,
-        so that bytes never interleave. Errors are the peer's going, as from _flush."""
+        so that bytes never interleave. An error (the peer went) is left for _flush
+        and _receive to meet, through trio's stream: the batch being served is served
+        to its end first, as every message received is."""
         if self.fd < 0:
             return
         try:
             sent = os.write(self.fd, self.out)
         except BlockingIOError:
+            return
+        except OSError:
+            self.fd = -1  # from now on trio's stream does the I/O, and reports the error
             return
         del self.out[:sent]
 
@@ -511,12 +516,7 @@ class _Connection:
         if vsn is not None and not isinstance(vsn, str):
             raise BadRequest(f"call's vsn must be a string or nil, got {vsn!r:.80}")
         node = self.node
-        started = node._start_call(name, params[1], vsn)
-        if started is None:  # a full mailbox: wait for room as node.call does
-            self._spawn(msgid, functools.partial(
-                node.call, name, params[1], vsn=vsn, timeout=self.limits.call_timeout))
-            return
-        caller, served_by = started
+        caller, served_by = node._start_call(name, params[1], vsn)
         self._settle(msgid, caller, name, served_by, vsn)
 
     def _settle(self, msgid: int, caller: _TaskCaller, name: str, served_by: Any,

@@ -97,8 +97,6 @@ class Node:
             spawn=self._spawn,
         )
         self._sched.on_fatal = self._on_fatal
-        self._sched.on_room = self._on_room
-        self._room: dict[str, trio.lowlevel.ParkingLot] = {}
         self._watchdog = Watchdog(self._sched, root)
         self._parked: Any = None
         self._tasks: trio.Nursery | None = None
@@ -136,16 +134,9 @@ class Node:
                 if caller._error is not None:
                     raise caller._error
                 return caller._value
-        started = self._start_call(name, request, vsn)
-        deadline = None
-        if started is None:  # a full mailbox: wait for room, within the same timeout
-            deadline = trio.current_time() + (math.inf if timeout is None else timeout)
-            while started is None:
-                await self._wait_for_room(name, deadline, timeout)
-                started = self._start_call(name, request, vsn)
-        caller, served_by = started
+        caller, served_by = self._start_call(name, request, vsn)
         if caller._status == 0:
-            result = await self._wait(caller, name, timeout, deadline)
+            result = await self._wait(caller, name, timeout)
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
             if caller._error is not None:
@@ -157,17 +148,14 @@ class Node:
 
     def _start_call(
         self, name: str, request: Any, vsn: str | None
-    ) -> tuple[_TaskCaller, type[GenServer[Any]]] | None:
-        """Step an idle server now, or queue the call; the caller holds the answer
-        (``_status`` 1) or waits for it (0). None when the server's mailbox is full:
-        wait for room (``_wait_for_room``) and try again. Shared by ``call`` and the
-        endpoint."""
+    ) -> tuple[_TaskCaller, type[GenServer[Any]]]:
+        """Step an idle server now, or queue the call (behind the calls waiting for
+        room, if its mailbox is full); the caller holds the answer (``_status`` 1) or
+        waits for it (0). Shared by ``call`` and the endpoint."""
         sched = self._sched
         proc = sched.procs.get(name)
         if proc is None:
             raise sched._no_such(name)
-        if sched.mailbox_full(proc):
-            return None
         served_by = type(proc)
         if vsn is not None:
             request = self._adapt_request(proc, vsn, request)
@@ -175,36 +163,19 @@ class Node:
         if not proc._flags and proc._mbox is None:
             sched.step(proc, CALL, request, caller)
         else:
-            sched.enqueue(proc, (CALL, request, caller), force=True)
+            sched.enqueue_call(proc, (CALL, request, caller))
         return caller, served_by
 
-    async def _wait_for_room(self, name: str, deadline: float, timeout: float | None) -> None:
-        """Wait until server ``name``'s mailbox has room (or the server is gone)."""
-        lot = self._room.get(name)
-        if lot is None:
-            lot = self._room[name] = trio.lowlevel.ParkingLot()
-        self._sched.room_waiters.add(name)
-        with trio.move_on_at(deadline):
-            await lot.park()
-            return
-        raise CallTimeout(
-            f"server {name!r} kept a full mailbox for {timeout:g} s, so this call could "
-            f"not even be queued; the request was not sent. Slow the callers down, or "
-            f"raise the server's max_mailbox")
-
-    def _on_room(self, name: str) -> None:
-        lot = self._room.pop(name, None)
-        if lot is not None:
-            lot.unpark_all()  # each looks again; the ones that find it full wait again
-
-    async def _wait(self, caller: _TaskCaller, name: str, timeout: float | None,
-                    deadline: float | None = None) -> Any:
+    async def _wait(self, caller: _TaskCaller, name: str, timeout: float | None) -> Any:
         caller._task = trio.lowlevel.current_task()
-        if deadline is None:
-            deadline = trio.current_time() + (math.inf if timeout is None else timeout)
-        with trio.move_on_at(deadline) as scope:
+        with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
             return await trio.lowlevel.wait_task_rescheduled(caller._abort)
         if scope.cancelled_caught:
+            if self._sched.is_waiting(name, caller):  # dropped from the line: never sent
+                raise CallTimeout(
+                    f"server {name!r} kept a full mailbox for {timeout:g} s, so this call "
+                    f"never got into it; the request was not sent. Slow the callers down, "
+                    f"or raise the server's max_mailbox")
             raise CallTimeout(
                 f"server {name!r} did not reply within {timeout:g} s; the request may still "
                 f"be served, its reply will be dropped. Pass a larger timeout= if it is "
@@ -270,9 +241,10 @@ class Node:
 
         For a server: ``mailbox`` (queued messages), ``max_mailbox``, ``refused``
         (messages refused because its mailbox was full, counted per name across
-        restarts), ``restarts``, ``vsn``, ``step_timeout`` and ``status``. For the node:
-        ``servers``, ``supervisors``, ``run_queue``, ``timers``, ``queued`` (messages in
-        all mailboxes), ``refused`` (total) and ``refused_by_server``."""
+        restarts), ``waiting`` (calls waiting for room in its mailbox), ``restarts``,
+        ``vsn``, ``step_timeout`` and ``status``. For the node: ``servers``,
+        ``supervisors``, ``run_queue``, ``timers``, ``queued`` (messages in all
+        mailboxes), ``refused`` (total), ``refused_by_server`` and ``waiting``."""
         return self._sched.statistics(name)
 
     # -- supervisors -----------------------------------------------------------------

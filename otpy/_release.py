@@ -310,6 +310,9 @@ class Migration:
                 proc._sup.class_override.pop(m.name, None)
             else:
                 proc._sup.class_override[m.name] = to_cls
+        if self.sched.waiting:  # a new max_mailbox may make room for waiting calls
+            for m in self.moves:
+                self.sched.room_for(m.proc)
         self.handler.committed(self)
         self.sched.log.info("upgrade_committed", release=self.release.vsn,
                             downgrade=self.downgrade, servers=len(self.moves))

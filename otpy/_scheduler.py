@@ -134,9 +134,10 @@ class Scheduler:
         self.deferred: deque[Callable[[], None]] = deque()
         # Messages refused for a full mailbox, by server name (what statistics show).
         self.refused: dict[str, int] = {}
-        # Names whose callers wait for mailbox room; on_room(name) tells the edge.
-        self.room_waiters: set[str] = set()
-        self.on_room: Callable[[str], None] = lambda name: None
+        # Calls that found their server's mailbox full, in arrival order, by name:
+        # they join the mailbox as room appears (room_for). While a name has a line,
+        # its mailbox is full, so nothing that comes later can overtake them.
+        self.waiting: dict[str, deque[Message]] = {}
         self.log = log
         self.clock = clock
         self.wakeup = wakeup
@@ -296,10 +297,10 @@ class Scheduler:
             mb = proc._mbox
             if not mb:
                 proc._mbox = None
-                if self.room_waiters:
-                    self.room_for(proc)
                 return proc
             kind, payload, caller = mb.popleft()
+            if self.waiting:
+                self.room_for(proc)
             self.step(proc, kind, payload, caller)
             if proc._flags & DEAD:
                 new = self.procs.get(name)
@@ -341,7 +342,7 @@ class Scheduler:
                 elif not proc._flags & (NOT_STEPPABLE | SCHEDULED):
                     proc._flags |= SCHEDULED
                     runq.append(proc)
-            if self.room_waiters:
+            if self.waiting:
                 self.room_for(proc)
         return done
 
@@ -381,13 +382,39 @@ class Scheduler:
         mb = proc._mbox
         return mb is not None and len(mb) >= proc._max_mailbox
 
+    def enqueue_call(self, proc: GenServer[Any], msg: Message) -> None:
+        """Queue a call; to a full mailbox it waits in line for room (a call is never
+        refused: its caller waits, which is the back-pressure)."""
+        line = self.waiting.get(proc._name)
+        if line is None and not self.mailbox_full(proc):
+            self.enqueue(proc, msg)
+        elif line is None:
+            self.waiting[proc._name] = deque((msg,))
+        else:
+            line.append(msg)
+
     def room_for(self, proc: GenServer[Any]) -> None:
-        """Tell the callers waiting for room in ``proc``'s mailbox that there is some
-        (or that the server is gone: they look the name up again)."""
+        """Move the calls waiting for room in ``proc``'s mailbox into it, in order, as
+        far as there is room; those whose callers gave up are dropped unserved."""
         name = proc._name
-        if name in self.room_waiters and (proc._flags & DEAD or not self.mailbox_full(proc)):
-            self.room_waiters.discard(name)
-            self.on_room(name)
+        line = self.waiting.get(name)
+        if line is None or proc._flags & DEAD:
+            return
+        mb = proc._mbox
+        room = proc._max_mailbox - (len(mb) if mb else 0)
+        while line and room > 0:
+            msg = line.popleft()
+            caller = msg[2]
+            if caller is not None and caller._status != 0:
+                continue  # it timed out waiting: never sent, as its error says
+            self.enqueue(proc, msg, force=True)
+            room -= 1
+        if not line:
+            del self.waiting[name]
+
+    def is_waiting(self, name: str, caller: Caller) -> bool:
+        """Whether ``caller``'s call still waits for room in ``name``'s mailbox."""
+        return any(msg[2] is caller for msg in self.waiting.get(name, ()))
 
     def schedule(self, proc: GenServer[Any]) -> None:
         """Put a server with queued messages on the run queue, once. A busy server is
@@ -554,8 +581,10 @@ class Scheduler:
             else:
                 stash.extend(proc._mbox)
         proc._mbox = None
-        if self.room_waiters:
-            self.room_for(proc)
+        line = self.waiting.pop(proc._name, None)
+        if line:  # calls waiting for room go with the mailbox, after it
+            stash = self._stash.setdefault(proc._name, deque())
+            stash.extend(line)
 
     def terminate_server(
         self, proc: GenServer[Any], reason: Any, grace: float | None = None
@@ -667,7 +696,8 @@ class Scheduler:
             flags = proc._flags
             return {
                 "mailbox": len(proc._mbox or ()), "max_mailbox": proc._max_mailbox,
-                "refused": self.refused.get(name, 0), "restarts": proc._restarts,
+                "refused": self.refused.get(name, 0),
+                "waiting": len(self.waiting.get(name, ())), "restarts": proc._restarts,
                 "vsn": type(proc).vsn, "step_timeout": budget_of(proc),
                 "status": ("suspended" if flags & SUSPENDED else
                            "running" if flags & BUSY else "idle"),
@@ -678,6 +708,7 @@ class Scheduler:
             "queued": sum(len(p._mbox) for p in self.procs.values() if p._mbox),
             "refused": sum(self.refused.values()),
             "refused_by_server": dict(self.refused),
+            "waiting": sum(len(line) for line in self.waiting.values()),
         }
 
     def set_fatal(self, exc: BaseException) -> None:

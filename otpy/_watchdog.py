@@ -59,11 +59,21 @@ SIGNAL: int | None = (getattr(signal, "SIGRTMIN", None) or getattr(signal, "SIGU
                       if hasattr(signal, "pthread_kill") else None)
 
 _dogs: list[Watchdog] = []  # running watchdogs (all on the main thread)
-_previous: Any = None  # the handler we replaced, restored when the last dog stops
 
 
 def _internal(code: CodeType) -> bool:
     return code.co_filename.startswith(_OTPY)
+
+
+def _is_callback(frame: FrameType, runner: FrameType) -> bool:
+    """Whether ``frame`` is the callback that ``runner`` (a frame of one of _RUNNERS)
+    called: a method of the server's class, not a helper the runner calls itself
+    (a logger, a user's ``__repr__`` of a crash reason)."""
+    proc = runner.f_locals.get("proc")
+    if proc is None:
+        return False
+    method = getattr(type(proc), frame.f_code.co_name, None)
+    return getattr(method, "__code__", None) is frame.f_code
 
 
 def _callback_frames(frame: FrameType | None) -> list[FrameType]:
@@ -72,7 +82,7 @@ def _callback_frames(frame: FrameType | None) -> list[FrameType]:
     found = []
     while frame is not None:
         back = frame.f_back
-        if back is not None and back.f_code in _RUNNERS and not _internal(frame.f_code):
+        if back is not None and back.f_code in _RUNNERS and _is_callback(frame, back):
             found.append(frame)
         frame = back
     return found
@@ -107,11 +117,12 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.target: FrameType | None = None  # the overrunning callback, while signalled
+        self.fired: FrameType | None = None  # the callback just interrupted
         self.budget = 0.0
 
     def start(self) -> bool:
-        """Start watching the calling (node) thread; False if it is not the main one."""
-        global _previous
+        """Start watching the calling (node) thread; False where it cannot (the signal
+        is missing or taken, or this is not the main thread)."""
         if SIGNAL is None:
             self.sched.log.warning(
                 "watchdog_unavailable", reason="this platform cannot signal a thread "
@@ -123,7 +134,14 @@ class Watchdog:
                 "and Python runs signal handlers only there; step_timeout is not enforced")
             return False
         if not _dogs:
-            _previous = signal.signal(SIGNAL, _on_signal)
+            current = signal.getsignal(SIGNAL)
+            if current not in (signal.SIG_DFL, None, _on_signal):
+                self.sched.log.warning(
+                    "watchdog_unavailable", reason=f"signal {SIGNAL} has a handler of the "
+                    f"application's ({current!r}), which otpy will not replace; "
+                    f"step_timeout is not enforced")
+                return False
+            signal.signal(SIGNAL, _on_signal)
         _dogs.append(self)
         self._tid = threading.get_ident()
         self._thread = threading.Thread(target=self._watch, name="otpy-watchdog",
@@ -132,7 +150,6 @@ class Watchdog:
         return True
 
     def stop(self) -> None:
-        global _previous
         if self._thread is None:
             return
         self._stop.set()
@@ -140,9 +157,9 @@ class Watchdog:
         self._thread = None
         self.target = None
         _dogs.remove(self)
-        if not _dogs and SIGNAL is not None:
-            signal.signal(SIGNAL, _previous if _previous is not None else signal.SIG_DFL)
-            _previous = None
+        # Put the default back, unless the application took the signal meanwhile.
+        if not _dogs and SIGNAL is not None and signal.getsignal(SIGNAL) is _on_signal:
+            signal.signal(SIGNAL, signal.SIG_DFL)
 
     def _watch(self) -> None:
         since: dict[FrameType, float] = {}  # when each callback on the stack was first seen
@@ -152,6 +169,12 @@ class Watchdog:
             frames = _callback_frames(sys._current_frames().get(tid))
             now = time.monotonic()
             since = {f: since.get(f, now) for f in frames}
+            fired, self.fired = self.fired, None
+            if fired is not None and fired in since:
+                # Interrupted and unwinding: its finally blocks get a budget of their own
+                # before they are cut short too.
+                since[fired] = now
+            del fired
             self.target = self._culprit(frames, since, now)
             if self.target is not None:
                 # Signalled again each interval until the handler finds the node thread
@@ -184,16 +207,17 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
         while callback is not None and not _internal(callback.f_code):
             back = callback.f_back
             if back is not None and back.f_code in _RUNNERS:
-                break
+                if _is_callback(callback, back):
+                    break
+                return  # a helper otpy called, not the callback: try again later
             callback = back
         else:
             return  # in otpy's own code (or outside any callback): try again later
         if callback is not target:
             continue  # in a server it called inline, or the callback ended: try again
         dog.target = None
+        dog.fired = target
         raise Overrun(_timeout(callback, frame, dog.budget))
-    if callable(_previous):
-        _previous(signum, frame)
 
 
 def _timeout(callback: FrameType, frame: FrameType | None, budget: float) -> StepTimeout:

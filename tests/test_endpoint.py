@@ -14,6 +14,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -804,3 +805,34 @@ async def test_client_resetting_while_replies_are_written_is_logged_as_vanished(
             assert (1, 1, None, "ok") == await r.call(1, "echo", ("echo", "ok"))
     assert events(logs, "wire_client_vanished")
     assert not events(logs, "wire_connection_failed")
+
+
+async def test_a_batch_received_before_the_peer_reset_is_served_to_its_end() -> None:
+    """A client that sends 40 calls and a cast, then resets the connection: writing the
+    first replies fails, yet every message received is served, as in process."""
+    class Log(otpy.GenServer[list[Any]]):
+        vsn = "1"
+
+        def init(self, arg: Any) -> list[Any]:
+            return []
+
+        def handle_call(self, request: Any, caller: otpy.Caller, state: list[Any]) -> Any:
+            return otpy.Reply(request, [*state, request])
+
+        def handle_cast(self, message: Any, state: list[Any]) -> list[Any]:
+            return [*state, message]
+
+    async with otpy.open_node(otpy.Supervisor([otpy.Child("s", Log)]),
+                              listen=("127.0.0.1", 0)) as n:
+        assert n.address is not None
+        sock = socket.create_connection(n.address)
+        await trio.sleep(0.05)  # accepted: its reader waits for bytes
+        batch = b"".join(msgpack.packb([0, i, "call", ["s", i]]) for i in range(40))
+        sock.sendall(batch + msgpack.packb([2, "cast", ["s", "last"]]))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, before the node has read a byte (the loop is held)
+        time.sleep(0.05)
+        with trio.fail_after(5):
+            while len(n.get_state("s")) < 41:
+                await trio.sleep(0.01)
+        assert [*range(40), "last"] == n.get_state("s")

@@ -99,7 +99,7 @@ async def test_call_to_a_full_mailbox_times_out(
 
 async def test_call_waiting_for_room_learns_that_the_server_is_gone() -> None:
     """A call waiting for room in the mailbox of a server that is then stopped (and
-    not restarted) gets NoSuchServer at once."""
+    not restarted) fails at once with ServerStopped, as the queued calls do."""
     async with node_of(otpy.Child("s", Log, restart="temporary"), otpy.Child("t", Log)) \
             as node:
         node.suspend("s")
@@ -118,7 +118,7 @@ async def test_call_waiting_for_room_learns_that_the_server_is_gone() -> None:
             await trio.testing.wait_all_tasks_blocked()
             await node.terminate_child("root", "s")
         [error] = errors
-        assert isinstance(error, otpy.NoSuchServer)
+        assert isinstance(error, otpy.ServerStopped)
 
 
 async def test_timers_and_task_results_are_never_refused(
@@ -202,3 +202,48 @@ async def test_call_over_the_wire_waits_for_room_and_cast_is_refused() -> None:
             assert ["ok"] == replies
         assert 1 == node.statistics("s")["refused"]
         assert ("call", "remote") == (await node.call("s", "log"))[-1]
+
+
+async def test_calls_waiting_for_room_are_served_in_the_order_sent() -> None:
+    """Twenty calls pipelined on one connection to a full mailbox wait in line and are
+    served in the order sent; a cast sent after them is refused, not let ahead."""
+    async with otpy.open_node(otpy.Supervisor([otpy.Child("s", Log, max_mailbox=2)]),
+                              listen=("127.0.0.1", 0)) as node:
+        assert node.address is not None
+        node.suspend("s")
+        node.cast("s", "pre0")
+        node.cast("s", "pre1")
+        async with otpy.connect(*node.address) as client, trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(client.call, "s", i)
+                await trio.testing.wait_all_tasks_blocked()
+            assert 20 == node.statistics("s")["waiting"]
+            with pytest.raises(otpy.MailboxFull):
+                await client.request("cast", "s", "late")
+            node.resume("s")
+        log = await node.call("s", "log")
+        assert [("cast", "pre0"), ("cast", "pre1"), *(("call", i) for i in range(20))] == log
+
+
+class Roomy(Log):
+    vsn = "2"
+    max_mailbox = 100
+
+
+async def test_an_upgrade_that_raises_max_mailbox_lets_waiting_calls_in() -> None:
+    """Calls waiting for room move into the mailbox as soon as an upgrade makes room,
+    ahead of anything sent after them."""
+    async with node_of(otpy.Child("s", Log)) as node:
+        node.suspend("s")
+        for i in range(10):
+            node.cast("s", i)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.call, "s", "waited")
+            await trio.testing.wait_all_tasks_blocked()
+            await node.upgrade(otpy.Release("2", [otpy.Update(Log, Roomy)]))
+            assert (11, 0) == (node.statistics("s")["mailbox"],
+                               node.statistics("s")["waiting"])
+            node.cast("s", "after")
+            node.resume("s")
+        log = await node.call("s", "log")
+        assert [("call", "waited"), ("cast", "after")] == log[-2:]

@@ -240,3 +240,73 @@ def test_a_node_off_the_main_thread_runs_without_the_watchdog(logs: list[Any]) -
     assert [1] == results
     [event] = [e for e in logs if e["event"] == "watchdog_unavailable"]
     assert "main thread" in event["reason"]
+
+
+class SlowCleanup(Spinner):
+    def handle_call(self, request: Any, caller: otpy.Caller, state: int) -> Any:
+        try:
+            while True:
+                sum(range(10))
+        finally:
+            time.sleep(BUDGET / 2)  # cleanup well within a budget of its own
+            CLEANED.append(request)
+
+
+CLEANED: list[Any] = []
+
+
+async def test_an_interrupted_callback_finishes_its_cleanup() -> None:
+    """The finally block of an interrupted callback runs, with a budget of its own."""
+    CLEANED.clear()
+    async with otpy.open_node(otpy.Supervisor([otpy.Child("c", SlowCleanup)])) as node:
+        with pytest.raises(otpy.ServerCrashed):
+            await node.call("c", "go")
+    assert ["go"] == CLEANED
+
+
+class SlowToDie(Spinner):
+    def handle_cast(self, message: Any, state: int) -> Any:
+        return otpy.Stop(SlowReason(), state)
+
+    def terminate(self, reason: Any, state: int) -> None:
+        raise ValueError("terminate fails, so otpy logs the reason's repr")
+
+
+class SlowReason(Exception):
+    def __repr__(self) -> str:  # called by otpy to log the stop, outside any callback
+        time.sleep(4 * BUDGET)
+        return "SlowReason()"
+
+
+async def test_code_otpy_runs_around_a_callback_is_never_interrupted() -> None:
+    """A slow __repr__ of a stop reason, called by otpy itself to log a failed
+    terminate, is not taken for an overrunning callback: the server stops and restarts
+    cleanly."""
+    async with otpy.open_node(otpy.Supervisor([otpy.Child("d", SlowToDie)])) as node:
+        node.cast("d", "stop")
+        assert 1 == restarts(node, "d")
+        assert 1 == await node.call("d", "count")
+
+
+async def test_an_applications_handler_of_the_signal_is_left_alone(
+        logs: list[Any]) -> None:
+    """If the application already handles the watchdog's signal, otpy does not take
+    it: the watchdog stays off and says so, and the handler is still there after."""
+    import signal
+
+    from otpy._watchdog import SIGNAL
+
+    assert SIGNAL is not None
+
+    def mine(signum: int, frame: Any) -> None:
+        pass  # pragma: no cover - never sent
+
+    previous = signal.signal(SIGNAL, mine)
+    try:
+        async with otpy.open_node(tree()) as node:
+            assert 1 == await node.call("spin", "count")
+        assert mine is signal.getsignal(SIGNAL)
+    finally:
+        signal.signal(SIGNAL, previous)
+    [event] = [e for e in logs if e["event"] == "watchdog_unavailable"]
+    assert "will not replace" in event["reason"]

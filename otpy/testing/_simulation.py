@@ -115,8 +115,8 @@ class Client:
     ``done`` says whether its generator has returned; ``result`` is what it returned.
     A client that raises stops the simulation: :meth:`Simulation.run` raises the error."""
 
-    __slots__ = ("_caller", "_gen", "_retry", "_send", "_status", "_target", "_throw", "_wake",
-                 "done", "name", "result")
+    __slots__ = ("_caller", "_gen", "_send", "_status", "_target", "_throw", "_wake", "done",
+                 "name", "result")
 
     def __init__(self, name: str, gen: Generator[Any, Any, Any]) -> None:
         self.name = name
@@ -129,7 +129,6 @@ class Client:
         self._wake: float | None = None  # end of a sleep, or a call's deadline
         self._caller: _SimCaller | None = None
         self._target: tuple[str, float | None] = ("", None)  # the call it waits for
-        self._retry: Call | None = None  # a call waiting for room in a full mailbox
 
     def __repr__(self) -> str:
         return f"<simulated client {self.name!r}{' done' if self.done else ''}>"
@@ -139,7 +138,6 @@ class Client:
         self._send, self._throw = value, error
         self._wake = None
         self._caller = None
-        self._retry = None
 
 
 class _SimCaller(InlineCaller):
@@ -382,7 +380,6 @@ class Simulation:
         sched = self._sched = _SimScheduler(log=_SimLog(self), clock=lambda: self._now,
                                             spawn=self._spawn)
         sched.sim = self
-        sched.on_room = self._room
         self._releases = ReleaseHandler(sched)
         self._root = sched.root = SupervisorRuntime(root, sched, None)
         self._line("sim", f"start tree {root.name!r}, seed {_seed_text(seed)}")
@@ -440,11 +437,6 @@ class Simulation:
         client._ready(caller.value if caller.error is None else None, caller.error)
 
     def _resume(self, client: Client) -> None:
-        if client._retry is not None and client._status == _READY:
-            op, client._retry = client._retry, None
-            self._line(client.name, f"room in {op.name}'s mailbox: call again")
-            self._do(client, op, again=True)
-            return
         send, throw = client._send, client._throw
         client._send = client._throw = None
         self._depth = 0
@@ -472,32 +464,25 @@ class Simulation:
         finally:
             self._depth = 0
 
-    def _do(self, client: Client, op: Any, again: bool = False) -> None:
+    def _do(self, client: Client, op: Any) -> None:
         sched = self._sched
         t = type(op)
         if t is Call:
-            if not again:
-                self._line_at(0, client.name, f"call {op.name} {_text(op.request)}")
-                client._target = (op.name, op.timeout)
-                client._wake = None if op.timeout is None else self._now + op.timeout
+            self._line_at(0, client.name, f"call {op.name} {_text(op.request)}")
             proc = sched.procs.get(op.name)
             if proc is None:
                 client._ready(error=sched._no_such(op.name))
                 return
-            if sched.mailbox_full(proc):
-                # As Node.call: wait for room (within the call's timeout), then retry.
-                self._line_at(0, client.name, f"wait for room in {op.name}'s mailbox")
-                client._status, client._caller, client._retry = _WAITING, None, op
-                sched.room_waiters.add(op.name)
-                return
             caller = _SimCaller(self, client)
             client._status, client._caller = _WAITING, caller
+            client._target = (op.name, op.timeout)
+            client._wake = None if op.timeout is None else self._now + op.timeout
             # As Node._start_call: an idle server answers within this step (and the
             # answer resumes the client through _answered).
             if not proc._flags and proc._mbox is None:
                 sched.step(proc, CALL, op.request, caller)
             else:
-                sched.enqueue(proc, (CALL, op.request, caller), force=True)
+                sched.enqueue_call(proc, (CALL, op.request, caller))
         elif t is Cast:
             what = "send" if op.info else "cast"
             self._line_at(0, client.name, f"{what} {op.name} {_text(op.message)}")
@@ -642,17 +627,14 @@ class Simulation:
             if client._wake is not None and client._wake <= now:
                 if client._status == _SLEEPING:
                     client._ready()
-                elif client._status == _WAITING and client._retry is not None:
-                    name, timeout = client._target
-                    client._ready(error=CallTimeout(
-                        f"server {name!r} kept a full mailbox for {timeout:g} s (virtual "
-                        f"time), so this call could not even be queued; the request was "
-                        f"not sent"))
                 elif client._status == _WAITING and client._caller is not None:
                     caller = client._caller
                     caller._status = 2  # gave up: a late reply is dropped
                     name, timeout = client._target
                     client._ready(error=CallTimeout(
+                        f"server {name!r} kept a full mailbox for {timeout:g} s (virtual "
+                        f"time), so this call never got into it; the request was not sent"
+                        if sched.is_waiting(name, caller) else
                         f"server {name!r} did not reply within {timeout:g} s (virtual "
                         f"time); the request may still be served, its reply will be "
                         f"dropped. Pass a larger timeout= if it is expected to take longer"))
@@ -691,16 +673,8 @@ class Simulation:
         sched.step(proc, kind, payload, caller)
         if proc._mbox is mb and not mb:
             proc._mbox = None
-        if sched.room_waiters:
+        if sched.waiting:
             sched.room_for(proc)
-
-    def _room(self, name: str) -> None:
-        """The scheduler's on_room: the calls waiting for room in ``name``'s mailbox
-        (or for news that it is gone) try again, when the seed picks them."""
-        for client in self._clients:
-            retry = client._retry
-            if retry is not None and retry.name == name and client._status == _WAITING:
-                client._status = _READY  # keeps its deadline (_wake) for the retry
 
     # -- timers ----------------------------------------------------------------------
 
