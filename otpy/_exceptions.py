@@ -18,8 +18,13 @@ the built-in exception a Python user would already catch for that situation::
     ├── SupervisorError (ValueError)          a bad child spec, id or supervisor call
     ├── UpgradeFailed                         a release upgrade changed nothing (why inside)
     ├── BadRequest (ValueError)               a request over the network had the wrong shape
-    └── RemoteError                           a node answered a client with an error
-        └── RemoteError[kind]                 ... also the local error named kind, if any
+    ├── RemoteError                           a node answered a client with an error
+    │   └── RemoteError[kind]                 ... also the local error named kind, if any
+    └── otpy.testing.SimulationError          a simulation cannot go on (RuntimeError)
+
+Plus one error the user's code never catches: the watchdog interrupts a runaway
+callback with a private ``BaseException`` (as trio cancels with ``trio.Cancelled``),
+which otpy turns into the server's crash with :class:`StepTimeout` as the reason.
 
 A client of a node's endpoint (``otpy.connect``) raises ``RemoteError``; when its kind
 names one of the errors above it is also that error, so ``except otpy.NoSuchServer``
