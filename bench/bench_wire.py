@@ -9,7 +9,8 @@ Three loads, each against otpy's endpoint and against the echo server:
 
 The servers run here, on one trio loop; the load comes from a separate process (plain
 sockets and a selector, so the client costs as little as it can) and counts replies
-by bytes: every reply has the same size. Loads alternate, several rounds, best kept.
+by bytes: every reply has the same size. Loads alternate, several rounds: the best
+of each is kept, and the otpy/echo ratio of each round is reported too (paired).
 The goal of issue #5 is ``pipelined`` at >= 50% of the echo's rate.
 
     python bench/bench_wire.py            # JSON lines, about 20 s
@@ -21,6 +22,7 @@ import functools
 import json
 import selectors
 import socket
+import statistics
 import sys
 import time
 from typing import Any
@@ -34,7 +36,7 @@ import otpy
 MODES = {"sequential": (1, 1), "pipelined": (1, 64), "connections": (16, 1)}
 SECONDS = 1.2
 WARMUP = 0.3
-ROUNDS = 2
+ROUNDS = 3
 PAYLOAD = "x" * 40
 # Ids 128..255 all pack in two bytes, so every request and reply has the same size.
 REQUEST = msgpack.packb([0, 200, "call", ["echo", PAYLOAD]])
@@ -121,12 +123,15 @@ async def main() -> None:
             functools.partial(trio.serve_tcp, echo_handler, 0, host="127.0.0.1"))
         echo_port = listener.socket.getsockname()[1]
         best: dict[tuple[str, str], float] = {}
+        paired: dict[str, list[float]] = {mode: [] for mode in MODES}
         for _ in range(ROUNDS):
             for mode in MODES:
+                rates = {}
                 for server, port, reply in (("otpy", node.address[1], len(REPLY)),
                                             ("echo", echo_port, len(REQUEST))):
-                    rate = await measure(port, mode, len(REQUEST), reply)
+                    rate = rates[server] = await measure(port, mode, len(REQUEST), reply)
                     best[server, mode] = max(best.get((server, mode), 0.0), rate)
+                paired[mode].append(rates["otpy"] / rates["echo"])
         for mode in MODES:
             for server in ("otpy", "echo"):
                 emit(f"wire_{mode}_{server}", round(best[server, mode]), "requests/s",
@@ -134,7 +139,9 @@ async def main() -> None:
                      connections=MODES[mode][0], in_flight=MODES[mode][1],
                      best_of=ROUNDS, seconds=SECONDS)
             emit(f"wire_{mode}_ratio", round(best["otpy", mode] / best["echo", mode], 3),
-                 "otpy/echo", goal=0.5 if mode == "pipelined" else None)
+                 "otpy/echo", goal=0.5 if mode == "pipelined" else None,
+                 paired=[round(r, 3) for r in paired[mode]],
+                 paired_median=round(statistics.median(paired[mode]), 3))
         emit("wire_info", 0, "", **python_info())
         nursery.cancel_scope.cancel()
 

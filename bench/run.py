@@ -166,9 +166,13 @@ def table(r: dict[str, dict[str, Any]]) -> list[Row]:
                        ("connections", "16 connections")):
         row(f"wire: {what}", f"wire_{mode}_otpy", rate, "(report)", None)
         row("  ... bare trio echo, same run", f"wire_{mode}_echo", rate, "-", None)
-        row("  ... otpy / echo", f"wire_{mode}_ratio", ratio,
+        row("  ... otpy / echo (best over best)", f"wire_{mode}_ratio", ratio,
             ">= 0.50x" if mode == "pipelined" else "(report)",
             (lambda v: v >= 0.5) if mode == "pipelined" else None)
+        pairs = r.get(f"wire_{mode}_ratio", {}).get("paired", [])
+        if pairs:
+            rows.append(("  ... each round's pair", " ".join(f"{p:.2f}" for p in pairs),
+                         "(info)", "", "", ""))
     row("step watchdog: node.call on/off", "watchdog_call_ratio", ratio, "(info: ~1.0)",
         None)
     row("  ... node.cast on/off", "watchdog_cast_ratio", ratio, "(info: ~1.0)", None)
