@@ -20,7 +20,7 @@ import structlog
 import trio
 
 from ._exceptions import CallTimeout, OtpyError, SupervisorError
-from ._release import Planner, Release, ReleaseHandler, ReleaseInfo
+from ._release import Migration, Planner, Release, ReleaseHandler, ReleaseInfo
 from ._scheduler import CALL, CAST, INFO, Scheduler, TaskRef
 from ._server import Caller, GenServer, TaskDone, TaskFailed
 from ._supervisor import (
@@ -325,7 +325,7 @@ class Node:
         except BaseException:
             migration.abort()
             raise
-        return migration.finish()
+        return _commit(migration)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -411,6 +411,14 @@ class Node:
                     root.shutdown("shutdown")
         finally:
             self._watchdog.stop()
+
+
+@trio.lowlevel.enable_ki_protection
+def _commit(migration: Migration) -> dict[str, Any]:
+    """The commit, shielded from Ctrl-C: trio delivers a KeyboardInterrupt that
+    arrives meanwhile at the next checkpoint, so it never leaves a release half
+    swapped."""
+    return migration.finish()
 
 
 @contextmanager

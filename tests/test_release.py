@@ -406,3 +406,34 @@ async def test_a_restart_while_a_large_release_is_planned_rolls_it_back() -> Non
         assert {"1"} == {node.vsn_of(f"c{i}") for i in range(3000)}
         assert 2 == node.get_state("c0")
         assert [] == node.releases()
+
+
+PROTECTED: list[bool] = []
+
+
+class WatchfulV2(CounterV2):
+    """Records, for each migration of c0, whether Ctrl-C was held off meanwhile."""
+
+    vsn = "2w"
+
+    def code_change(self, old_vsn: Any, state: Any, extra: Any) -> Any:
+        if self.name == "c0":
+            PROTECTED.append(trio.lowlevel.currently_ki_protected())
+        return super().code_change(old_vsn, state, extra)
+
+
+async def test_the_commit_is_shielded_from_keyboard_interrupt() -> None:
+    """A Ctrl-C during the commit waits for the next checkpoint, so it can never
+    leave a release half swapped: the commit (here re-migrating a server that was
+    called during the migration) runs KI-protected; the chunked migration does not."""
+    PROTECTED.clear()
+    async with otpy.open_node(counters(2000)) as node:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.upgrade, otpy.Release("2w", [
+                otpy.Update(CounterV1, WatchfulV2)]))
+            await trio.sleep(0)
+            while not PROTECTED:  # c0 has been migrated: now make it stale
+                await trio.sleep(0)
+            await incr(node, "c0", 1)
+        assert [False, True] == PROTECTED
+        assert (1, 1) == node.get_state("c0")
