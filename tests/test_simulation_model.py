@@ -201,7 +201,9 @@ def check_run(
     releases: list[tuple[str, float]], faults: list[tuple[Any, ...]],
 ) -> None:
     env = Env()
-    root = otpy.Supervisor([otpy.Child(name, MV1, env) for name in NAMES],
+    # A mailbox of one: concurrent calls often wait in line for room, so the model
+    # also checks that line across crashes, restarts and releases.
+    root = otpy.Supervisor([otpy.Child(name, MV1, env, max_mailbox=1) for name in NAMES],
                            max_restarts=1000)
     sim = ot.Simulation(root, seed=seed)
     crash_steps: set[tuple[str, int]] = set()
