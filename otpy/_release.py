@@ -310,9 +310,12 @@ class Migration:
                 proc._sup.class_override.pop(m.name, None)
             else:
                 proc._sup.class_override[m.name] = to_cls
-        if self.sched.waiting:  # a new max_mailbox may make room for waiting calls
-            for m in self.moves:
-                self.sched.room_for(m.proc)
+        # A new max_mailbox may make room for calls waiting in line (few names, if
+        # any: a server without a line or still full is left as it is).
+        for name in list(self.sched.waiting):
+            waiter = procs.get(name)
+            if waiter is not None:
+                self.sched.room_for(waiter)
         self.handler.committed(self)
         self.sched.log.info("upgrade_committed", release=self.release.vsn,
                             downgrade=self.downgrade, servers=len(self.moves))
@@ -358,7 +361,7 @@ class Planner:
         return True
 
     def finish(self) -> Migration:
-        while not self.plan(1 << 30):
+        while not self.plan(1 << 20):  # whatever is left (all of it, one-shot)
             pass
         failures = self.failures
         if failures:

@@ -4,11 +4,12 @@ Every server of a node runs on one thread, so a callback that never returns woul
 them all. Erlang preempts; otpy watches instead, at no cost to a step:
 
 - A watcher thread samples the node thread's stack every few milliseconds
-  (``sys._current_frames``) and finds the outermost *callback frame*: a frame of user
-  code called directly by one of the places that run callbacks (``Scheduler.step``,
-  ``start_server``, ``terminate_server``, ``Migration._migrate_one``). The same frame
-  object seen for longer than its server's budget is an overrun. A step writes
-  nothing for this: the stack is the record.
+  (``sys._current_frames``) and finds the *callback frames* on it: frames of a method
+  of the server's class called directly by one of the places that run callbacks
+  (``Scheduler.step``, ``start_server``, ``terminate_server``,
+  ``Migration._migrate_one``), not of the helpers those call (a logger). The innermost
+  one seen for longer than its server's budget is the overrun. A step writes nothing
+  for this: the stack is the record.
 - The thread then signals the node thread (``pthread_kill``). The signal handler runs
   there, between two bytecodes, and raises :class:`Overrun` only if the interrupted
   code is user code inside that callback, never in otpy's own frames (a cast being
@@ -23,7 +24,8 @@ What it cannot interrupt: a call into C that does not return to the interpreter 
 blocking C function that does not check for signals, a huge regex, a long
 ``sum(range(10**12))``-style builtin). ``time.sleep`` and blocking socket reads are
 interrupted. The node must run on the main thread (Python runs signal handlers only
-there); elsewhere the watchdog is off and says so in a ``watchdog_unavailable`` event.
+there), on a platform that can signal a thread, with the signal free; otherwise the
+watchdog is off and says why in a ``watchdog_unavailable`` event.
 """
 
 from __future__ import annotations
@@ -105,6 +107,20 @@ def _min_budget(spec: Supervisor) -> float:
     return out
 
 
+def _unavailable() -> str:
+    """Why the watchdog cannot run on this thread, or "" if it can."""
+    if SIGNAL is None:
+        return "this platform cannot signal a thread (signal.pthread_kill)"
+    if threading.current_thread() is not threading.main_thread():
+        return ("the node does not run on the main thread, and Python runs signal "
+                "handlers only there")
+    current = signal.getsignal(SIGNAL)
+    if current not in (signal.SIG_DFL, None, _on_signal):
+        return (f"signal {SIGNAL} has a handler of the application's ({current!r}), "
+                f"which otpy will not replace")
+    return ""
+
+
 class Watchdog:
     """Watches one node's thread for callbacks that overrun (see the module doc)."""
 
@@ -123,24 +139,13 @@ class Watchdog:
     def start(self) -> bool:
         """Start watching the calling (node) thread; False where it cannot (the signal
         is missing or taken, or this is not the main thread)."""
-        if SIGNAL is None:
-            self.sched.log.warning(
-                "watchdog_unavailable", reason="this platform cannot signal a thread "
-                "(signal.pthread_kill); step_timeout is not enforced")
-            return False
-        if threading.current_thread() is not threading.main_thread():
-            self.sched.log.warning(
-                "watchdog_unavailable", reason="the node does not run on the main thread, "
-                "and Python runs signal handlers only there; step_timeout is not enforced")
+        why = _unavailable()
+        if why:
+            self.sched.log.warning("watchdog_unavailable",
+                                   reason=f"{why}; step_timeout is not enforced")
             return False
         if not _dogs:
-            current = signal.getsignal(SIGNAL)
-            if current not in (signal.SIG_DFL, None, _on_signal):
-                self.sched.log.warning(
-                    "watchdog_unavailable", reason=f"signal {SIGNAL} has a handler of the "
-                    f"application's ({current!r}), which otpy will not replace; "
-                    f"step_timeout is not enforced")
-                return False
+            assert SIGNAL is not None  # _unavailable checked
             signal.signal(SIGNAL, _on_signal)
         _dogs.append(self)
         self._tid = threading.get_ident()
