@@ -38,6 +38,13 @@ class Log(otpy.GenServer[list[Any]]):
         return [*state, ("info", message)]
 
 
+def hold_full(node: otpy.Node) -> None:
+    """Suspend server "s" and fill its mailbox (max_mailbox 10) with casts 0..9."""
+    node.suspend("s")
+    for i in range(10):
+        node.cast("s", i)
+
+
 def node_of(*children: otpy.Child) -> Any:
     return otpy.open_node(otpy.Supervisor(list(children)))
 
@@ -66,9 +73,7 @@ async def test_call_waits_for_room_and_is_served_in_turn() -> None:
     """A call to a full mailbox is not refused: it waits until there is room, then
     queues behind the messages already there."""
     async with node_of(otpy.Child("s", Log)) as node:
-        node.suspend("s")
-        for i in range(10):
-            node.cast("s", i)
+        hold_full(node)
         replies: list[Any] = []
         async with trio.open_nursery() as nursery:
             async def call() -> None:
@@ -89,9 +94,7 @@ async def test_call_to_a_full_mailbox_times_out(
         autojump_clock: trio.testing.MockClock) -> None:
     """A call that finds no room within its timeout raises CallTimeout saying so."""
     async with node_of(otpy.Child("s", Log)) as node:
-        node.suspend("s")
-        for i in range(10):
-            node.cast("s", i)
+        hold_full(node)
         with pytest.raises(otpy.CallTimeout, match="full mailbox"):
             await node.call("s", "x", timeout=2.0)
         assert 10 == node.statistics("s")["mailbox"]
@@ -102,9 +105,7 @@ async def test_call_waiting_for_room_learns_that_the_server_is_gone() -> None:
     not restarted) fails at once with ServerStopped, as the queued calls do."""
     async with node_of(otpy.Child("s", Log, restart="temporary"), otpy.Child("t", Log)) \
             as node:
-        node.suspend("s")
-        for i in range(10):
-            node.cast("s", i)
+        hold_full(node)
         errors: list[BaseException] = []
 
         async def call() -> None:
@@ -128,9 +129,7 @@ async def test_timers_and_task_results_are_never_refused(
     async with node_of(otpy.Child("s", Log)) as node:
         await node.call("s", "timer")
         await node.call("s", "task")
-        node.suspend("s")
-        for i in range(10):
-            node.cast("s", i)
+        hold_full(node)
         await trio.sleep(2.0)
         assert 12 == node.statistics("s")["mailbox"]
         assert 0 == node.statistics("s")["refused"]
@@ -184,9 +183,7 @@ async def test_call_over_the_wire_waits_for_room_and_cast_is_refused() -> None:
     root = otpy.Supervisor([otpy.Child("s", Log)])
     async with otpy.open_node(root, listen=("127.0.0.1", 0)) as node:
         assert node.address is not None
-        node.suspend("s")
-        for i in range(10):
-            node.cast("s", i)
+        hold_full(node)
         async with otpy.connect(*node.address) as client:
             with pytest.raises(otpy.MailboxFull):
                 await client.request("cast", "s", 10)
@@ -234,9 +231,7 @@ async def test_an_upgrade_that_raises_max_mailbox_lets_waiting_calls_in() -> Non
     """Calls waiting for room move into the mailbox as soon as an upgrade makes room,
     ahead of anything sent after them."""
     async with node_of(otpy.Child("s", Log)) as node:
-        node.suspend("s")
-        for i in range(10):
-            node.cast("s", i)
+        hold_full(node)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(node.call, "s", "waited")
             await trio.testing.wait_all_tasks_blocked()
