@@ -6,7 +6,25 @@ them; releases upgrade them live. See README.md and docs/ for a tour.
 
 from ._client import Client as Client
 from ._client import connect as connect
-from ._endpoint import EndpointLimits as EndpointLimits
+from ._core.release import Down as Down
+from ._core.release import Release as Release
+from ._core.release import ReleaseInfo as ReleaseInfo
+from ._core.release import Update as Update
+from ._core.scheduler import TaskRef as TaskRef
+from ._core.scheduler import TimerRef as TimerRef
+from ._core.server import Caller as Caller
+from ._core.server import GenServer as GenServer
+from ._core.server import Ignore as Ignore
+from ._core.server import NoReply as NoReply
+from ._core.server import Reply as Reply
+from ._core.server import Stop as Stop
+from ._core.server import TaskDone as TaskDone
+from ._core.server import TaskFailed as TaskFailed
+from ._core.supervisor import Child as Child
+from ._core.supervisor import ChildInfo as ChildInfo
+from ._core.supervisor import Restart as Restart
+from ._core.supervisor import Strategy as Strategy
+from ._core.supervisor import Supervisor as Supervisor
 from ._exceptions import BadRequest as BadRequest
 from ._exceptions import BadReturn as BadReturn
 from ._exceptions import CallTimeout as CallTimeout
@@ -26,25 +44,7 @@ from ._exceptions import WouldBlock as WouldBlock
 from ._node import Node as Node
 from ._node import open_node as open_node
 from ._node import run as run
-from ._release import Down as Down
-from ._release import Release as Release
-from ._release import ReleaseInfo as ReleaseInfo
-from ._release import Update as Update
-from ._scheduler import TaskRef as TaskRef
-from ._scheduler import TimerRef as TimerRef
-from ._server import Caller as Caller
-from ._server import GenServer as GenServer
-from ._server import Ignore as Ignore
-from ._server import NoReply as NoReply
-from ._server import Reply as Reply
-from ._server import Stop as Stop
-from ._server import TaskDone as TaskDone
-from ._server import TaskFailed as TaskFailed
-from ._supervisor import Child as Child
-from ._supervisor import ChildInfo as ChildInfo
-from ._supervisor import Restart as Restart
-from ._supervisor import Strategy as Strategy
-from ._supervisor import Supervisor as Supervisor
+from ._serve.rpc import EndpointLimits as EndpointLimits
 
 __all__ = [
     "BadRequest",

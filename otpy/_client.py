@@ -18,7 +18,7 @@ import msgpack  # type: ignore[import-untyped]
 import trio
 
 from ._exceptions import CallTimeout, OtpyError, RemoteError, remote_error
-from ._wire import (
+from ._protocol.msgpack_rpc import (
     MAX_MSGID,
     NOTIFICATION,
     READ_SIZE,

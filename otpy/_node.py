@@ -19,21 +19,21 @@ import outcome
 import structlog
 import trio
 
-from ._exceptions import CallTimeout, OtpyError, SupervisorError
-from ._release import Migration, Planner, Release, ReleaseHandler, ReleaseInfo
-from ._scheduler import CALL, CAST, INFO, Scheduler, TaskRef
-from ._server import Caller, GenServer, TaskDone, TaskFailed
-from ._supervisor import (
+from ._core.release import Migration, Planner, Release, ReleaseHandler, ReleaseInfo
+from ._core.scheduler import CALL, CAST, INFO, Scheduler, TaskRef
+from ._core.server import Caller, GenServer, TaskDone, TaskFailed
+from ._core.supervisor import (
     Child,
     ChildInfo,
     Supervisor,
     SupervisorRuntime,
     check_unique_names,
 )
+from ._exceptions import CallTimeout, OtpyError, SupervisorError
 from ._watchdog import Watchdog
 
 if TYPE_CHECKING:
-    from ._endpoint import EndpointLimits
+    from ._serve.rpc import EndpointLimits
 
 T = TypeVar("T")
 
@@ -482,7 +482,7 @@ async def open_node(
     ``limits=otpy.EndpointLimits(...)`` bounds each of their connections (frame size,
     nesting, requests in flight, unsent replies, call timeout)."""
     if limits is not None:
-        from ._endpoint import EndpointLimits
+        from ._serve.rpc import EndpointLimits
 
         if not isinstance(limits, EndpointLimits):
             raise TypeError(f"open_node(limits=...) takes an otpy.EndpointLimits, got "
@@ -497,7 +497,7 @@ async def open_node(
                 node._start_tree()
                 try:
                     if listen is not None or admin is not None:
-                        from ._endpoint import serve_admin, serve_client
+                        from ._serve.rpc import serve_admin, serve_client
 
                         if listen is not None:
                             node.address = await system.start(

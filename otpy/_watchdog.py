@@ -39,14 +39,14 @@ from pathlib import Path
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
+from ._core.release import Migration
+from ._core.scheduler import Scheduler
+from ._core.server import budget_of
+from ._core.supervisor import Child, Supervisor
 from ._exceptions import Overrun, StepTimeout
-from ._release import Migration
-from ._scheduler import Scheduler
-from ._server import budget_of
-from ._supervisor import Child, Supervisor
 
 if TYPE_CHECKING:
-    from ._server import GenServer
+    from ._core.server import GenServer
 
 # The functions that call callbacks: a frame called by one of them is a callback frame.
 _RUNNERS: frozenset[CodeType] = frozenset({

@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import otpy
-from otpy import _endpoint
-from otpy._endpoint import CookieError, read_cookie, serve_admin, serve_client
+from otpy._serve import rpc as _endpoint
+from otpy._serve.rpc import CookieError, read_cookie, serve_admin, serve_client
 
 RELEASES = Path(__file__).resolve().parent.parent / "examples" / "releases"
 COOKIE = "test-cookie-123"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import textwrap
@@ -15,9 +16,15 @@ import otpy.testing
 
 PACKAGE_DIR = Path(otpy.__file__).parent
 
-# The plain-Python core (STYLE.md): it must run, and be driven by tests, without trio.
-CORE_MODULES = ["_server", "_scheduler", "_supervisor", "_exceptions", "_typecheck",
-                "_release", "_wire"]
+# The plain-Python core and the sans-io codecs (STYLE.md): they must run, and be driven
+# by tests, without trio and without I/O. Every module of those folders is checked.
+SANS_IO_DIRS = ["_core", "_protocol"]
+CORE_MODULES = ["_exceptions", *sorted(
+    f"{d}.{p.stem}" if p.stem != "__init__" else d
+    for d in SANS_IO_DIRS for p in (PACKAGE_DIR / d).glob("*.py"))]
+# Modules that would mean I/O, threads or an event loop, none of which the core may use.
+IO_MODULES = {"trio", "anyio", "asyncio", "socket", "ssl", "select", "selectors",
+              "threading", "subprocess", "sqlite3", "signal", "http", "urllib"}
 # otpy.testing drives that core with no loop at all, so it must not need trio either;
 # nor hypothesis, which only check_code_change imports (a test dependency).
 TESTING_MODULES = ["testing", "testing._ops", "testing._simulation", "testing._migration"]
@@ -84,9 +91,8 @@ def test_core_modules_never_import_trio() -> None:
     """The core modules and otpy.testing import without trio (checked in a fresh
     interpreter, loading them without ``otpy/__init__.py``, which pulls in the trio
     edge), and otpy.testing without hypothesis."""
-    present = [m for m in CORE_MODULES if (PACKAGE_DIR / f"{m}.py").is_file()]
-    assert {"_server", "_scheduler", "_supervisor", "_exceptions"} <= set(present)
-    present += TESTING_MODULES
+    assert {"_core.server", "_core.scheduler", "_core.supervisor"} <= set(CORE_MODULES)
+    present = CORE_MODULES + TESTING_MODULES
     script = textwrap.dedent(
         f"""
         import importlib, sys, types
@@ -104,3 +110,19 @@ def test_core_modules_never_import_trio() -> None:
     )
     assert "" == result.stderr
     assert "[]" == result.stdout.strip()
+
+
+@pytest.mark.parametrize("folder", SANS_IO_DIRS)
+def test_sans_io_folders_import_no_io(folder: str) -> None:
+    """No module of ``_core`` or ``_protocol`` imports trio, sockets, threads, files
+    databases or signals (read from their import statements, so an import inside a
+    function counts too)."""
+    found = []
+    for path in sorted((PACKAGE_DIR / folder).glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and
+                     not node.level else [])
+            found += [f"{path.name}: {n}" for n in names if n.partition(".")[0] in IO_MODULES]
+    assert [] == found

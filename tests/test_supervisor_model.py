@@ -43,8 +43,8 @@ from hypothesis.stateful import (
 )
 
 import otpy
-from otpy._scheduler import CAST, Scheduler
-from otpy._supervisor import SupervisorRuntime
+from otpy._core.scheduler import CAST, Scheduler
+from otpy._core.supervisor import SupervisorRuntime
 
 # -- the servers under test ------------------------------------------------------------
 

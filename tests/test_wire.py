@@ -1,4 +1,4 @@
-"""The wire codec (otpy._wire): MessagePack-RPC framing, limits, encoders and the
+"""The wire codec (otpy._protocol.msgpack_rpc): MessagePack-RPC framing, limits, encoders and the
 admin handshake's HMAC, tested without any I/O."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from otpy._wire import (
+from otpy._protocol.msgpack_rpc import (
     READ_SIZE,
     Decoder,
     Fatal,

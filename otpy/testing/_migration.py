@@ -12,9 +12,9 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
-from .._release import Down
-from .._server import GenServer, check_server_class
-from .._typecheck import checker, type_name
+from .._core.release import Down
+from .._core.server import GenServer, check_server_class
+from .._core.typecheck import checker, type_name
 
 
 class MigrationCheckFailed(AssertionError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .._release import Release
+from .._core.release import Release
 
 
 class Call(NamedTuple):

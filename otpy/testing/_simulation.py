@@ -30,9 +30,8 @@ from typing import Any, NamedTuple
 
 import structlog
 
-from .._exceptions import CallTimeout, OtpyError
-from .._release import Migration, ReleaseHandler, ReleaseInfo
-from .._scheduler import (
+from .._core.release import Migration, ReleaseHandler, ReleaseInfo
+from .._core.scheduler import (
     CALL,
     CAST,
     DEAD,
@@ -45,8 +44,9 @@ from .._scheduler import (
     TaskRef,
     short_repr,
 )
-from .._server import NOTHING, Caller, GenServer, InlineCaller, Stop, TaskDone, TaskFailed
-from .._supervisor import Child, ChildInfo, Supervisor, SupervisorRuntime, check_unique_names
+from .._core.server import NOTHING, Caller, GenServer, InlineCaller, Stop, TaskDone, TaskFailed
+from .._core.supervisor import Child, ChildInfo, Supervisor, SupervisorRuntime, check_unique_names
+from .._exceptions import CallTimeout, OtpyError
 from ._ops import Call, Cast, Crash, Downgrade, Operation, Sleep, Upgrade
 
 _KIND = ("call", "cast", "info")

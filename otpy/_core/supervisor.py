@@ -12,8 +12,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._exceptions import RestartIntensityExceeded, StartFailed, SupervisorError
-from ._server import (
+from .._exceptions import RestartIntensityExceeded, StartFailed, SupervisorError
+from .server import (
     GenServer,
     check_max_mailbox,
     check_server_class,
@@ -22,7 +22,7 @@ from ._server import (
 )
 
 if TYPE_CHECKING:
-    from ._scheduler import Scheduler
+    from .scheduler import Scheduler
 
 
 class Strategy(enum.StrEnum):

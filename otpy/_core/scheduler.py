@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import (
+from .._exceptions import (
     MailboxFull,
     NoSuchServer,
     OtpyError,
@@ -30,7 +30,7 @@ from ._exceptions import (
     StartFailed,
     WouldBlock,
 )
-from ._server import (
+from .server import (
     NOTHING,
     Caller,
     GenServer,
@@ -43,10 +43,10 @@ from ._server import (
     budget_of,
     is_normal_reason,
 )
-from ._typecheck import check_state
+from .typecheck import check_state
 
 if TYPE_CHECKING:
-    from ._supervisor import Child, SupervisorRuntime
+    from .supervisor import Child, SupervisorRuntime
 
 CALL, CAST, INFO = 0, 1, 2
 _KIND = ("call", "cast", "info")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pydantic
 
-from ._exceptions import StateTypeError
+from .._exceptions import StateTypeError
 
 _STRICT = pydantic.ConfigDict(
     strict=True, arbitrary_types_allowed=True, revalidate_instances="always"

@@ -16,14 +16,14 @@ import typing
 from collections import deque
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, TypeVar
 
-from ._exceptions import BadReturn
-from ._typecheck import checker
+from .._exceptions import BadReturn
+from .typecheck import checker
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from ._scheduler import Scheduler, TaskRef, TimerRef
-    from ._supervisor import Child, SupervisorRuntime
+    from .scheduler import Scheduler, TaskRef, TimerRef
+    from .supervisor import Child, SupervisorRuntime
 
 S = TypeVar("S")
 

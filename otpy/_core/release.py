@@ -28,13 +28,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._exceptions import Overrun, UpgradeFailed
-from ._scheduler import BUSY, DEAD, TOUCHED, WATCHED
-from ._server import GenServer, check_server_class
-from ._typecheck import check_state, checker
+from .._exceptions import Overrun, UpgradeFailed
+from .scheduler import BUSY, DEAD, TOUCHED, WATCHED
+from .server import GenServer, check_server_class
+from .typecheck import check_state, checker
 
 if TYPE_CHECKING:
-    from ._scheduler import Scheduler
+    from .scheduler import Scheduler
 
 
 class Down(NamedTuple):

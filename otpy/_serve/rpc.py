@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from ._exceptions import BadRequest, OtpyError
-from ._node import _TaskCaller
-from ._release import Release
-from ._scheduler import CALL
-from ._wire import (
+from .._core.release import Release
+from .._core.scheduler import CALL
+from .._exceptions import BadRequest, OtpyError
+from .._node import _TaskCaller
+from .._protocol.msgpack_rpc import (
     DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_FRAME,
     ENCODE_ERRORS,
@@ -61,7 +61,7 @@ from ._wire import (
 )
 
 if TYPE_CHECKING:
-    from ._node import Node
+    from .._node import Node
 
 COOKIE_ENV = "OTPY_COOKIE"
 COOKIE_FILE_ENV = "OTPY_COOKIE_FILE"
