@@ -11,8 +11,8 @@ from ._core.release import Release as Release
 from ._core.release import ReleaseInfo as ReleaseInfo
 from ._core.release import Update as Update
 from ._core.scheduler import TaskRef as TaskRef
-from ._core.scheduler import TimerRef as TimerRef
 from ._core.server import Caller as Caller
+from ._core.server import Continue as Continue
 from ._core.server import GenServer as GenServer
 from ._core.server import Ignore as Ignore
 from ._core.server import NoReply as NoReply
@@ -25,9 +25,12 @@ from ._core.supervisor import ChildInfo as ChildInfo
 from ._core.supervisor import Restart as Restart
 from ._core.supervisor import Strategy as Strategy
 from ._core.supervisor import Supervisor as Supervisor
+from ._core.timers import TimerRef as TimerRef
+from ._exceptions import AuthFailed as AuthFailed
 from ._exceptions import BadRequest as BadRequest
 from ._exceptions import BadReturn as BadReturn
 from ._exceptions import CallTimeout as CallTimeout
+from ._exceptions import ConnectionLost as ConnectionLost
 from ._exceptions import MailboxFull as MailboxFull
 from ._exceptions import NoSuchServer as NoSuchServer
 from ._exceptions import OtpyError as OtpyError
@@ -42,11 +45,12 @@ from ._exceptions import SupervisorError as SupervisorError
 from ._exceptions import UpgradeFailed as UpgradeFailed
 from ._exceptions import WouldBlock as WouldBlock
 from ._node import Node as Node
-from ._node import open_node as open_node
-from ._node import run as run
-from ._serve.rpc import EndpointLimits as EndpointLimits
+from ._open import open_node as open_node
+from ._open import run as run
+from ._serve.limits import EndpointLimits as EndpointLimits
 
 __all__ = [
+    "AuthFailed",
     "BadRequest",
     "BadReturn",
     "CallTimeout",
@@ -54,6 +58,8 @@ __all__ = [
     "Child",
     "ChildInfo",
     "Client",
+    "ConnectionLost",
+    "Continue",
     "Down",
     "EndpointLimits",
     "GenServer",

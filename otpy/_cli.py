@@ -30,8 +30,8 @@ from typing import Any
 
 import trio
 
-from ._client import AuthFailed, Client, ConnectionLost, connect_admin
-from ._exceptions import CallTimeout, RemoteError
+from ._client import Client, connect_admin
+from ._exceptions import AuthFailed, CallTimeout, ConnectionLost, RemoteError
 from ._serve.rpc import CookieError, read_cookie
 
 DEFAULT_NODE = "127.0.0.1:4370"

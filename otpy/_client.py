@@ -17,7 +17,7 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]
 import trio
 
-from ._exceptions import CallTimeout, OtpyError, RemoteError, remote_error
+from ._exceptions import AuthFailed, CallTimeout, ConnectionLost, RemoteError, remote_error
 from ._protocol.msgpack_rpc import (
     MAX_MSGID,
     NOTIFICATION,
@@ -27,14 +27,6 @@ from ._protocol.msgpack_rpc import (
     encode_notification,
     encode_request,
 )
-
-
-class ConnectionLost(OtpyError, ConnectionError):
-    """The connection to the node closed before the reply came."""
-
-
-class AuthFailed(OtpyError, PermissionError):
-    """The admin endpoint refused the client's answer to its challenge."""
 
 
 class Client:

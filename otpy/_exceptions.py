@@ -20,6 +20,8 @@ the built-in exception a Python user would already catch for that situation::
     ├── BadRequest (ValueError)               a request over the network had the wrong shape
     ├── RemoteError                           a node answered a client with an error
     │   └── RemoteError[kind]                 ... also the local error named kind, if any
+    ├── ConnectionLost (ConnectionError)      a client's connection to a node closed
+    ├── AuthFailed (PermissionError)          the admin endpoint refused the cookie
     └── otpy.testing.SimulationError          a simulation cannot go on (RuntimeError)
 
 Plus one error the user's code never catches: the watchdog interrupts a runaway
@@ -187,6 +189,15 @@ class RemoteError(OtpyError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return remote_error, (self.kind, self.message)
+
+
+class ConnectionLost(OtpyError, ConnectionError):
+    """A client's connection to a node closed before the reply came."""
+
+
+class AuthFailed(OtpyError, PermissionError):
+    """A node's admin endpoint refused the client's answer to its challenge (the
+    cookie does not match), or the peer could not prove it knows the cookie."""
 
 
 _remote_classes: dict[str, type[RemoteError]] = {}

@@ -6,8 +6,10 @@ them all. Erlang preempts; otpy watches instead, at no cost to a step:
 - A watcher thread samples the node thread's stack every few milliseconds
   (``sys._current_frames``) and finds the *callback frames* on it: frames of a method
   of the server's class called directly by one of the places that run callbacks
-  (``Scheduler.step``, ``start_server``, ``terminate_server``,
-  ``Migration._migrate_one``), not of the helpers those call (a logger). The innermost
+  (the functions marked ``@runs_callbacks`` in the core: ``Scheduler.step``,
+  ``start_server``, ``terminate_server``, ``run_continue``, the versioned-client
+  adapters, a release's ``code_change``), each of which names the argument that holds
+  its server, not of the helpers those call (a logger). The innermost
   one seen for longer than its server's budget is the overrun. A step writes nothing
   for this: the stack is the record.
 - The thread then signals the node thread (``pthread_kill``). The signal handler runs
@@ -39,22 +41,17 @@ from pathlib import Path
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
-from ._core.release import Migration
 from ._core.scheduler import Scheduler
-from ._core.server import budget_of
+from ._core.server import CALLBACK_CODES, RUNNERS, budget_of
 from ._core.supervisor import Child, Supervisor
 from ._exceptions import Overrun, StepTimeout
 
 if TYPE_CHECKING:
     from ._core.server import GenServer
 
-# The functions that call callbacks: a frame called by one of them is a callback frame.
-_RUNNERS: frozenset[CodeType] = frozenset({
-    Scheduler.step.__code__,
-    Scheduler.start_server.__code__,
-    Scheduler.terminate_server.__code__,
-    Migration._migrate_one.__code__,
-})
+# The functions that call callbacks, each with the argument that holds the server
+# (otpy._core.server.RUNNERS, filled by @runs_callbacks where they are defined).
+_RUNNERS = RUNNERS
 _OTPY = str(Path(__file__).resolve().parent)
 # Ours, not a user's; None where the platform has neither (Windows): no watchdog there.
 SIGNAL: int | None = (getattr(signal, "SIGRTMIN", None) or getattr(signal, "SIGUSR2", None)
@@ -68,14 +65,10 @@ def _internal(code: CodeType) -> bool:
 
 
 def _is_callback(frame: FrameType, runner: FrameType) -> bool:
-    """Whether ``frame`` is the callback that ``runner`` (a frame of one of _RUNNERS)
-    called: a method of the server's class, not a helper the runner calls itself
-    (a logger, a user's ``__repr__`` of a crash reason)."""
-    proc = runner.f_locals.get("proc")
-    if proc is None:
-        return False
-    method = getattr(type(proc), frame.f_code.co_name, None)
-    return getattr(method, "__code__", None) is frame.f_code
+    """Whether ``frame`` is a callback that ``runner`` (a frame of one of _RUNNERS)
+    called: the code of a server class's callback, not a helper the runner calls
+    itself (a logger, a user's ``__repr__`` of a crash reason)."""
+    return frame.f_code in CALLBACK_CODES
 
 
 def _callback_frames(frame: FrameType | None) -> list[FrameType]:
@@ -91,8 +84,13 @@ def _callback_frames(frame: FrameType | None) -> list[FrameType]:
 
 
 def _server_of(callback: FrameType) -> GenServer[Any] | None:
+    """The server whose callback this is: the runner that called it names the
+    argument that holds it."""
     runner = callback.f_back
-    proc = runner.f_locals.get("proc") if runner is not None else None
+    if runner is None:
+        return None
+    arg = _RUNNERS.get(runner.f_code)
+    proc: GenServer[Any] | None = runner.f_locals.get(arg) if arg is not None else None
     return proc
 
 
@@ -227,7 +225,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 def _timeout(callback: FrameType, frame: FrameType | None, budget: float) -> StepTimeout:
     proc = _server_of(callback)
-    name = proc._name if proc is not None else "?"
+    name = proc._otpy_name if proc is not None else "?"
     cls = type(proc).__qualname__ if proc is not None else "?"
     where = frame if frame is not None else callback
     err = StepTimeout(

@@ -165,7 +165,7 @@ async def node(**limits: Any) -> AsyncIterator[otpy.Node]:
     async with otpy.open_node(tree(), admin=("127.0.0.1", 0)) as n, \
             trio.open_nursery() as nursery:
         n.address = await nursery.start(functools.partial(
-            serve_client, n, ("127.0.0.1", 0), limits=otpy.EndpointLimits(**limits)))
+            serve_client, n._rt, ("127.0.0.1", 0), limits=otpy.EndpointLimits(**limits)))
         yield n
         nursery.cancel_scope.cancel()
 
@@ -757,7 +757,7 @@ async def test_serve_admin_with_explicit_cookie() -> None:
     """``serve_admin`` can be given the cookie directly (used by embedders and tests)."""
     async with otpy.open_node(tree()) as n, trio.open_nursery() as nursery:
         address = await nursery.start(functools.partial(
-            serve_admin, n, ("127.0.0.1", 0), cookie=b"direct"))
+            serve_admin, n._rt, n._install, ("127.0.0.1", 0), cookie=b"direct"))
         async with admin_raw(address, cookie="direct") as a:
             assert (1, 1, None, 42) == await a.call(1, "v", method="get_state")
         nursery.cancel_scope.cancel()

@@ -509,7 +509,7 @@ class SupervisionMachine(RuleBasedStateMachine):
         assert model.fatal == (self.sched.fatal is not None)
         assert sorted(model.sups) == sorted(self.sched.sups)
         assert model.running_workers() == {
-            name: proc._state for name, proc in self.sched.procs.items()}
+            name: proc._otpy_state for name, proc in self.sched.procs.items()}
 
     @invariant()
     def same_children(self) -> None:

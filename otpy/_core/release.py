@@ -24,13 +24,13 @@ import importlib.util
 import re
 import sys
 import tomllib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._exceptions import Overrun, UpgradeFailed
 from .scheduler import BUSY, DEAD, TOUCHED, WATCHED
-from .server import GenServer, check_server_class
+from .server import GenServer, check_server_class, runs_callbacks
 from .typecheck import check_state, checker
 
 if TYPE_CHECKING:
@@ -205,7 +205,7 @@ class _Move:
     def __init__(self, proc: GenServer[Any], to_cls: type[GenServer[Any]], old_vsn: Any,
                  extra: Any) -> None:
         self.proc = proc
-        self.name = proc._name
+        self.name = proc._otpy_name
         self.from_cls = type(proc)
         self.to_cls = to_cls
         self.old_vsn = old_vsn
@@ -235,7 +235,7 @@ class Migration:
     def watch(self) -> None:
         """Watch the servers: a step from now on marks its server for re-migration."""
         for m in self.moves:
-            m.proc._flags |= WATCHED
+            m.proc._otpy_flags |= WATCHED
 
     def migrate(self, budget: int = 256) -> bool:
         """Migrate up to ``budget`` servers; True when all are done."""
@@ -248,21 +248,18 @@ class Migration:
 
     def _migrate_one(self, m: _Move) -> None:
         proc = m.proc
-        proc._flags &= ~TOUCHED
+        proc._otpy_flags &= ~TOUCHED
         m.error = None
-        if proc._flags & DEAD:
+        if proc._otpy_flags & DEAD:
             m.error = "it stopped or restarted during the upgrade; try again"
             return
         # As in OTP, the newer code migrates in both directions.
         impl = m.from_cls if self.downgrade else m.to_cls
-        proc._flags |= BUSY
+        fault = self.handler.fault(m.name) if self.handler.fault is not None else None
         try:
-            if impl is not m.from_cls:
-                proc.__class__ = impl  # so that code_change sees a proper self
-            try:
-                new_state = impl.code_change(proc, m.old_vsn, proc._state, m.extra)
-            finally:
-                proc.__class__ = m.from_cls
+            if fault is not None:
+                raise fault
+            new_state = self._code_change(proc, impl, m)
             check_state(m.to_cls, new_state, server=m.name,
                         when=f"returned by {impl.__qualname__}.code_change")
         except (Exception, Overrun) as exc:  # an overrunning code_change is abandoned
@@ -270,8 +267,19 @@ class Migration:
             m.error = f"{type(err).__name__}: {err}"
         else:
             m.new_state = new_state
+
+    @runs_callbacks("proc")
+    def _code_change(self, proc: GenServer[Any], impl: type[GenServer[Any]], m: _Move) -> Any:
+        proc._otpy_flags |= BUSY
+        try:
+            if impl is not m.from_cls:
+                proc.__class__ = impl  # so that code_change sees a proper self
+            try:
+                return impl.code_change(proc, m.old_vsn, proc._otpy_state, m.extra)
+            finally:
+                proc.__class__ = m.from_cls
         finally:
-            proc._flags &= ~BUSY
+            proc._otpy_flags &= ~BUSY
 
     def finish(self) -> dict[str, Any]:
         """Commit if every server migrated (and is still the one held); else roll back
@@ -282,9 +290,9 @@ class Migration:
         failures = {}
         for m in self.moves:
             proc = m.proc
-            if proc._flags & TOUCHED:
+            if proc._otpy_flags & TOUCHED:
                 self._migrate_one(m)  # it was stepped since: migrate its current state
-            if m.error is None and (proc._flags & DEAD or procs.get(m.name) is not proc):
+            if m.error is None and (proc._otpy_flags & DEAD or procs.get(m.name) is not proc):
                 m.error = "it stopped or restarted during the upgrade; try again"
             if m.error is not None:
                 failures[m.name] = m.error
@@ -299,17 +307,7 @@ class Migration:
                 f"{what} release {self.release.vsn!r} rolled back, nothing changed: "
                 f"{len(failures)} of {len(self.moves)} servers failed: {shown}{more}",
                 failures)
-        for m in self.moves:
-            proc, to_cls, spec = m.proc, m.to_cls, m.proc._spec
-            proc.__class__ = to_cls
-            proc._state = m.new_state
-            proc._flags &= ~(WATCHED | TOUCHED)
-            if spec.max_mailbox is None:
-                proc._max_mailbox = to_cls.max_mailbox
-            if to_cls is spec.server_class:
-                proc._sup.class_override.pop(m.name, None)
-            else:
-                proc._sup.class_override[m.name] = to_cls
+        self.sched.commit_all(self._swap())
         # A new max_mailbox may make room for calls waiting in line (few names, if
         # any: a server without a line or still full is left as it is).
         for name in list(self.sched.waiting):
@@ -322,6 +320,20 @@ class Migration:
         return {"release": self.release.vsn, "downgrade": self.downgrade,
                 "servers": [m.name for m in self.moves]}
 
+    def _swap(self) -> Iterator[tuple[GenServer[Any], Any]]:
+        # The new code of each server, as its new state is committed (commit_all).
+        for m in self.moves:
+            proc, to_cls, spec = m.proc, m.to_cls, m.proc._otpy_spec
+            proc.__class__ = to_cls
+            proc._otpy_flags &= ~(WATCHED | TOUCHED)
+            if spec.max_mailbox is None:
+                proc._otpy_max_mailbox = to_cls.max_mailbox
+            if to_cls is spec.server_class:
+                proc._otpy_sup.class_override.pop(m.name, None)
+            else:
+                proc._otpy_sup.class_override[m.name] = to_cls
+            yield proc, m.new_state
+
     def abort(self) -> None:
         """Give up: every server keeps its old code and old state."""
         self._release_all()
@@ -329,7 +341,7 @@ class Migration:
 
     def _release_all(self) -> None:
         for m in self.moves:
-            m.proc._flags &= ~(WATCHED | TOUCHED)
+            m.proc._otpy_flags &= ~(WATCHED | TOUCHED)
 
 
 class Planner:
@@ -386,6 +398,9 @@ class ReleaseHandler:
         self.sched = sched
         self.history: list[_Record] = []
         self.active: Migration | Planner | None = None
+        # Asked, for each server a migration computes, for an error to fail it with as
+        # if its code_change had raised (otpy.testing injects faults with it).
+        self.fault: Callable[[str], BaseException | None] | None = None
 
     def releases(self) -> list[ReleaseInfo]:
         return [ReleaseInfo(r.release.vsn, tuple(m[0] for m in r.moves),
@@ -428,14 +443,14 @@ class ReleaseHandler:
         seen: set[str] = set()
         for upd in release.updates:
             for proc, problem in self._targets(upd):
-                key = proc._name if proc is not None else repr(upd)
-                if problem is None and proc is not None and proc._name in seen:
+                key = proc._otpy_name if proc is not None else repr(upd)
+                if problem is None and proc is not None and proc._otpy_name in seen:
                     problem = "two updates of this release target it"
                 if problem is not None:
                     yield key, problem
                     continue
                 assert proc is not None
-                seen.add(proc._name)
+                seen.add(proc._otpy_name)
                 yield _Move(proc, upd.new_class, type(proc).vsn, upd.extra)
 
     def _targets(self, upd: Update) -> Iterator[tuple[GenServer[Any] | None, str | None]]:
@@ -469,12 +484,12 @@ class ReleaseHandler:
         if found:
             for p in found:
                 yield p, (None if type(p).vsn != new.vsn else
-                          f"server {p._name!r} already runs version {new.vsn}")
+                          f"server {p._otpy_name!r} already runs version {new.vsn}")
             return
         # Nothing runs the target: say what runs instead, if we replaced it earlier.
         former = self._former(target, key)
         for p, vsn in former:
-            yield p, (f"server {p._name!r} runs version {type(p).vsn}; this update "
+            yield p, (f"server {p._otpy_name!r} runs version {type(p).vsn}; this update "
                       f"expects version {vsn}")
         if not former:
             name = target.__qualname__ if isinstance(target, type) else target.ref

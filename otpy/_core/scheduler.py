@@ -1,10 +1,23 @@
-"""Mailboxes, the run queue, timers and inline stepping: plain Python, no trio.
+"""Mailboxes, the run queue, calls and inline stepping: plain Python, no trio.
 
 The scheduler owns every running server of a node. A message to an idle server (not
 in a step, not suspended, nothing queued) is stepped at once; otherwise it joins the
 server's FIFO mailbox (created only when needed) and the server joins the run queue,
 which the node's one dispatcher drains fairly in batches. Crashes and stops are handed
 to the server's supervisor synchronously, before the step that caused them returns.
+
+Three places here are the only ones of their kind, and every edge goes through them:
+
+- :meth:`Scheduler.resolve` decides what an address is (a server name today; pids and
+  ``name@node`` plug in here).
+- :meth:`Scheduler.start_call` delivers a request to an address and hands the reply
+  (or the error) to a :class:`Caller`: ``await node.call``, the MessagePack-RPC
+  endpoint, the simulation and the coming HTTP and NATS edges each supply a Caller.
+  It resolves the address, adapts a versioned client's request and reply, steps an idle
+  server inline or queues the call, and arms the call's deadline in the timer heap.
+- :meth:`Scheduler.commit` sets a server's new state: a step, ``init``, a restart and
+  ``handle_continue`` all commit through it (a release commits its states in one act,
+  :meth:`Scheduler.commit_all`), so that a store can record what is committed.
 
 The edge (``_node``) plugs in the clock, the wake-up of the dispatcher, and the
 spawning of trio tasks, so that this module can be driven step by step by tests.
@@ -13,14 +26,13 @@ spawning of trio tasks, so that this module can be driven step by step by tests.
 from __future__ import annotations
 
 import difflib
-import heapq
-import itertools
 import reprlib
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import (
+    CallTimeout,
     MailboxFull,
     NoSuchServer,
     OtpyError,
@@ -30,9 +42,13 @@ from .._exceptions import (
     StartFailed,
     WouldBlock,
 )
+from .events import Events
 from .server import (
+    ANSWERED,
     NOTHING,
+    WAITING,
     Caller,
+    Continue,
     GenServer,
     Ignore,
     InlineCaller,
@@ -42,49 +58,36 @@ from .server import (
     bad_return,
     budget_of,
     is_normal_reason,
+    runs_callbacks,
 )
+from .timers import TimerRef, Timers
 from .typecheck import check_state
 
 if TYPE_CHECKING:
     from .supervisor import Child, SupervisorRuntime
 
-CALL, CAST, INFO = 0, 1, 2
-_KIND = ("call", "cast", "info")
+CALL, CAST, INFO, CONTINUE = 0, 1, 2, 3
+_KIND = ("call", "cast", "info", "continue")
 
-# GenServer._flags bits. Any of NOT_STEPPABLE keeps a server from being stepped.
+# GenServer._otpy_flags bits. Any of NOT_STEPPABLE keeps a server from being stepped;
+# a server with any flag but OBSERVED is not idle (a message to it is queued).
 BUSY = 1  # in a step: it is on the current chain of calls
 SUSPENDED = 2  # node.suspend
 WATCHED = 4  # a release is migrating its state: steps mark it TOUCHED (slow path only)
 DEAD = 8  # terminated; a new incarnation (if any) holds the name
 SCHEDULED = 16  # in the run queue
 TOUCHED = 32  # stepped since its migration was computed: migrate again at commit
+OBSERVED = 64  # its commits are observed (on_commit): its steps take the general path
 NOT_STEPPABLE = BUSY | SUSPENDED | DEAD
+NOT_IDLE = ~OBSERVED
 
 # How many of one server's messages the dispatcher serves before moving to the next.
 PER_SERVER_TURN = 64
+# Past this many servers, an unknown name gets no did-you-mean suggestion: it would
+# cost more than serving the request (a burst of bad names must not stall the loop).
+SUGGEST_MAX = 256
 
 Message = tuple[int, Any, "Caller | None"]
-
-
-class TimerRef:
-    """A pending ``send_after``; ``cancel()`` stops it if it has not fired."""
-
-    __slots__ = ("cancelled", "message", "name", "when")
-
-    def __init__(self, when: float, name: str, message: Any) -> None:
-        self.when = when
-        self.name = name
-        self.message = message
-        self.cancelled = False
-
-    def cancel(self) -> bool:
-        """Cancel the timer; True if it had not fired or been cancelled yet."""
-        was = not self.cancelled
-        self.cancelled = True
-        return was
-
-    def __lt__(self, other: TimerRef) -> bool:  # heap order on ties (never compared)
-        return id(self) < id(other)
 
 
 class TaskRef:
@@ -116,8 +119,42 @@ def describe(kind: int, payload: Any) -> str:
     return f"{_KIND[kind]} {short_repr(payload)}"
 
 
+class _Versioned(Caller):
+    """The caller of a versioned client's call: the serving class turns its reply into
+    the client's version (``downgrade_reply``) before ``inner`` gets it."""
+
+    __slots__ = ("cls", "inner", "proc", "sched", "vsn")
+
+    def __init__(self, inner: Caller, sched: Scheduler, proc: GenServer[Any], vsn: str):
+        self._status = WAITING
+        self.inner = inner
+        self.sched = sched
+        self.proc = proc
+        # The class that serves the request adapts its reply, even if an upgrade
+        # swapped the code while the caller waited.
+        self.cls = type(proc)
+        self.vsn = vsn
+
+    @property
+    def alive(self) -> bool:
+        return self._status == WAITING and self.inner._status == WAITING
+
+    def _resolve(self, value: Any) -> None:
+        if self.inner._status != WAITING:
+            return
+        try:
+            value = self.sched.adapt_reply(self.proc, self.cls, self.vsn, value)
+        except Exception as exc:
+            self.inner._fail(exc)
+        else:
+            self.inner.reply(value)
+
+    def _reject(self, exc: BaseException) -> None:
+        self.inner._fail(exc)
+
+
 class Scheduler:
-    """The registry, mailboxes, run queue and timers of one node."""
+    """The registry, mailboxes, run queue, calls and timers of one node."""
 
     def __init__(
         self,
@@ -138,12 +175,11 @@ class Scheduler:
         # they join the mailbox as room appears (room_for). While a name has a line,
         # its mailbox is full, so nothing that comes later can overtake them.
         self.waiting: dict[str, deque[Message]] = {}
-        self.log = log
+        self.log = log if isinstance(log, Events) else Events(log)
         self.clock = clock
         self.wakeup = wakeup
+        self.timers = Timers(clock, wakeup)
         self._spawn = spawn
-        self._timers: list[tuple[float, int, TimerRef]] = []
-        self._seq = itertools.count()
         # Mailboxes of servers terminated during a supervision act, kept for the
         # server that takes the name next; what nobody took is failed when the
         # outermost act ends (so a restart never loses a queued message).
@@ -152,14 +188,28 @@ class Scheduler:
         self.root: SupervisorRuntime | None = None
         self.fatal: BaseException | None = None
         self.on_fatal: Callable[[BaseException], None] = lambda exc: None
+        # Called after each commit of an OBSERVED server's state (see commit).
+        self.on_commit: Callable[[GenServer[Any]], None] | None = None
         self.stopping = False
 
-    # -- lookup ----------------------------------------------------------------------
+    # -- addresses -------------------------------------------------------------------
 
-    def lookup(self, name: str) -> GenServer[Any]:
-        proc = self.procs.get(name)
+    def resolve(self, address: Any) -> GenServer[Any] | None:
+        """The running server ``address`` names, or None. The one place that decides
+        what an address is: a server name (a ``str``). Anything else is a TypeError
+        that says what an address is."""
+        if type(address) is str:
+            return self.procs.get(address)
+        if isinstance(address, str):  # a str subclass: look it up as the plain name
+            return self.procs.get(str(address))
+        raise TypeError(f"a server address is its name (a str), got "
+                        f"{type(address).__qualname__} {short_repr(address)}")
+
+    def lookup(self, address: Any) -> GenServer[Any]:
+        """The running server ``address`` names, or NoSuchServer saying why not."""
+        proc = self.procs.get(address) if type(address) is str else self.resolve(address)
         if proc is None:
-            raise self._no_such(name)
+            raise self.no_such(address)
         return proc
 
     def supervisor(self, name: str) -> SupervisorRuntime:
@@ -170,116 +220,270 @@ class Scheduler:
                                      f"{sorted(self.sups)[:20]!r}")
         return rt
 
-    def _no_such(self, name: object) -> NoSuchServer:
+    def no_such(self, address: Any) -> NoSuchServer:
+        """The NoSuchServer error for an address that names no running server. Cheap
+        enough to answer a burst of bad requests with: the did-you-mean suggestion is
+        made only for a small node."""
         detail = ""
-        if name in self.sups:
-            detail = f"{name!r} is a supervisor; call one of its children"
-        elif len(self.procs) <= 1000 and isinstance(name, str):
-            close = difflib.get_close_matches(name, list(self.procs), n=1)
+        if address in self.sups:
+            detail = f"{address!r} is a supervisor; call one of its children"
+        elif len(self.procs) <= SUGGEST_MAX and isinstance(address, str):
+            close = difflib.get_close_matches(address, list(self.procs), n=1)
             if close:
                 detail = f"did you mean {close[0]!r}?"
         if not detail:
             detail = "check the name, or whether its supervisor stopped it"
-        return NoSuchServer(name, detail)
+        return NoSuchServer(address, detail)
 
     # -- stepping --------------------------------------------------------------------
 
+    @runs_callbacks("proc")
     def step(self, proc: GenServer[Any], kind: int, payload: Any, caller: Caller | None) -> None:
         """Run one callback of ``proc`` and act on its result; never raises."""
-        proc._flags |= BUSY
+        proc._otpy_flags |= BUSY
         try:
             if kind == CALL:
-                result = proc.handle_call(payload, caller, proc._state)  # type: ignore[arg-type]
+                result = proc.handle_call(payload, caller, proc._otpy_state)  # type: ignore[arg-type]
             elif kind == CAST:
-                result = proc.handle_cast(payload, proc._state)
+                result = proc.handle_cast(payload, proc._otpy_state)
             else:
-                result = proc.handle_info(payload, proc._state)
+                result = proc.handle_info(payload, proc._otpy_state)
         except Exception as exc:
-            proc._flags &= ~BUSY
+            proc._otpy_flags &= ~BUSY
             self.crashed(proc, exc, kind, payload, caller)
             return
         except BaseException as exc:
-            proc._flags &= ~BUSY
+            proc._otpy_flags &= ~BUSY
             if type(exc) is Overrun:  # the watchdog interrupted a runaway callback
                 self.crashed(proc, exc.timeout(), kind, payload, caller)
                 return
             raise  # KeyboardInterrupt, SystemExit, trio.Cancelled: not the server's
-        flags = proc._flags = proc._flags & ~BUSY
-        if flags & DEAD:
+        flags = proc._otpy_flags = proc._otpy_flags & ~BUSY
+        t = type(result)
+        # The two hottest outcomes, for a server no one observes: a copy of what
+        # _settle and commit do, inlined (each Python call here costs ~5% of the rate).
+        if not flags:
+            if kind == CALL:
+                if t is Reply:
+                    proc._otpy_state = result.state
+                    # caller.reply(result.reply), inlined: equivalent because Caller
+                    # subclasses hook _resolve, never reply.
+                    if caller is not None and caller._status == WAITING:
+                        caller._status = ANSWERED
+                        caller._resolve(result.reply)
+                    return
+            elif t is not Reply and t is not NoReply and t is not Stop and t is not Continue:
+                proc._otpy_state = result
+                return
+        self._settle(proc, kind, payload, caller, result)
+
+    def _settle(self, proc: GenServer[Any], kind: int, payload: Any, caller: Caller | None,
+                result: Any) -> None:
+        """Act on a callback's result: commit the state, answer the caller, stop, crash
+        on a wrong value, run a continuation."""
+        if proc._otpy_flags & DEAD:
             # A sibling's restart terminated this server while it was stepping (it
             # called the sibling inline): its result belongs to a dead incarnation.
             if caller is not None:
                 caller._fail(ServerStopped(
-                    f"server {proc._name!r} was stopped by its supervisor while serving "
-                    f"this call", name=proc._name, reason="shutdown"))
+                    f"server {proc._otpy_name!r} was stopped by its supervisor while "
+                    f"serving this call", name=proc._otpy_name, reason="shutdown"))
             return
+        then = NOTHING
+        if type(result) is Continue:
+            then, result = result.arg, result.result
         t = type(result)
-        if kind == CALL:
-            if t is Reply:
-                proc._state = result[1]
-                # caller.reply(result[0]), inlined on the hottest path; this stays
-                # equivalent because Caller subclasses hook _resolve, never reply.
-                if caller is not None and caller._status == 0:
-                    caller._status = 1
-                    caller._resolve(result[0])
-                return
-            if t is NoReply:
-                proc._state = result[0]
-                if caller._status == 0:  # type: ignore[union-attr]
-                    self._defer_caller(proc, caller)  # type: ignore[arg-type]
-                return
-            expected = "otpy.Reply(reply, state), otpy.NoReply(state) or otpy.Stop(...)"
-        else:
-            if t is not Reply and t is not NoReply and t is not Stop:
-                proc._state = result
-                return
-            expected = "the new state or otpy.Stop(reason, state)"
         if t is Stop:
             self.stopped(proc, result, caller)
             return
-        callback = ("handle_call", "handle_cast", "handle_info")[kind]
-        self.crashed(proc, bad_return(proc, callback, result, expected), kind, payload, caller)
+        if kind == CALL:
+            if t is Reply:
+                self.commit(proc, result.state)
+                if caller is not None:
+                    caller.reply(result.reply)
+            elif t is NoReply:
+                self.commit(proc, result.state)
+                if caller is not None and caller._status == WAITING:
+                    self._defer_caller(proc, caller)
+            else:
+                self.crashed(proc, bad_return(
+                    proc, "handle_call", result,
+                    "otpy.Reply(reply, state), otpy.NoReply(state) or otpy.Stop(...), "
+                    "maybe wrapped in otpy.Continue(result, arg)"), kind, payload, caller)
+                return
+        elif t is Reply or t is NoReply:
+            callback = ("handle_call", "handle_cast", "handle_info", "handle_continue")[kind]
+            self.crashed(proc, bad_return(proc, callback, result,
+                                          "the new state or otpy.Stop(reason, state)"),
+                         kind, payload, caller)
+            return
+        else:
+            self.commit(proc, result)
+        if then is not NOTHING:
+            self.run_continue(proc, then)
+
+    @runs_callbacks("proc")
+    def run_continue(self, proc: GenServer[Any], arg: Any) -> None:
+        """Run ``handle_continue(arg, state)`` now, before any other message: the
+        server asked for it with ``otpy.Continue``. Never raises."""
+        if proc._otpy_flags & DEAD:
+            return
+        proc._otpy_flags |= BUSY
+        try:
+            result = proc.handle_continue(arg, proc._otpy_state)
+        except Exception as exc:
+            proc._otpy_flags &= ~BUSY
+            self.crashed(proc, exc, CONTINUE, arg)
+            return
+        except BaseException as exc:
+            proc._otpy_flags &= ~BUSY
+            if type(exc) is Overrun:
+                self.crashed(proc, exc.timeout(), CONTINUE, arg)
+                return
+            raise
+        proc._otpy_flags &= ~BUSY
+        self._settle(proc, CONTINUE, arg, None, result)
+
+    def commit(self, proc: GenServer[Any], state: Any) -> None:
+        """Make ``state`` the server's state: the one place it changes (``step`` inlines
+        this for servers that nobody observes). An observed server's commit is then
+        reported to ``on_commit`` (a store records it)."""
+        proc._otpy_state = state
+        if proc._otpy_flags & OBSERVED and self.on_commit is not None:
+            self.on_commit(proc)
+
+    def commit_all(self, states: Iterable[tuple[GenServer[Any], Any]]) -> None:
+        """Commit many states as one act (a release's): set every state first, then
+        report the observed ones, so that an observer sees the release whole."""
+        observed = []
+        for proc, state in states:
+            proc._otpy_state = state
+            if proc._otpy_flags & OBSERVED:
+                observed.append(proc)
+        if observed and self.on_commit is not None:
+            for proc in observed:
+                self.on_commit(proc)
 
     @staticmethod
     def _defer_caller(proc: GenServer[Any], caller: Caller) -> None:
         # Kept so that a server that stops fails its deferred callers at once instead
         # of leaving them to their timeouts; answered ones are pruned as it grows.
-        deferred = proc._deferred
+        deferred = proc._otpy_deferred
         if deferred is None:
-            proc._deferred = [caller]
+            proc._otpy_deferred = [caller]
             return
         if len(deferred) >= 32 and len(deferred) & (len(deferred) - 1) == 0:
-            deferred[:] = [c for c in deferred if c._status == 0]
+            deferred[:] = [c for c in deferred if c._status == WAITING]
         deferred.append(caller)
 
-    def call_nowait(self, name: str, request: Any) -> Any:
-        """Call ``name`` and step it inline; raise WouldBlock if it cannot answer now."""
-        proc = self.procs.get(name)
+    # -- calls -----------------------------------------------------------------------
+
+    def start_call(self, address: Any, request: Any, caller: Caller, *,
+                   vsn: str | None = None, timeout: float | None = None) -> None:
+        """Deliver the call ``request`` to ``address``; its reply or error reaches
+        ``caller``, now (an idle server is stepped inline) or later (from the
+        dispatcher, or when the server answers a deferred call), and never raises.
+
+        ``vsn``: the protocol version the client speaks (the server's
+        ``upgrade_request``/``downgrade_reply`` adapt the request and the reply).
+        ``timeout``: seconds until ``caller`` gets :class:`otpy.CallTimeout` if still
+        unanswered (None: no deadline; the edge may still give up on its own).
+        Every edge delivers calls through here."""
+        if type(address) is str:
+            proc = self.procs.get(address)
+        else:
+            try:
+                proc = self.resolve(address)
+            except TypeError as exc:
+                caller._fail(exc)
+                return
         if proc is None:
-            raise self._no_such(name)
-        if proc._flags:
-            if proc._flags & NOT_STEPPABLE:
+            caller._fail(self.no_such(address))
+            return
+        if vsn is not None:
+            try:
+                request = self.adapt_request(proc, vsn, request)
+            except Exception as exc:
+                caller._fail(exc)
+                return
+            caller = _Versioned(caller, self, proc, vsn)
+        flags = proc._otpy_flags
+        if not flags and proc._otpy_mbox is None:
+            self.step(proc, CALL, request, caller)
+        elif flags & NOT_IDLE or proc._otpy_mbox is not None:
+            self.enqueue_call(proc, (CALL, request, caller))
+        else:  # idle, and observed
+            self.step(proc, CALL, request, caller)
+        if timeout is not None and caller._status == WAITING:
+            self.timers.arm(caller, address, timeout)
+
+    @runs_callbacks("proc")
+    def adapt_request(self, proc: GenServer[Any], vsn: str, request: Any) -> Any:
+        """A versioned client's request as the running code takes it."""
+        adapt = getattr(proc, "upgrade_request", None)
+        if adapt is None or type(proc).vsn == vsn:
+            return request
+        try:
+            return adapt(vsn, request)
+        except Overrun as exc:
+            raise exc.timeout() from None
+
+    @runs_callbacks("proc")
+    def adapt_reply(self, proc: GenServer[Any], cls: type[GenServer[Any]], vsn: str,
+                    reply: Any) -> Any:
+        """The reply of ``cls`` (the class that served the call) in the client's
+        version ``vsn``."""
+        adapt = getattr(cls, "downgrade_reply", None)
+        if adapt is None or cls.vsn == vsn:
+            return reply
+        server = proc if type(proc) is cls else cls.__new__(cls)
+        try:
+            return adapt(server, vsn, reply)
+        except Overrun as exc:
+            raise exc.timeout() from None
+
+    def call_timed_out(self, caller: Caller, address: Any, timeout: float) -> None:
+        """Fail a call whose deadline passed (from the timer heap)."""
+        name = short_repr(address)
+        if self.is_waiting(address, caller):  # dropped from the line: never sent
+            caller._fail(CallTimeout(
+                f"server {name} kept a full mailbox for {timeout:g} s, so this call never "
+                f"got into it; the request was not sent. Slow the callers down, or raise "
+                f"the server's max_mailbox"))
+        else:
+            caller._fail(CallTimeout(
+                f"server {name} did not reply within {timeout:g} s; the request may "
+                f"still be served, its reply will be dropped. Pass a larger timeout= if "
+                f"it is expected to take longer"))
+
+    def call_nowait(self, address: Any, request: Any) -> Any:
+        """Call ``address`` and step it inline (``self.call``); raise WouldBlock if it
+        cannot answer now."""
+        proc = self.procs.get(address) if type(address) is str else self.resolve(address)
+        if proc is None:
+            raise self.no_such(address)
+        if proc._otpy_flags:
+            if proc._otpy_flags & NOT_STEPPABLE:
                 raise WouldBlock(self._why_blocked(proc))
-            if proc._flags & WATCHED:
-                proc._flags |= TOUCHED
-        if proc._mbox:
+            if proc._otpy_flags & WATCHED:
+                proc._otpy_flags |= TOUCHED
+        if proc._otpy_mbox:
             # The call must not jump the messages already queued: serve them first.
             proc = self._drain(proc)
         caller = InlineCaller()
         self.step(proc, CALL, request, caller)
-        if caller._status == 0:
-            caller._status = 2  # the deferred reply, if it ever comes, is dropped
+        if caller._status == WAITING:
+            caller._give_up()  # the deferred reply, if it ever comes, is dropped
             raise WouldBlock(
-                f"server {name!r} deferred its reply (handle_call returned NoReply), so it "
-                f"cannot answer within this step; its state was updated. Use "
-                f"'await node.call' from a task, or a cast and a reply message."
-            )
+                f"server {proc._otpy_name!r} deferred its reply (handle_call returned "
+                f"NoReply), so it cannot answer within this step; its state was updated. "
+                f"Use 'await node.call' from a task, or a cast and a reply message.")
         if caller.error is not None:
             raise caller.error
         return caller.value
 
     def _why_blocked(self, proc: GenServer[Any]) -> str:
-        name, flags = proc._name, proc._flags
+        name, flags = proc._otpy_name, proc._otpy_flags
         if flags & BUSY:
             return (f"server {name!r} is already in the current chain of calls (a call to "
                     f"itself or a cycle of calls); calling it would deadlock. Use cast or "
@@ -290,25 +494,27 @@ class Scheduler:
         return f"server {name!r} has stopped"
 
     def _drain(self, proc: GenServer[Any]) -> GenServer[Any]:
-        name = proc._name
+        name = proc._otpy_name
         while True:
-            if proc._flags & WATCHED:
-                proc._flags |= TOUCHED
-            mb = proc._mbox
+            if proc._otpy_flags & WATCHED:
+                proc._otpy_flags |= TOUCHED
+            mb = proc._otpy_mbox
             if not mb:
-                proc._mbox = None
+                proc._otpy_mbox = None
                 return proc
             kind, payload, caller = mb.popleft()
             if self.waiting:
                 self.room_for(proc)
             self.step(proc, kind, payload, caller)
-            if proc._flags & DEAD:
+            if proc._otpy_flags & DEAD:
                 new = self.procs.get(name)
                 if new is None:
-                    raise self._no_such(name)
+                    raise self.no_such(name)
                 proc = new
-            if proc._flags & NOT_STEPPABLE:
+            if proc._otpy_flags & NOT_STEPPABLE:
                 raise WouldBlock(self._why_blocked(proc))
+
+    # -- the dispatcher's work -------------------------------------------------------
 
     def run_batch(self, budget: int = 512) -> int:
         """Serve queued messages round-robin until the queue is empty or ``budget``
@@ -321,36 +527,60 @@ class Scheduler:
             done += 1
         while runq and done < budget:
             proc = runq.popleft()
-            proc._flags &= ~SCHEDULED
-            if proc._flags & NOT_STEPPABLE:
+            proc._otpy_flags &= ~SCHEDULED
+            if proc._otpy_flags & NOT_STEPPABLE:
                 continue  # dead, or suspended (resume schedules it again)
-            mb = proc._mbox
+            mb = proc._otpy_mbox
             if not mb:
-                proc._mbox = None
+                proc._otpy_mbox = None
                 continue
-            if proc._flags & WATCHED:
-                proc._flags |= TOUCHED
+            if proc._otpy_flags & WATCHED:
+                proc._otpy_flags |= TOUCHED
             for _ in range(min(len(mb), PER_SERVER_TURN)):
                 kind, payload, caller = mb.popleft()
                 step(proc, kind, payload, caller)
                 done += 1
-                if proc._flags & NOT_STEPPABLE:
+                if proc._otpy_flags & NOT_STEPPABLE:
                     break
-            if proc._mbox is mb:
+            if proc._otpy_mbox is mb:
                 if not mb:
-                    proc._mbox = None
-                elif not proc._flags & (NOT_STEPPABLE | SCHEDULED):
-                    proc._flags |= SCHEDULED
+                    proc._otpy_mbox = None
+                elif not proc._otpy_flags & (NOT_STEPPABLE | SCHEDULED):
+                    proc._otpy_flags |= SCHEDULED
                     runq.append(proc)
             if self.waiting:
                 self.room_for(proc)
         return done
+
+    def serve_one(self, proc: GenServer[Any]) -> None:
+        """Serve the oldest queued message of a steppable server with a mailbox: one
+        message of :meth:`run_batch`, with the same bookkeeping (the simulation picks
+        servers one message at a time)."""
+        mb = proc._otpy_mbox
+        assert mb and not proc._otpy_flags & NOT_STEPPABLE
+        if proc._otpy_flags & WATCHED:
+            proc._otpy_flags |= TOUCHED
+        kind, payload, caller = mb.popleft()
+        self.step(proc, kind, payload, caller)
+        if proc._otpy_mbox is mb and not mb:
+            proc._otpy_mbox = None
+        if self.waiting:
+            self.room_for(proc)
+
+    def ready(self) -> list[GenServer[Any]]:
+        """Servers that have a queued message they can serve now, in registry order."""
+        return [p for p in self.procs.values()
+                if p._otpy_mbox and not p._otpy_flags & NOT_STEPPABLE]
 
     def defer(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` from the dispatcher, after the current step."""
         if not self.runq and not self.deferred:
             self.wakeup()
         self.deferred.append(fn)
+
+    def run_deferred(self) -> None:
+        """Run the oldest deferred function (the simulation runs them one by one)."""
+        self.deferred.popleft()()
 
     @property
     def has_work(self) -> bool:
@@ -359,128 +589,121 @@ class Scheduler:
     # -- delivery --------------------------------------------------------------------
 
     def enqueue(self, proc: GenServer[Any], msg: Message, *, force: bool = False) -> None:
-        mb = proc._mbox
+        mb = proc._otpy_mbox
         if mb is None:
-            mb = proc._mbox = deque()
-        elif not force and len(mb) >= proc._max_mailbox:
+            mb = proc._otpy_mbox = deque()
+        elif not force and len(mb) >= proc._otpy_max_mailbox:
             raise self._refuse(proc)
         mb.append(msg)
-        if not proc._flags & (SCHEDULED | SUSPENDED | DEAD):  # hot: skip the call
+        if not proc._otpy_flags & (SCHEDULED | SUSPENDED | DEAD):  # hot: skip the call
             self.schedule(proc)
 
     def _refuse(self, proc: GenServer[Any]) -> MailboxFull:
-        name = proc._name
+        name = proc._otpy_name
         self.refused[name] = self.refused.get(name, 0) + 1
         return MailboxFull(
-            f"server {name!r} has {len(proc._mbox or ())} queued messages (max_mailbox="
-            f"{proc._max_mailbox}); nothing was queued. Slow down (await node.call waits "
-            f"for room), or raise max_mailbox on the class or its Child spec",
-            name=name)
+            f"server {name!r} has {len(proc._otpy_mbox or ())} queued messages "
+            f"(max_mailbox={proc._otpy_max_mailbox}); nothing was queued. Slow down "
+            f"(await node.call waits for room), or raise max_mailbox on the class or its "
+            f"Child spec", name=name)
 
     def mailbox_full(self, proc: GenServer[Any]) -> bool:
         """Whether a message for ``proc`` would be refused now."""
-        mb = proc._mbox
-        return mb is not None and len(mb) >= proc._max_mailbox
+        mb = proc._otpy_mbox
+        return mb is not None and len(mb) >= proc._otpy_max_mailbox
 
     def enqueue_call(self, proc: GenServer[Any], msg: Message) -> None:
         """Queue a call; to a full mailbox it waits in line for room (a call is never
         refused: its caller waits, which is the back-pressure)."""
-        line = self.waiting.get(proc._name)
+        line = self.waiting.get(proc._otpy_name)
         if line is None and not self.mailbox_full(proc):
             self.enqueue(proc, msg)
         elif line is None:
-            self.waiting[proc._name] = deque((msg,))
+            self.waiting[proc._otpy_name] = deque((msg,))
         else:
             line.append(msg)
 
     def room_for(self, proc: GenServer[Any]) -> None:
         """Move the calls waiting for room in ``proc``'s mailbox into it, in order, as
         far as there is room; those whose callers gave up are dropped unserved."""
-        name = proc._name
+        name = proc._otpy_name
         line = self.waiting.get(name)
-        if line is None or proc._flags & DEAD:
+        if line is None or proc._otpy_flags & DEAD:
             return
-        mb = proc._mbox
-        room = proc._max_mailbox - (len(mb) if mb else 0)
+        mb = proc._otpy_mbox
+        room = proc._otpy_max_mailbox - (len(mb) if mb else 0)
         while line and room > 0:
             msg = line.popleft()
             caller = msg[2]
-            if caller is not None and caller._status != 0:
+            if caller is not None and caller._status != WAITING:
                 continue  # it timed out waiting: never sent, as its error says
             self.enqueue(proc, msg, force=True)
             room -= 1
         if not line:
             del self.waiting[name]
 
-    def is_waiting(self, name: str, caller: Caller) -> bool:
-        """Whether ``caller``'s call still waits for room in ``name``'s mailbox."""
-        return any(msg[2] is caller for msg in self.waiting.get(name, ()))
+    def is_waiting(self, address: Any, caller: Caller) -> bool:
+        """Whether ``caller``'s call still waits for room in a mailbox."""
+        return any(msg[2] is caller for msg in self.waiting.get(address, ()))
 
     def schedule(self, proc: GenServer[Any]) -> None:
         """Put a server with queued messages on the run queue, once. A busy server is
         queued too: the dispatcher serves it after the current step."""
-        if proc._mbox and not proc._flags & (SCHEDULED | SUSPENDED | DEAD):
-            proc._flags |= SCHEDULED
+        if proc._otpy_mbox and not proc._otpy_flags & (SCHEDULED | SUSPENDED | DEAD):
+            proc._otpy_flags |= SCHEDULED
             if not self.runq:
                 self.wakeup()
             self.runq.append(proc)
 
-    def cast(self, name: str, message: Any) -> None:
+    def cast(self, address: Any, message: Any) -> None:
         """Queue a cast (from inside a step: never stepped inline)."""
-        self.enqueue(self.lookup(name), (CAST, message, None))
+        self.enqueue(self.lookup(address), (CAST, message, None))
 
-    def send(self, name: str, message: Any) -> None:
+    def send(self, address: Any, message: Any) -> None:
         """Queue a message for ``handle_info`` (from inside a step)."""
-        self.enqueue(self.lookup(name), (INFO, message, None))
+        self.enqueue(self.lookup(address), (INFO, message, None))
 
-    def cast_now(self, kind: int, name: str, message: Any) -> None:
+    def cast_now(self, kind: int, address: Any, message: Any) -> None:
         """A cast or send from outside any step: an idle server is stepped at once."""
-        proc = self.procs.get(name)
+        proc = self.procs.get(address) if type(address) is str else self.resolve(address)
         if proc is None:
-            raise self._no_such(name)
-        if proc._flags or proc._mbox is not None:
+            raise self.no_such(address)
+        flags = proc._otpy_flags
+        if (flags and flags & NOT_IDLE) or proc._otpy_mbox is not None:
             self.enqueue(proc, (kind, message, None))
         else:
             self.step(proc, kind, message, None)
 
     # -- timers ----------------------------------------------------------------------
 
-    def send_after(self, seconds: float, name: str, message: Any) -> TimerRef:
-        if not seconds >= 0:
-            raise ValueError(f"send_after needs seconds >= 0, got {seconds!r}")
-        ref = TimerRef(self.clock() + seconds, name, message)
-        timers = self._timers
-        heapq.heappush(timers, (ref.when, next(self._seq), ref))
-        if timers[0][2] is ref:
-            self.wakeup()
-        return ref
+    def send_after(self, seconds: float, address: Any, message: Any) -> TimerRef:
+        """Deliver ``message`` to whoever ``address`` names when the timer fires."""
+        self.resolve(address)  # a bad address fails now, not when the timer fires
+        return self.timers.send_after(seconds, address, message)
 
     def pending_timers(self) -> int:
         """Timers that have neither fired nor been cancelled."""
-        return sum(1 for _when, _seq, ref in self._timers if not ref.cancelled)
+        return self.timers.pending()
 
     def next_deadline(self) -> float | None:
-        timers = self._timers
-        while timers and timers[0][2].cancelled:
-            heapq.heappop(timers)
-        return timers[0][0] if timers else None
+        return self.timers.next_deadline()
 
     def fire_timers(self) -> int:
-        timers = self._timers
-        if not timers:
+        """Act on every timer and call deadline due now, in deadline order; returns the
+        number of messages delivered."""
+        heap = self.timers._heap
+        if not heap or heap[0][0] > self.clock():
             return 0
-        now = self.clock()
         fired = 0
-        while timers and timers[0][0] <= now:
-            ref = heapq.heappop(timers)[2]
-            if ref.cancelled:
-                continue
-            ref.cancelled = True
-            proc = self.procs.get(ref.name)
-            if proc is not None:
-                # Timers are never refused for a full mailbox: they were asked for.
-                self.enqueue(proc, (INFO, ref.message, None), force=True)
-                fired += 1
+        for _when, _seq, item, address, timeout in self.timers.due():
+            if type(item) is TimerRef:
+                proc = self.resolve(item.name)
+                if proc is not None:
+                    # Timers are never refused for a full mailbox: they were asked for.
+                    self.enqueue(proc, (INFO, item.message, None), force=True)
+                    fired += 1
+            else:
+                self.call_timed_out(item, address, timeout)  # type: ignore[arg-type]
         return fired
 
     # -- tasks -----------------------------------------------------------------------
@@ -491,62 +714,68 @@ class Scheduler:
     ) -> TaskRef:
         if self._spawn is None:
             raise OtpyError("start_task needs a running node (open_node)")
-        if proc._flags & DEAD:
-            raise ServerStopped(f"server {proc._name!r} has stopped; it cannot start tasks",
-                                name=proc._name)
+        if proc._otpy_flags & DEAD:
+            raise ServerStopped(f"server {proc._otpy_name!r} has stopped; it cannot start "
+                                f"tasks", name=proc._otpy_name)
         ref = TaskRef(tag)
-        if proc._tasks is None:
-            proc._tasks = set()
-        proc._tasks.add(ref)
+        if proc._otpy_tasks is None:
+            proc._otpy_tasks = set()
+        proc._otpy_tasks.add(ref)
         self._spawn(proc, ref, fn, args)
         return ref
 
     def task_finished(self, proc: GenServer[Any], ref: TaskRef, message: Any) -> None:
         ref.done = True
-        if proc._tasks is not None:
-            proc._tasks.discard(ref)
-        if not proc._flags & DEAD:
+        if proc._otpy_tasks is not None:
+            proc._otpy_tasks.discard(ref)
+        if not proc._otpy_flags & DEAD:
             self.enqueue(proc, (INFO, message, None), force=True)
 
     # -- starting and stopping servers ------------------------------------------------
 
+    @runs_callbacks("proc")
     def start_server(
         self, cls: type[GenServer[Any]], spec: Child, sup: SupervisorRuntime, restarts: int = 0
     ) -> GenServer[Any] | None:
         """Create and ``init`` a server; None if ``init`` returned Ignore.
 
-        Raises StartFailed (with the cause) if init raised or returned Stop."""
+        Raises StartFailed (with the cause) if init raised or returned Stop. A
+        continuation that ``init`` asked for runs once the server is registered (a
+        crash there is a crash of the running server, as in OTP)."""
         name = spec.id
         proc = cls.__new__(cls)
-        proc._name = name
-        proc._node = self
-        proc._sup = sup
-        proc._spec = spec
-        proc._flags = BUSY
-        proc._mbox = None
-        proc._restarts = restarts
-        proc._tasks = None
-        proc._deferred = None
-        proc._max_mailbox = (cls.max_mailbox if spec.max_mailbox is None
-                             else spec.max_mailbox)
+        proc._otpy_name = name
+        proc._otpy_rt = self
+        proc._otpy_sup = sup
+        proc._otpy_spec = spec
+        proc._otpy_flags = BUSY
+        proc._otpy_mbox = None
+        proc._otpy_restarts = restarts
+        proc._otpy_tasks = None
+        proc._otpy_deferred = None
+        proc._otpy_max_mailbox = (cls.max_mailbox if spec.max_mailbox is None
+                                  else spec.max_mailbox)
         self.procs[name] = proc
+        then = NOTHING
         try:
             state = proc.init(spec.arg)
             if state is Ignore:
                 self._unregister(proc)
                 return None
+            if type(state) is Continue:
+                then, state = state.arg, state.result
             if type(state) is Stop:
                 raise StartFailed(
                     f"child {name!r} ({cls.__qualname__}.init) returned Stop with reason "
                     f"{state.reason!r}", child=name, reason=state.reason)
-            if type(state) in (Reply, NoReply):
-                raise bad_return(proc, "init", state, "the first state, otpy.Ignore or "
-                                 "otpy.Stop(reason, state)")
+            if type(state) in (Reply, NoReply, Continue) or state is Ignore:
+                raise bad_return(proc, "init", state, "the first state, otpy.Ignore, "
+                                 "otpy.Continue(state, arg) or otpy.Stop(reason, state)")
             check_state(cls, state, server=name, when="returned by init")
         except BaseException as exc:
             self._unregister(proc)
-            if proc._tasks:
-                for task in proc._tasks:
+            if proc._otpy_tasks:
+                for task in proc._otpy_tasks:
                     task.cancel()
             if isinstance(exc, StartFailed):
                 raise
@@ -557,64 +786,68 @@ class Scheduler:
             raise StartFailed(
                 f"child {name!r} ({cls.__qualname__}) failed to start: init raised "
                 f"{type(exc).__name__}: {exc}", child=name, reason=exc) from exc
-        proc._state = state
-        proc._flags &= SCHEDULED  # init may have cast to itself: it is queued already
+        proc._otpy_flags &= SCHEDULED  # init may have cast to itself: it is queued already
+        self.commit(proc, state)
         self._take_back(proc, self._stash.pop(name, None))
+        if then is not NOTHING:
+            self.run_continue(proc, then)
         return proc
 
     def _take_back(self, proc: GenServer[Any], stashed: deque[Message] | None) -> None:
         """Give the name's stashed mailbox (messages sent before, first) to ``proc``."""
         if stashed:
-            if proc._mbox:
-                stashed.extend(proc._mbox)
-            proc._mbox = stashed
+            if proc._otpy_mbox:
+                stashed.extend(proc._otpy_mbox)
+            proc._otpy_mbox = stashed
         self.schedule(proc)
 
     def _unregister(self, proc: GenServer[Any]) -> None:
-        proc._flags |= DEAD
-        if self.procs.get(proc._name) is proc:
-            del self.procs[proc._name]
-        if proc._mbox:
-            stash = self._stash.get(proc._name)
+        proc._otpy_flags |= DEAD
+        name = proc._otpy_name
+        if self.procs.get(name) is proc:
+            del self.procs[name]
+        if proc._otpy_mbox:
+            stash = self._stash.get(name)
             if stash is None:
-                self._stash[proc._name] = proc._mbox
+                self._stash[name] = proc._otpy_mbox
             else:
-                stash.extend(proc._mbox)
-        proc._mbox = None
-        line = self.waiting.pop(proc._name, None)
+                stash.extend(proc._otpy_mbox)
+        proc._otpy_mbox = None
+        line = self.waiting.pop(name, None)
         if line:  # calls waiting for room go with the mailbox, after it
-            stash = self._stash.setdefault(proc._name, deque())
+            stash = self._stash.setdefault(name, deque())
             stash.extend(line)
 
+    @runs_callbacks("proc")
     def terminate_server(
         self, proc: GenServer[Any], reason: Any, grace: float | None = None
     ) -> None:
         """Run ``terminate(reason, state)`` and remove the server; its mailbox is kept
         for whoever takes the name within this supervision act."""
-        if proc._flags & DEAD:
+        if proc._otpy_flags & DEAD:
             return
-        proc._flags |= BUSY
+        proc._otpy_flags |= BUSY
         try:
-            proc.terminate(reason, proc._state)
+            proc.terminate(reason, proc._otpy_state)
         except (Exception, Overrun) as exc:
             # An overrunning terminate is abandoned: the server stops all the same.
             err = exc.timeout() if isinstance(exc, Overrun) else exc
-            self.log.error("terminate_crashed", server=proc._name, reason=repr(reason),
+            self.log.error("terminate_crashed", server=proc._otpy_name, reason=repr(reason),
                            exc_info=err)
-        proc._flags &= ~BUSY
+        proc._otpy_flags &= ~BUSY
         self._unregister(proc)
-        if proc._tasks:
-            for task in list(proc._tasks):
+        if proc._otpy_tasks:
+            for task in list(proc._otpy_tasks):
                 task.cancel(grace)
-        if proc._deferred:
-            deferred, proc._deferred = proc._deferred, None
+        if proc._otpy_deferred:
+            deferred, proc._otpy_deferred = proc._otpy_deferred, None
             for caller in deferred:
-                if caller._status != 0:
+                if caller._status != WAITING:
                     continue
                 err_cls = ServerCrashed if isinstance(reason, BaseException) else ServerStopped
-                err = err_cls(f"server {proc._name!r} stopped ({short_repr(reason)}) before it "
-                              f"answered this call, which it had deferred with NoReply",
-                              name=proc._name, reason=reason)
+                err = err_cls(f"server {proc._otpy_name!r} stopped ({short_repr(reason)}) "
+                              f"before it answered this call, which it had deferred with "
+                              f"NoReply", name=proc._otpy_name, reason=reason)
                 if isinstance(reason, BaseException):
                     err.__cause__ = reason
                 caller._fail(err)
@@ -623,7 +856,7 @@ class Scheduler:
         self, proc: GenServer[Any], exc: BaseException, kind: int = INFO, payload: Any = None,
         caller: Caller | None = None,
     ) -> None:
-        name = proc._name
+        name = proc._otpy_name
         if isinstance(exc, OtpyError):
             exc.add_note(f"in server {name!r} ({type(proc).__qualname__}) serving "
                          f"{describe(kind, payload)}")
@@ -639,26 +872,26 @@ class Scheduler:
 
     def stopped(self, proc: GenServer[Any], result: Stop[Any], caller: Caller | None) -> None:
         reason = result.reason
-        proc._state = result.state
+        self.commit(proc, result.state)
         if caller is not None:
             if result.reply is not NOTHING:
                 caller.reply(result.reply)
             else:
                 caller._fail(ServerStopped(
-                    f"server {proc._name!r} stopped with reason {reason!r} without "
-                    f"replying", name=proc._name, reason=reason))
+                    f"server {proc._otpy_name!r} stopped with reason {reason!r} without "
+                    f"replying", name=proc._otpy_name, reason=reason))
         if not is_normal_reason(reason):
-            self.log.error("server_stopped", server=proc._name, vsn=proc.vsn,
+            self.log.error("server_stopped", server=proc._otpy_name, vsn=proc.vsn,
                            reason=repr(reason))
         self.exited(proc, reason)
 
     def exited(self, proc: GenServer[Any], reason: Any) -> None:
         """The server stops with ``reason``: terminate it, then let its supervisor act."""
-        if proc._flags & DEAD:
+        if proc._otpy_flags & DEAD:
             return
         with self.supervision_act():
             self.terminate_server(proc, reason)
-            proc._sup.child_exited(proc._spec.id, reason)
+            proc._otpy_sup.child_exited(proc._otpy_spec.id, reason)
 
     def supervision_act(self) -> _Act:
         return _Act(self)
@@ -681,23 +914,23 @@ class Scheduler:
 
     # -- control ---------------------------------------------------------------------
 
-    def suspend(self, name: str) -> None:
-        self.lookup(name)._flags |= SUSPENDED
+    def suspend(self, address: Any) -> None:
+        self.lookup(address)._otpy_flags |= SUSPENDED
 
-    def resume(self, name: str) -> None:
-        proc = self.lookup(name)
-        proc._flags &= ~SUSPENDED
+    def resume(self, address: Any) -> None:
+        proc = self.lookup(address)
+        proc._otpy_flags &= ~SUSPENDED
         self.schedule(proc)
 
-    def statistics(self, name: str | None = None) -> dict[str, Any]:
+    def statistics(self, address: Any = None) -> dict[str, Any]:
         """What ``node.statistics()`` shows (see there)."""
-        if name is not None:
-            proc = self.lookup(name)
-            flags = proc._flags
+        if address is not None:
+            proc = self.lookup(address)
+            flags, name = proc._otpy_flags, proc._otpy_name
             return {
-                "mailbox": len(proc._mbox or ()), "max_mailbox": proc._max_mailbox,
+                "mailbox": len(proc._otpy_mbox or ()), "max_mailbox": proc._otpy_max_mailbox,
                 "refused": self.refused.get(name, 0),
-                "waiting": len(self.waiting.get(name, ())), "restarts": proc._restarts,
+                "waiting": len(self.waiting.get(name, ())), "restarts": proc._otpy_restarts,
                 "vsn": type(proc).vsn, "step_timeout": budget_of(proc),
                 "status": ("suspended" if flags & SUSPENDED else
                            "running" if flags & BUSY else "idle"),
@@ -705,7 +938,7 @@ class Scheduler:
         return {
             "servers": len(self.procs), "supervisors": len(self.sups),
             "run_queue": len(self.runq), "timers": self.pending_timers(),
-            "queued": sum(len(p._mbox) for p in self.procs.values() if p._mbox),
+            "queued": sum(len(p._otpy_mbox) for p in self.procs.values() if p._otpy_mbox),
             "refused": sum(self.refused.values()),
             "refused_by_server": dict(self.refused),
             "waiting": sum(len(line) for line in self.waiting.values()),

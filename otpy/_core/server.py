@@ -14,16 +14,19 @@ import inspect
 import reprlib
 import typing
 from collections import deque
+from collections.abc import Callable
+from types import CodeType
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, TypeVar
 
 from .._exceptions import BadReturn
 from .typecheck import checker
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Iterator
 
-    from .scheduler import Scheduler, TaskRef, TimerRef
+    from .scheduler import Scheduler, TaskRef
     from .supervisor import Child, SupervisorRuntime
+    from .timers import TimerRef
 
 S = TypeVar("S")
 
@@ -36,6 +39,7 @@ _CALLBACKS = (
     "code_change",
     "upgrade_request",
     "downgrade_reply",
+    "handle_continue",
 )
 # Public helpers a subclass inherits; a near-miss of these is not a typo of a callback.
 _HELPERS = ("call", "cast", "send", "send_after", "start_task", "name")
@@ -51,30 +55,98 @@ class _Nothing:
 NOTHING: Any = _Nothing()
 
 
-class Reply(NamedTuple, Generic[S]):
+class _Result(Generic[S]):
+    # Callback results are values: equal when their fields are, shown as constructed,
+    # and (for code written against the tuples they once were) iterable and indexable.
+    # Plain slots classes rather than NamedTuples: building one is on every call's path
+    # and a slots __init__ costs half as much. Treat them as immutable.
+    __slots__ = ()
+    __match_args__: tuple[str, ...] = ()
+
+    def _fields(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f) for f in self.__match_args__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._fields()))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._fields())
+
+    def __getitem__(self, index: int) -> Any:
+        return self._fields()[index]
+
+    def __len__(self) -> int:
+        return len(self.__match_args__)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__match_args__)
+        return f"otpy.{type(self).__name__}({shown})"
+
+
+class Reply(_Result[S]):
     """``handle_call`` result: answer the caller with ``reply`` and continue with ``state``."""
 
-    reply: Any
-    state: S
+    __slots__ = ("reply", "state")
+    __match_args__ = ("reply", "state")
+
+    def __init__(self, reply: Any, state: S) -> None:
+        self.reply = reply
+        self.state = state
 
 
-class NoReply(NamedTuple, Generic[S]):
+class NoReply(_Result[S]):
     """``handle_call`` result: continue with ``state`` and answer later with
     ``caller.reply(value)``."""
 
-    state: S
+    __slots__ = ("state",)
+    __match_args__ = ("state",)
+
+    def __init__(self, state: S) -> None:
+        self.state = state
 
 
-class Stop(NamedTuple, Generic[S]):
+class Stop(_Result[S]):
     """Result of any handler (or ``init``): stop the server with ``reason``.
 
     ``"normal"`` and ``"shutdown"`` are normal exits (a transient child is not restarted);
     any other reason is abnormal. From ``handle_call``, ``reply`` (if given) answers the
     caller before ``terminate(reason, state)`` runs."""
 
-    reason: Any
-    state: S
-    reply: Any = NOTHING
+    __slots__ = ("reason", "reply", "state")
+    __match_args__ = ("reason", "state", "reply")
+
+    def __init__(self, reason: Any, state: S, reply: Any = NOTHING) -> None:
+        self.reason = reason
+        self.state = state
+        self.reply = reply
+
+
+class Continue(_Result[S]):
+    """Do what ``result`` says, then run ``handle_continue(arg, state)`` before any other
+    message reaches the server (OTP's ``{continue, Arg}``).
+
+    One wrapper for every callback, so that the results you know keep their shape::
+
+        return otpy.Continue(otpy.Reply("ok", state), "flush")  # from handle_call
+        return otpy.Continue(state, "load")        # from init, handle_cast, handle_info
+        return otpy.Continue(otpy.NoReply(state), "fetch")      # answer later, go on now
+
+    ``handle_continue`` returns the new state, ``Stop``, or another ``Continue``. It runs
+    within the same step, right after the reply (if any) is handed to the caller: no
+    message, timer or call can come in between."""
+
+    __slots__ = ("arg", "result")
+    __match_args__ = ("result", "arg")
+
+    def __init__(self, result: Any, arg: Any) -> None:
+        if type(result) is Continue:
+            raise TypeError("otpy.Continue(result, arg) takes the result of the callback "
+                            "(a state, Reply, NoReply), not another Continue")
+        self.result = result
+        self.arg = arg
 
 
 class _IgnoreType:
@@ -117,36 +189,50 @@ class TaskFailed(NamedTuple):
     error: BaseException
 
 
+# Caller._status: where a call stands. A caller is answered at most once.
+WAITING = 0  # nobody answered yet and the caller still waits
+ANSWERED = 1  # replied to, or failed with an error
+GAVE_UP = 2  # the caller stopped waiting (timeout, cancellation): answers are dropped
+
+
 class Caller:
     """Who is waiting for a ``handle_call`` reply.
 
     Return ``NoReply(state)`` from ``handle_call``, keep the caller, and answer later
     with ``caller.reply(value)`` (from any later callback of any server). Replying to a
     caller that gave up (its timeout passed) or replying twice does nothing;
-    ``caller.alive`` says whether anyone still waits."""
+    ``caller.alive`` says whether anyone still waits.
+
+    Every way of reaching a server (a task's ``await node.call``, a connection of an
+    endpoint, a simulated client) is a subclass that supplies two hooks, ``_resolve``
+    (the reply) and ``_reject`` (an error), each called at most once."""
 
     __slots__ = ("_status",)
 
-    # _status: 0 waiting, 1 answered, 2 gave up
     def __init__(self) -> None:
-        self._status = 0
+        self._status = WAITING
 
     @property
     def alive(self) -> bool:
         """True while the caller still waits for its reply."""
-        return self._status == 0
+        return self._status == WAITING
 
     def reply(self, value: Any) -> None:
         """Send ``value`` as the reply. Later replies, and replies after the caller gave
         up, are dropped."""
-        if self._status == 0:
-            self._status = 1
+        if self._status == WAITING:
+            self._status = ANSWERED
             self._resolve(value)
 
     def _fail(self, exc: BaseException) -> None:
-        if self._status == 0:
-            self._status = 1
+        if self._status == WAITING:
+            self._status = ANSWERED
             self._reject(exc)
+
+    def _give_up(self) -> None:
+        """The caller stops waiting: whatever comes later is dropped."""
+        if self._status == WAITING:
+            self._status = GAVE_UP
 
     def _resolve(self, value: Any) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -161,7 +247,7 @@ class InlineCaller(Caller):
     __slots__ = ("error", "value")
 
     def __init__(self) -> None:
-        self._status = 0
+        self._status = WAITING
         self.error: BaseException | None = None
 
     def _resolve(self, value: Any) -> None:
@@ -233,6 +319,40 @@ def _check_callbacks(cls: type) -> None:
                 )
 
 
+# The code objects of every callback of every server class (see GenServer's
+# __init_subclass__): how the watchdog tells a user's callback from otpy's own frames
+# and from helpers such as a logger, without a step writing anything down.
+CALLBACK_CODES: set[Any] = set()
+
+# The functions that run a server's callbacks, each with the name of its argument (or
+# local variable) that holds that server: the watchdog reads the server from their
+# frames. Marked with @runs_callbacks next to their definitions, so that renaming the
+# variable fails at import instead of silently turning step_timeout off.
+RUNNERS: dict[CodeType, str] = {}
+
+F = TypeVar("F", bound="Callable[..., Any]")
+
+
+def runs_callbacks(server_arg: str) -> Callable[[F], F]:
+    """Mark a function that calls callbacks of the server held in its argument or
+    local variable ``server_arg`` (for the step watchdog); the function itself is
+    unchanged."""
+
+    def mark(fn: F) -> F:
+        code = fn.__code__
+        if server_arg not in code.co_varnames:
+            raise AssertionError(f"{fn.__qualname__} has no variable {server_arg!r}")
+        RUNNERS[code] = server_arg
+        return fn
+
+    return mark
+
+
+# The runtime's own attributes on a server: one prefix that a user's class can never
+# reach by accident (a server may set self._node or self._state for itself).
+RUNTIME_PREFIX = "_otpy_"
+
+
 class GenServer(Generic[S]):
     """A generic server: a state machine that otpy steps inline, supervised.
 
@@ -253,12 +373,15 @@ class GenServer(Generic[S]):
     Callbacks and what the runtime does with their results:
 
     - ``init(arg)`` returns the first state; ``otpy.Ignore`` (do not run, keep listed);
-      ``otpy.Stop(reason, state)`` or an exception makes the start fail.
+      ``otpy.Continue(state, arg)`` (then ``handle_continue``); ``otpy.Stop(reason,
+      state)`` or an exception makes the start fail.
     - ``handle_call(request, caller, state)`` returns ``Reply(reply, state)``,
       ``NoReply(state)`` (answer later with ``caller.reply``) or ``Stop(reason, state,
       reply=...)``.
     - ``handle_cast(message, state)`` and ``handle_info(message, state)`` return the new
       state or ``Stop(reason, state)``.
+    - ``handle_continue(arg, state)`` returns the new state or ``Stop``; any result
+      above may be wrapped in ``otpy.Continue(result, arg)`` to ask for it.
     - ``terminate(reason, state)`` runs whenever a running server stops.
     - ``code_change(old_vsn, state, extra)`` returns the migrated state (see releases).
 
@@ -267,32 +390,44 @@ class GenServer(Generic[S]):
 
     Class attributes: ``vsn`` (derived from the code when not set), ``step_timeout``
     (seconds a callback may run) and ``max_mailbox`` (queued messages before
-    ``cast``/``send`` raise :class:`otpy.MailboxFull`).
+    ``cast``/``send`` raise :class:`otpy.MailboxFull`). Attribute names starting with
+    ``_otpy_`` are the runtime's.
     """
 
-    __slots__ = ("_deferred", "_flags", "_max_mailbox", "_mbox", "_name", "_node",
-                 "_restarts", "_spec", "_state", "_sup", "_tasks")
+    __slots__ = ("_otpy_deferred", "_otpy_flags", "_otpy_max_mailbox", "_otpy_mbox",
+                 "_otpy_name", "_otpy_restarts", "_otpy_rt", "_otpy_spec", "_otpy_state",
+                 "_otpy_sup", "_otpy_tasks")
 
     vsn: ClassVar[str]
     step_timeout: ClassVar[float] = 1.0
     max_mailbox: ClassVar[int] = 100_000
     _state_type: ClassVar[Any] = Any
 
-    _name: str
-    _state: Any
-    _mbox: deque[tuple[int, Any, Caller | None]] | None
-    _flags: int
-    _node: Scheduler
-    _sup: SupervisorRuntime
-    _spec: Child
-    _restarts: int
-    _tasks: set[TaskRef] | None
-    _deferred: list[Caller] | None  # callers it answered with NoReply (may be stale)
-    _max_mailbox: int  # the class's max_mailbox, or its Child spec's
+    _otpy_name: str
+    _otpy_state: Any
+    _otpy_mbox: deque[tuple[int, Any, Caller | None]] | None
+    _otpy_flags: int
+    _otpy_rt: Scheduler
+    _otpy_sup: SupervisorRuntime
+    _otpy_spec: Child
+    _otpy_restarts: int
+    _otpy_tasks: set[TaskRef] | None
+    _otpy_deferred: list[Caller] | None  # callers it answered with NoReply (may be stale)
+    _otpy_max_mailbox: int  # the class's max_mailbox, or its Child spec's
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _check_callbacks(cls)
+        taken = [a for a in vars(cls) if a.startswith(RUNTIME_PREFIX)
+                 and a != "_otpy_state_check" and a != "_otpy_origin"]
+        if taken:
+            raise TypeError(
+                f"{cls.__qualname__} defines {taken[0]!r}; names starting with "
+                f"{RUNTIME_PREFIX!r} belong to otpy's runtime. Rename it")
+        for attr in _CALLBACKS:
+            code = getattr(vars(cls).get(attr), "__code__", None)
+            if code is not None:
+                CALLBACK_CODES.add(code)
         cls._state_type = _declared_state_type(cls)
         # Build the state checker now, so that no start or upgrade pays for it (the
         # first rich type costs pydantic ~70 ms of imports); a type that cannot be
@@ -322,23 +457,32 @@ class GenServer(Generic[S]):
     def handle_call(self, request: Any, caller: Caller, state: S) -> Any:
         """Handle a call. The default crashes: the class handles no calls."""
         raise BadReturn(
-            f"server {self._name!r} ({type(self).__qualname__}) got call {request!r} but "
-            f"defines no handle_call; define handle_call(self, request, caller, state)"
+            f"server {self._otpy_name!r} ({type(self).__qualname__}) got call {request!r} "
+            f"but defines no handle_call; define handle_call(self, request, caller, state)"
         )
 
     def handle_cast(self, message: Any, state: S) -> Any:
         """Handle a cast. The default crashes: the class handles no casts."""
         raise BadReturn(
-            f"server {self._name!r} ({type(self).__qualname__}) got cast {message!r} but "
-            f"defines no handle_cast; define handle_cast(self, message, state)"
+            f"server {self._otpy_name!r} ({type(self).__qualname__}) got cast {message!r} "
+            f"but defines no handle_cast; define handle_cast(self, message, state)"
         )
 
     def handle_info(self, message: Any, state: S) -> Any:
         """Handle any other message. The default logs it as unexpected and keeps going."""
-        self._node.log.warning(
-            "unexpected_message", server=self._name, message=repr(message)[:200]
+        self._otpy_rt.log.warning(
+            "unexpected_message", server=self._otpy_name, message=repr(message)[:200]
         )
         return state
+
+    def handle_continue(self, arg: Any, state: S) -> Any:
+        """Continue after a callback returned ``otpy.Continue(result, arg)``. The default
+        crashes: the class asked for a continuation it does not handle."""
+        raise BadReturn(
+            f"server {self._otpy_name!r} ({type(self).__qualname__}) returned "
+            f"otpy.Continue(..., {arg!r}) but defines no handle_continue; define "
+            f"handle_continue(self, arg, state)"
+        )
 
     def terminate(self, reason: Any, state: S) -> None:
         """Called when a running server stops (crash, Stop, shutdown). Default: nothing."""
@@ -352,7 +496,7 @@ class GenServer(Generic[S]):
     @property
     def name(self) -> str:
         """The name this server is registered under."""
-        return self._name
+        return self._otpy_name
 
     def call(self, name: str, request: Any) -> Any:
         """Call another server synchronously, stepping it inline.
@@ -360,22 +504,22 @@ class GenServer(Generic[S]):
         Never blocks: raises :class:`otpy.WouldBlock` when the target cannot answer
         within this step (it is suspended, is already in the current chain of calls,
         or defers its reply)."""
-        return self._node.call_nowait(name, request)
+        return self._otpy_rt.call_nowait(name, request)
 
     def cast(self, name: str, message: Any) -> None:
         """Queue ``message`` for ``name``'s ``handle_cast``; returns at once."""
-        self._node.cast(name, message)
+        self._otpy_rt.cast(name, message)
 
     def send(self, name: str, message: Any) -> None:
         """Queue ``message`` for ``name``'s ``handle_info``; returns at once."""
-        self._node.send(name, message)
+        self._otpy_rt.send(name, message)
 
     def send_after(self, seconds: float, name: str, message: Any) -> TimerRef:
         """Deliver ``message`` to ``name``'s ``handle_info`` after ``seconds``.
 
         Returns a timer with ``cancel()``. The timer is addressed to the name: it reaches
         whichever server holds the name when it fires (none: it is dropped)."""
-        return self._node.send_after(seconds, name, message)
+        return self._otpy_rt.send_after(seconds, name, message)
 
     def start_task(
         self, fn: Callable[..., Awaitable[Any]], *args: Any, tag: Any = None
@@ -386,7 +530,7 @@ class GenServer(Generic[S]):
         ``otpy.TaskFailed(tag, error)``. The task is cancelled when the server stops
         (after the child's ``shutdown`` grace on an orderly shutdown); it survives
         release upgrades."""
-        return self._node.start_task(self, fn, args, tag)
+        return self._otpy_rt.start_task(self, fn, args, tag)
 
 
 def check_server_class(cls: object, what: str) -> type[GenServer[Any]]:
@@ -398,7 +542,7 @@ def check_server_class(cls: object, what: str) -> type[GenServer[Any]]:
 def budget_of(proc: GenServer[Any]) -> float:
     """The seconds ``proc``'s callbacks may run: its Child spec's step_timeout, else its
     class's."""
-    own = proc._spec.step_timeout
+    own = proc._otpy_spec.step_timeout
     return type(proc).step_timeout if own is None else own
 
 
@@ -418,6 +562,6 @@ def check_max_mailbox(value: object, what: str, error: type[Exception] = ValueEr
 
 def bad_return(server: GenServer[Any], callback: str, value: Any, expected: str) -> BadReturn:
     return BadReturn(
-        f"server {server._name!r} ({type(server).__qualname__}.{callback}) returned "
+        f"server {server._otpy_name!r} ({type(server).__qualname__}.{callback}) returned "
         f"{reprlib.repr(value)}; expected {expected}"
     )

@@ -265,7 +265,7 @@ class SupervisorRuntime:
             sub = self.sched.sups.get(id)
             return sub if sub is not None and sub.parent is self else None
         proc = self.sched.procs.get(id)
-        return proc if proc is not None and proc._sup is self else None
+        return proc if proc is not None and proc._otpy_sup is self else None
 
     def _stop_child(self, id: str, reason: Any) -> None:
         thing = self.running(id)

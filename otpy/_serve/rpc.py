@@ -1,11 +1,13 @@
 """The network edge: the MessagePack-RPC client endpoint and the authenticated admin
 endpoint of a node (``open_node(root, listen=..., admin=...)``).
 
-One task reads each connection and serves every request it can answer at once inline,
-in the step that decoded it; a request whose server defers its reply (``NoReply``,
-busy, suspended) gets a task of its own that waits for it, so replies go out as they
-complete, out of order. The reader writes the replies it made itself, per batch read
-(see ``_Connection._serve``); one writer task per connection sends the others.
+One task reads each connection and hands every call to the core's one call path,
+``Runtime.start_call``, with a caller (:class:`_WireCaller`) that encodes the reply
+into the connection's output: a call answered at once is written with its batch, and a
+call whose server defers its reply (``NoReply``, busy, suspended) needs no task at all:
+its reply is encoded when it comes (its deadline is in the node's timer heap), so
+replies go out as they complete, out of order. The reader writes the replies of its
+own batch (see ``_Connection._serve``); one writer task per connection sends the rest.
 
 Where the time goes, per request answered inline (about 1.2 us on the reference
 machine): msgpack decoding 0.1, the shape checks 0.15, the server's step with its
@@ -31,20 +33,18 @@ import functools
 import os
 import secrets
 import stat
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 import trio
 
-from .._core.release import Release
-from .._core.scheduler import CALL
+from .._core.release import Planner, Release
+from .._core.runtime import ADMIN_OPS, Runtime
+from .._core.server import WAITING, Caller
 from .._exceptions import BadRequest, OtpyError
-from .._node import _TaskCaller
 from .._protocol.msgpack_rpc import (
-    DEFAULT_MAX_DEPTH,
-    DEFAULT_MAX_FRAME,
     ENCODE_ERRORS,
     READ_SIZE,
     Decoder,
@@ -59,9 +59,9 @@ from .._protocol.msgpack_rpc import (
     new_nonce,
     result_packer,
 )
+from .limits import EndpointLimits
 
-if TYPE_CHECKING:
-    from .._node import Node
+Install = Callable[[Planner], Awaitable[dict[str, Any]]]
 
 COOKIE_ENV = "OTPY_COOKIE"
 COOKIE_FILE_ENV = "OTPY_COOKIE_FILE"
@@ -116,66 +116,6 @@ def read_cookie(*, create: bool = False) -> bytes:
     return text.encode()
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class EndpointLimits:
-    """The bounds each connection to a node's endpoints keeps, so that no client can
-    make the node buffer, or wait, without limit.
-
-    ::
-
-        limits = otpy.EndpointLimits(max_frame=64 * 1024, call_timeout=2.0)
-        async with otpy.open_node(root, listen=("127.0.0.1", 0), limits=limits) as node:
-            ...
-
-    The same limits apply to the client endpoint (``listen=``) and the admin endpoint
-    (``admin=``); ``otpy.run`` takes them too.
-
-    Limits
-    ------
-    ``max_frame`` (bytes, default 1 MiB): the largest message a client may send. A
-    larger request gets the error ``["FrameTooLarge", ...]``; a frame that cannot be
-    told apart from garbage closes the connection. The node never buffers more than
-    ``max_frame`` plus one read (64 KiB) of a message.
-
-    ``max_depth`` (default 32): the deepest nesting of arrays and maps in a message,
-    the message itself included; deeper requests get ``["TooDeep", ...]``.
-
-    ``max_inflight`` (default 256): requests of one connection whose replies are still
-    awaited (a server deferred them, or is busy). At the limit the connection stops
-    reading until one completes.
-
-    ``max_send_buffer`` (bytes, default 1 MiB): replies made but not yet taken by the
-    client. Past it the connection stops reading until the client reads (a slow reader
-    slows only itself). Checked after each request, so one reply may overshoot.
-
-    ``call_timeout`` (seconds, default 5.0, as ``node.call``): how long a ``call`` made
-    over the wire waits for a deferred or queued reply before it is answered with
-    ``["CallTimeout", ...]``.
-    """
-
-    max_frame: int = DEFAULT_MAX_FRAME
-    max_depth: int = DEFAULT_MAX_DEPTH
-    max_inflight: int = 256
-    max_send_buffer: int = 1 << 20
-    call_timeout: float = 5.0
-
-    def __post_init__(self) -> None:
-        for field in ("max_frame", "max_depth", "max_inflight", "max_send_buffer"):
-            value = getattr(self, field)
-            if type(value) is not int:
-                raise TypeError(f"EndpointLimits({field}=...) takes an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"EndpointLimits({field}=...) must be at least 1, got "
-                                 f"{value!r}")
-        timeout = self.call_timeout
-        if type(timeout) is not float and type(timeout) is not int:
-            raise TypeError(f"EndpointLimits(call_timeout=...) takes seconds as a float, "
-                            f"got {timeout!r}")
-        if not timeout > 0:
-            raise ValueError(f"EndpointLimits(call_timeout=...) must be more than 0 "
-                             f"seconds, got {timeout!r}")
-
-
 def _name(params: tuple[Any, ...], n: int = 0) -> str:
     if len(params) <= n or not isinstance(params[n], str):
         raise BadRequest(f"expected a server name (a string) as params[{n}], got "
@@ -184,24 +124,53 @@ def _name(params: tuple[Any, ...], n: int = 0) -> str:
     return name
 
 
-def _sup_arg(params: tuple[Any, ...]) -> str:
-    if not params:
-        return "root"
-    return _name(params)
+class _WireCaller(Caller):
+    """A call made over a connection: its answer is encoded into the connection's
+    output as soon as it comes. ``later`` is set when the call was not answered within
+    its own step: the connection then counts it in flight until it is."""
+
+    __slots__ = ("conn", "later", "msgid")
+
+    def __init__(self, conn: _Connection, msgid: int) -> None:
+        self._status = WAITING
+        self.conn = conn
+        self.msgid = msgid
+        self.later = False
+
+    def _resolve(self, value: Any) -> None:
+        conn = self.conn
+        if conn.closed:
+            return
+        try:
+            conn.out += conn.pack((1, self.msgid, None, value))
+        except ENCODE_ERRORS as exc:
+            conn._unencodable(self.msgid, value, exc)
+        if self.later:
+            conn._completed()
+
+    def _reject(self, exc: BaseException) -> None:
+        conn = self.conn
+        if conn.closed:
+            return
+        conn.out += encode_error(self.msgid, *error_of(exc))
+        if self.later:
+            conn._completed()
 
 
 class _Connection:
-    __slots__ = ("admin", "authenticated", "cookie", "decoder", "fd", "in_send", "limits",
-                 "log", "methods", "node", "nursery", "out", "pack", "pending", "room",
-                 "stream", "wake")
+    __slots__ = ("admin", "authenticated", "closed", "cookie", "decoder", "fd", "in_send",
+                 "install", "limits", "log", "methods", "nursery", "out", "pack",
+                 "pending", "room", "rt", "stream", "wake")
 
-    def __init__(self, node: Node, stream: trio.SocketStream, cookie: bytes | None,
-                 limits: EndpointLimits) -> None:
-        self.node = node
+    def __init__(self, rt: Runtime, install: Install | None, stream: trio.SocketStream,
+                 cookie: bytes | None, limits: EndpointLimits) -> None:
+        self.rt = rt
+        self.install = install
         self.stream = stream
         self.cookie = cookie
         self.admin = cookie is not None
         self.authenticated = cookie is None
+        self.closed = False
         self.limits = limits
         self.decoder = Decoder(max_frame=limits.max_frame, max_depth=limits.max_depth)
         self.out = bytearray()  # replies not handed to the stream yet
@@ -210,7 +179,7 @@ class _Connection:
         # descriptor; -1 elsewhere, where trio's stream does it all.
         self.fd = stream.socket.fileno() if DIRECT_IO else -1
         self.pack = result_packer(lenient=self.admin)
-        self.pending = 0
+        self.pending = 0  # calls answered later, and admin operations, in flight
         self.wake = trio.lowlevel.ParkingLot()  # the writer waits here for bytes
         self.room = trio.lowlevel.ParkingLot()  # the reader waits here for room
         try:
@@ -220,34 +189,32 @@ class _Connection:
         self.log = _log.bind(endpoint="admin" if self.admin else "client", peer=peer)
         self.nursery: trio.Nursery | None = None
         self.methods: dict[str, Any] = {"call": self._call, "cast": self._cast}
-        if self.admin:
-            self.methods.update(
-                which_children=self._which_children, count_children=self._count_children,
-                get_state=self._get_state, statistics=self._statistics,
-                suspend=self._suspend, resume=self._resume,
-                releases=self._releases, upgrade=self._upgrade, downgrade=self._downgrade)
 
     # -- the connection's life -------------------------------------------------------
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            nursery.start_soon(self._writer)
-            try:
-                clean = await self._read()
-                # Let the replies still owed go out: all of them after an orderly end,
-                # only those already made after a protocol error.
-                with trio.move_on_after(self.limits.call_timeout + 1.0):
-                    await self._flush()
-                    while (clean and self.pending) or self.out or self.in_send:
-                        await self.room.park()
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._writer)
+                try:
+                    clean = await self._read()
+                    # Let the replies still owed go out: all of them after an orderly
+                    # end, only those already made after a protocol error.
+                    with trio.move_on_after(self.limits.call_timeout + 1.0):
+                        await self._flush()
+                        while (clean and self.pending) or self.out or self.in_send:
+                            await self.room.park()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            # Calls still deferred may be answered later: their replies are dropped.
+            self.closed = True
 
     async def _writer(self) -> None:
-        # Sends the replies of deferred requests; the reader sends its own inline
-        # replies itself (see _flush), saving a task switch per packet. ``in_send``
-        # keeps the two from ever writing at once.
+        # Sends the replies that come outside the reader's batches; the reader sends
+        # its own batch's replies itself (see _flush), saving a task switch per
+        # packet. ``in_send`` keeps the two from ever writing at once.
         while True:
             while not self.out or self.in_send:
                 await self.wake.park()
@@ -286,6 +253,15 @@ class _Connection:
         self.out += data
         if self.wake and not self.in_send:
             self.wake.unpark()
+
+    def _completed(self) -> None:
+        """A reply that came outside the reader's batch is in ``out``: send it, and let
+        the reader go on if it waited for room."""
+        self.pending -= 1
+        if self.wake and not self.in_send:
+            self.wake.unpark()
+        if self.room:
+            self.room.unpark_all()
 
     async def _read(self) -> bool:
         """Serve requests until the peer closes (True) or breaks the protocol (False)."""
@@ -345,7 +321,6 @@ class _Connection:
     def _serve(self, messages: list[Any], start: int) -> int:
         """Serve messages from ``start`` until the end or until the connection's bounds
         are reached; the index to go on from, or -1 when the connection must close."""
-        out = self.out  # no await below: nothing else touches it meanwhile
         # The reply bytes that may be added before the reader waits for the writer.
         room = self.limits.max_send_buffer - self.in_send
         # The replies to the first half of a batch are written as soon as they are
@@ -353,35 +328,26 @@ class _Connection:
         # second half, instead of both taking turns (+10-15% pipelined on 2 cores). One
         # write more per batch, so only for batches worth it.
         half = (start + len(messages)) // 2 if len(messages) - start >= 16 else -1
-        sched = self.node._sched
-        procs, step, pack = sched.procs, sched.step, self.pack
+        start_call, timeout = self.rt.start_call, self.limits.call_timeout
         for i in range(start, len(messages)):
             msg = messages[i]
-            if type(msg) is tuple:  # a well-formed request (see _wire.Request)
-                # The hot path, flattened (each Python call here costs some 5% of the
-                # rate): ``call(name, request)`` of an idle server, answered within the
-                # step, as in Node.call. Everything else goes through _request.
+            if type(msg) is tuple:  # a well-formed request (see msgpack_rpc.Request)
                 _, msgid, method, params = msg
-                if method == "call" and len(params) == 2:
-                    name, request = params
-                    proc = procs.get(name) if type(name) is str else None
-                    if proc is not None and not proc._flags and proc._mbox is None:
-                        caller = _TaskCaller()
-                        step(proc, CALL, request, caller)
-                        if caller._status == 1 and caller._error is None:
-                            try:
-                                out += pack((1, msgid, None, caller._value))
-                            except ENCODE_ERRORS as exc:
-                                self._unencodable(msgid, caller._value, exc)
-                            if len(out) > room:
-                                return i + 1
-                            if i == half and not self.in_send:
-                                self._write_now()
-                            continue
-                        self._settle(msgid, caller, name, type(proc), None)
+                if method == "call" and len(params) == 2 and type(params[0]) is str:
+                    # The hot path: what _call does, without its checks of params.
+                    caller = _WireCaller(self, msgid)
+                    start_call(params[0], params[1], caller, timeout=timeout)
+                    if caller._status == WAITING:
+                        caller.later = True
+                        self.pending += 1
                         if self._full():
                             return i + 1
                         continue
+                    if len(self.out) > room:
+                        return i + 1
+                    if i == half and not self.in_send:
+                        self._write_now()
+                    continue
                 self._request(msgid, method, params)
                 if self._full():
                     return i + 1
@@ -398,20 +364,22 @@ class _Connection:
         return len(messages)
 
     def _request(self, msgid: int, name: str, params: tuple[Any, ...]) -> None:
-        """Serve any request by the method table; errors become error replies."""
+        """Serve any request by the method table (then, on the admin endpoint, the
+        runtime's admin table); errors become error replies."""
         method = self.methods.get(name)
-        if method is None:
-            self.log.warning("wire_bad_request", msgid=msgid, kind="NoSuchMethod",
-                             method=name)
-            self._send(encode_error(msgid, "NoSuchMethod",
-                                    f"no method {name!r}; this endpoint serves "
-                                    f"{sorted(self.methods)}"))
-            return
         try:
-            method(msgid, params)
+            if method is not None:
+                method(msgid, params)
+            elif self.admin and name == "upgrade":
+                self._upgrade(msgid, params)
+            elif self.admin and name in ADMIN_OPS:
+                self._admin(msgid, name, params)
+            else:
+                methods = sorted(self.methods) + (sorted(ADMIN_OPS) if self.admin else [])
+                raise NoSuchMethod(f"no method {name!r}; this endpoint serves {methods}")
         except Exception as exc:
-            if isinstance(exc, BadRequest):
-                self.log.warning("wire_bad_request", msgid=msgid, kind="BadRequest",
+            if isinstance(exc, BadRequest | NoSuchMethod):
+                self.log.warning("wire_bad_request", msgid=msgid, kind=type(exc).__name__,
                                  reason=str(exc))
             self._send(encode_error(msgid, *error_of(exc)))
 
@@ -504,94 +472,51 @@ class _Connection:
             self.pending -= 1
             self.room.unpark_all()
 
-    # -- client methods --------------------------------------------------------------
+    # -- methods ---------------------------------------------------------------------
 
     def _call(self, msgid: int, params: tuple[Any, ...]) -> None:
-        """``call(name, request[, vsn])``: served as ``node.call`` is, without a task
-        unless the reply has to wait."""
+        """``call(name, request[, vsn])``, through the runtime's one call path."""
         if len(params) not in (2, 3):
             raise BadRequest(f"call takes (name, request[, vsn]), got {len(params)} params")
         name = _name(params)
         vsn = params[2] if len(params) == 3 else None
         if vsn is not None and not isinstance(vsn, str):
             raise BadRequest(f"call's vsn must be a string or nil, got {vsn!r:.80}")
-        node = self.node
-        caller, served_by = node._start_call(name, params[1], vsn)
-        self._settle(msgid, caller, name, served_by, vsn)
-
-    def _settle(self, msgid: int, caller: _TaskCaller, name: str, served_by: Any,
-                vsn: str | None) -> None:
-        """Answer a call once its step is over: with its reply or error now, or from a
-        task that waits for it. Raises what adapting a versioned reply raises."""
-        if caller._status == 0:
-            self._spawn(msgid, self._await_call, caller, name, served_by, vsn)
-        elif caller._error is not None:
-            self._send(encode_error(msgid, *error_of(caller._error)))
-        else:
-            result = caller._value
-            if vsn is not None:
-                result = self.node._adapt_reply(served_by, vsn, result)
-            self._reply(msgid, result)
-
-    async def _await_call(self, caller: _TaskCaller, name: str, served_by: Any,
-                          vsn: str | None) -> Any:
-        node = self.node
-        if caller._status == 0:  # else it was answered before this task started
-            result = await node._wait(caller, name, self.limits.call_timeout)
-        elif caller._error is not None:
-            raise caller._error
-        else:
-            result = caller._value
-        if vsn is not None:
-            result = node._adapt_reply(served_by, vsn, result)
-        return result
+        caller = _WireCaller(self, msgid)
+        self.rt.start_call(name, params[1], caller, vsn=vsn, timeout=self.limits.call_timeout)
+        if caller._status == WAITING:
+            caller.later = True
+            self.pending += 1
 
     def _cast(self, msgid: int | None, params: tuple[Any, ...]) -> None:
         if len(params) != 2:
             raise BadRequest(f"cast takes (name, message), got {len(params)} params")
-        self.node.cast(_name(params), params[1])
+        self.rt.cast(_name(params), params[1])
         if msgid is not None:
             self._reply(msgid, None)
 
-    # -- admin methods ---------------------------------------------------------------
-
-    def _which_children(self, msgid: int, params: tuple[Any, ...]) -> None:
-        self._reply(msgid, [info._asdict() for info in self.node.which_children(
-            _sup_arg(params))])
-
-    def _count_children(self, msgid: int, params: tuple[Any, ...]) -> None:
-        self._reply(msgid, self.node.count_children(_sup_arg(params)))
-
-    def _statistics(self, msgid: int, params: tuple[Any, ...]) -> None:
-        self._reply(msgid, self.node.statistics(_name(params) if params else None))
-
-    def _get_state(self, msgid: int, params: tuple[Any, ...]) -> None:
-        self._reply(msgid, self.node.get_state(_name(params)))
-
-    def _suspend(self, msgid: int, params: tuple[Any, ...]) -> None:
-        self.node.suspend(_name(params))
-        self._reply(msgid, None)
-
-    def _resume(self, msgid: int, params: tuple[Any, ...]) -> None:
-        self.node.resume(_name(params))
-        self._reply(msgid, None)
-
-    def _releases(self, msgid: int, params: tuple[Any, ...]) -> None:
-        self._reply(msgid, [r._asdict() for r in self.node.releases()])
+    def _admin(self, msgid: int, method: str, params: tuple[Any, ...]) -> None:
+        result = self.rt.admin(method, params)
+        if isinstance(result, Planner):
+            self.log.info("admin_downgrade" if result.downgrade else "admin_upgrade",
+                          vsn=result.release.vsn)
+            assert self.install is not None
+            self._spawn(msgid, self.install, result)
+        else:
+            self._reply(msgid, result)
 
     def _upgrade(self, msgid: int, params: tuple[Any, ...]) -> None:
         if len(params) != 1 or not isinstance(params[0], str):
             raise BadRequest(f"upgrade takes (release_file,), a path on the node's host; "
                              f"got {params!r:.80}")
         release = Release.load(params[0])
-        self.log.info("admin_upgrade", release_file=params[0], vsn=release.vsn)
-        self._spawn(msgid, self.node.upgrade, release)
+        self.log.info("admin_release_loaded", release_file=params[0], vsn=release.vsn)
+        self._admin(msgid, "upgrade", (release,))
 
-    def _downgrade(self, msgid: int, params: tuple[Any, ...]) -> None:
-        if params:
-            raise BadRequest(f"downgrade takes no params, got {params!r:.80}")
-        self.log.info("admin_downgrade")
-        self._spawn(msgid, self.node.downgrade)
+
+class NoSuchMethod(Exception):
+    """A request named a method the endpoint does not serve (the kind of its error
+    reply)."""
 
 
 def _vanished(exc: BaseException) -> bool:
@@ -604,9 +529,9 @@ def _vanished(exc: BaseException) -> bool:
     return isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError)
 
 
-async def _handle(node: Node, cookie: bytes | None, limits: EndpointLimits,
-                  stream: trio.SocketStream) -> None:
-    conn = _Connection(node, stream, cookie, limits)
+async def _handle(rt: Runtime, install: Install | None, cookie: bytes | None,
+                  limits: EndpointLimits, stream: trio.SocketStream) -> None:
+    conn = _Connection(rt, install, stream, cookie, limits)
     try:
         await conn.run()
     except Exception as exc:
@@ -618,29 +543,31 @@ async def _handle(node: Node, cookie: bytes | None, limits: EndpointLimits,
         await trio.aclose_forcefully(stream)
 
 
-async def _serve(node: Node, address: tuple[str, int], cookie: bytes | None,
-                 limits: EndpointLimits, task_status: Any) -> None:
+async def _serve(rt: Runtime, install: Install | None, address: tuple[str, int],
+                 cookie: bytes | None, limits: EndpointLimits, task_status: Any) -> None:
     host, port = address
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[:2]
     _log.info("endpoint_listening", endpoint="admin" if cookie else "client",
               address=f"{bound[0]}:{bound[1]}")
     task_status.started((bound[0], bound[1]))
-    await trio.serve_listeners(functools.partial(_handle, node, cookie, limits), listeners)
+    await trio.serve_listeners(functools.partial(_handle, rt, install, cookie, limits),
+                               listeners)
 
 
-async def serve_client(node: Node, address: tuple[str, int], *,
+async def serve_client(rt: Runtime, address: tuple[str, int], *,
                        limits: EndpointLimits | None = None,
                        task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the client endpoint on ``address`` until cancelled; reports the bound
-    ``(host, port)`` through ``nursery.start``."""
-    await _serve(node, address, None, limits or EndpointLimits(), task_status)
+    """Serve the client endpoint of runtime ``rt`` on ``address`` until cancelled;
+    reports the bound ``(host, port)`` through ``nursery.start``."""
+    await _serve(rt, None, address, None, limits or EndpointLimits(), task_status)
 
 
-async def serve_admin(node: Node, address: tuple[str, int], *,
+async def serve_admin(rt: Runtime, install: Install, address: tuple[str, int], *,
                       limits: EndpointLimits | None = None, cookie: bytes | None = None,
                       task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the admin endpoint on ``address`` until cancelled (the cookie is read, or
-    its file created, first); reports the bound ``(host, port)``."""
+    """Serve the admin endpoint of runtime ``rt`` on ``address`` until cancelled (the
+    cookie is read, or its file created, first); ``install`` drives a release to its
+    commit. Reports the bound ``(host, port)``."""
     secret = cookie if cookie is not None else read_cookie(create=True)
-    await _serve(node, address, secret, limits or EndpointLimits(), task_status)
+    await _serve(rt, install, address, secret, limits or EndpointLimits(), task_status)

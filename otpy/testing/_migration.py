@@ -52,7 +52,7 @@ def msgpack_round_trip(state: Any) -> Any:
 
 def _instance(cls: type[GenServer[Any]], name: str) -> GenServer[Any]:
     server = cls.__new__(cls)
-    server._name = name
+    server._otpy_name = name
     return server
 
 

@@ -14,11 +14,12 @@ from .._core.release import Release
 
 
 class Call(NamedTuple):
-    """``yield call(name, request, timeout=5.0)``: resumes with the reply."""
+    """``yield call(name, request, timeout=5.0, vsn=None)``: resumes with the reply."""
 
     name: str
     request: Any
     timeout: float | None
+    vsn: str | None = None
 
 
 class Cast(NamedTuple):
@@ -55,13 +56,16 @@ class Crash(NamedTuple):
 Operation = Call | Cast | Sleep | Upgrade | Downgrade | Crash
 
 
-def call(name: str, request: Any, *, timeout: float | None = 5.0) -> Call:
+def call(name: str, request: Any, *, timeout: float | None = 5.0,
+         vsn: str | None = None) -> Call:
     """Call server ``name``; the client resumes with the reply.
 
-    As ``await node.call``: an idle server is stepped at once, a busy one answers in
-    turn. The client gets :class:`otpy.ServerCrashed`, :class:`otpy.NoSuchServer` or,
-    after ``timeout`` virtual seconds, :class:`otpy.CallTimeout` thrown into it."""
-    return Call(name, request, timeout)
+    As ``await node.call`` (the same call path): an idle server is stepped at once, a
+    busy one answers in turn. The client gets :class:`otpy.ServerCrashed`,
+    :class:`otpy.NoSuchServer` or, after ``timeout`` virtual seconds,
+    :class:`otpy.CallTimeout` thrown into it. ``vsn`` is the protocol version the
+    client speaks, as for ``node.call``."""
+    return Call(name, request, timeout, vsn)
 
 
 def cast(name: str, message: Any) -> Cast:

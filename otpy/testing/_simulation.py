@@ -19,7 +19,6 @@ restarts, upgrades and timers are the core's; the simulation only chooses the or
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 import random
@@ -30,23 +29,30 @@ from typing import Any, NamedTuple
 
 import structlog
 
-from .._core.release import Migration, ReleaseHandler, ReleaseInfo
+from .._core.release import Migration, ReleaseInfo
+from .._core.runtime import Runtime
 from .._core.scheduler import (
-    CALL,
     CAST,
     DEAD,
     INFO,
-    NOT_STEPPABLE,
     SCHEDULED,
-    TOUCHED,
-    WATCHED,
     Scheduler,
     TaskRef,
     short_repr,
 )
-from .._core.server import NOTHING, Caller, GenServer, InlineCaller, Stop, TaskDone, TaskFailed
-from .._core.supervisor import Child, ChildInfo, Supervisor, SupervisorRuntime, check_unique_names
-from .._exceptions import CallTimeout, OtpyError
+from .._core.server import (
+    NOTHING,
+    WAITING,
+    Caller,
+    GenServer,
+    InlineCaller,
+    Stop,
+    TaskDone,
+    TaskFailed,
+)
+from .._core.supervisor import Child, ChildInfo, Supervisor
+from .._core.timers import TimerRef
+from .._exceptions import OtpyError
 from ._ops import Call, Cast, Crash, Downgrade, Operation, Sleep, Upgrade
 
 _KIND = ("call", "cast", "info")
@@ -126,9 +132,8 @@ class Client:
         self._status = _NEW
         self._send: Any = None
         self._throw: BaseException | None = None
-        self._wake: float | None = None  # end of a sleep, or a call's deadline
+        self._wake: float | None = None  # the end of a sleep
         self._caller: _SimCaller | None = None
-        self._target: tuple[str, float | None] = ("", None)  # the call it waits for
 
     def __repr__(self) -> str:
         return f"<simulated client {self.name!r}{' done' if self.done else ''}>"
@@ -178,9 +183,10 @@ class _SimScheduler(Scheduler):
 
     def step(self, proc: GenServer[Any], kind: int, payload: Any, caller: Caller | None) -> None:
         sim = self.sim
-        name = proc._name
+        name = proc._otpy_name
         n = sim._step_counts[name] = sim._step_counts.get(name, 0) + 1
-        origin = f" from {caller.client.name}" if isinstance(caller, _SimCaller) else ""
+        client = getattr(caller, "inner", caller)  # the client behind a versioned call
+        origin = f" from {client.client.name}" if isinstance(client, _SimCaller) else ""
         line = sim._line(name, f"{_KIND[kind]} {_text(payload)}{origin}")
         frame = _Step(proc, line)
         sim._steps.append(frame)
@@ -197,17 +203,17 @@ class _SimScheduler(Scheduler):
             sim._steps.pop()
         outcome = frame.outcome
         if outcome is None:
-            if proc._flags & DEAD:  # a sibling's restart stopped it meanwhile
+            if proc._otpy_flags & DEAD:  # a sibling's restart stopped it meanwhile
                 outcome = "stopped by its supervisor during this step"
             elif caller is None:
-                outcome = f"state {_text(proc._state)}"
-            elif caller._status == 0:
-                outcome = f"noreply, state {_text(proc._state)}"
+                outcome = f"state {_text(proc._otpy_state)}"
+            elif caller._status == WAITING:
+                outcome = f"noreply, state {_text(proc._otpy_state)}"
             elif getattr(caller, "error", None) is not None:
                 outcome = f"error {_error_text(caller.error)}"  # type: ignore[attr-defined]
             else:
                 outcome = f"reply {_text(getattr(caller, 'value', None))}, state " \
-                          f"{_text(proc._state)}"
+                          f"{_text(proc._otpy_state)}"
         line[3] += _ADDRESS.sub(" at 0x?", f" -> {outcome}")
 
     def crashed(
@@ -218,7 +224,7 @@ class _SimScheduler(Scheduler):
         if steps and steps[-1].proc is proc:
             steps[-1].outcome = f"crash {_error_text(exc)}"
         else:
-            self.sim._line(proc._name, f"crash {_error_text(exc)}")
+            self.sim._line(proc._otpy_name, f"crash {_error_text(exc)}")
         super().crashed(proc, exc, kind, payload, caller)
 
     def stopped(self, proc: GenServer[Any], result: Stop[Any], caller: Caller | None) -> None:
@@ -228,38 +234,6 @@ class _SimScheduler(Scheduler):
                 " without reply" if result.reply is NOTHING else f", reply {_text(result.reply)}")
             steps[-1].outcome = f"stop {_text(result.reason)}{reply}"
         super().stopped(proc, result, caller)
-
-
-class _SimLog:
-    """Stands in for the node's logger: each event goes into the trace, then on to
-    structlog as the node would log it (so ``capture_logs`` sees it too)."""
-
-    def __init__(self, sim: Simulation) -> None:
-        self._sim = sim
-        self._log = structlog.get_logger("otpy")
-
-    def _event(self, level: str, event: str, **fields: Any) -> None:
-        if event not in _SILENT:
-            actor = fields.get("supervisor") or fields.get("server") or "node"
-            shown = " ".join(f"{k}={_field(v)}" for k, v in fields.items()
-                             if k not in ("supervisor", "server"))
-            self._sim._line(str(actor), f"{event} {shown}".rstrip())
-        getattr(self._log, level)(event, **fields)
-
-    def debug(self, event: str, **fields: Any) -> None:
-        self._event("debug", event, **fields)
-
-    def info(self, event: str, **fields: Any) -> None:
-        self._event("info", event, **fields)
-
-    def warning(self, event: str, **fields: Any) -> None:
-        self._event("warning", event, **fields)
-
-    def error(self, event: str, **fields: Any) -> None:
-        self._event("error", event, **fields)
-
-    def exception(self, event: str, **fields: Any) -> None:
-        self._event("exception", event, **fields)
 
 
 class _Migrating:
@@ -349,8 +323,8 @@ class Simulation:
 
     What it does not cover
         Tasks run without trio (one that awaits trio fails), sockets and the network
-        endpoints, wall-clock time (callbacks take no virtual time; ``step_timeout``
-        cannot fire), and versioned calls (``vsn=``).
+        endpoints, and wall-clock time (callbacks take no virtual time; ``step_timeout``
+        cannot fire).
     """
 
     def __init__(self, root: Supervisor, seed: int | random.Random = 0, *,
@@ -358,7 +332,6 @@ class Simulation:
         if not isinstance(root, Supervisor):
             raise TypeError(f"Simulation needs an otpy.Supervisor as the root of the tree, "
                             f"got {root!r}")
-        check_unique_names(root, ())
         if not isinstance(migration_chunk, int) or migration_chunk < 1:
             raise ValueError(f"migration_chunk must be an int >= 1, got {migration_chunk!r}")
         self.seed = seed
@@ -374,19 +347,32 @@ class Simulation:
         self._clients: list[Client] = []
         self._client_names = itertools.count(1)
         self._migrating: list[_Migrating] = []
-        self._tasks: list[_Task] = []
+        self._otpy_tasks: list[_Task] = []
         self._chunk = migration_chunk
         self._closed = False
-        sched = self._sched = _SimScheduler(log=_SimLog(self), clock=lambda: self._now,
-                                            spawn=self._spawn)
+        sched = self._sched = _SimScheduler(log=structlog.get_logger("otpy"),
+                                            clock=lambda: self._now, spawn=self._spawn)
         sched.sim = self
-        self._releases = ReleaseHandler(sched)
-        self._root = sched.root = SupervisorRuntime(root, sched, None)
+        sched.log.observe(self._observe)
+        sched.timers.delay = self._timer_due
+        self._rt = Runtime(root, sched)
+        self._releases = self._rt.release_handler
+        self._releases.fault = self._code_change_fault
+        self._active_faults: dict[str, BaseException] = {}
         self._line("sim", f"start tree {root.name!r}, seed {_seed_text(seed)}")
-        with sched.supervision_act():
-            self._root.start()
+        self._rt.start()
 
     # -- the trace -------------------------------------------------------------------
+
+    def _observe(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        """The node's events, as trace lines (a step's own line already tells its
+        crash or stop)."""
+        if event in _SILENT:
+            return
+        actor = fields.get("supervisor") or fields.get("server") or "node"
+        shown = " ".join(f"{k}={_field(v)}" for k, v in fields.items()
+                         if k not in ("supervisor", "server"))
+        self._line(str(actor), f"{event} {shown}".rstrip())
 
     def _line(self, actor: str, text: str) -> list[Any]:
         # Whatever the text quotes (reprs made by the core, a user's exception message)
@@ -468,21 +454,14 @@ class Simulation:
         sched = self._sched
         t = type(op)
         if t is Call:
-            self._line_at(0, client.name, f"call {op.name} {_text(op.request)}")
-            proc = sched.procs.get(op.name)
-            if proc is None:
-                client._ready(error=sched._no_such(op.name))
-                return
+            vsn = "" if op.vsn is None else f" (vsn {op.vsn})"
+            self._line_at(0, client.name, f"call {op.name} {_text(op.request)}{vsn}")
             caller = _SimCaller(self, client)
             client._status, client._caller = _WAITING, caller
-            client._target = (op.name, op.timeout)
-            client._wake = None if op.timeout is None else self._now + op.timeout
-            # As Node._start_call: an idle server answers within this step (and the
-            # answer resumes the client through _answered).
-            if not proc._flags and proc._mbox is None:
-                sched.step(proc, CALL, op.request, caller)
-            else:
-                sched.enqueue_call(proc, (CALL, op.request, caller))
+            # The node's one call path: an idle server answers within this step (and
+            # the answer resumes the client through _answered); the deadline is in the
+            # core's timer heap, on the virtual clock.
+            self._rt.start_call(op.name, op.request, caller, vsn=op.vsn, timeout=op.timeout)
         elif t is Cast:
             what = "send" if op.info else "cast"
             self._line_at(0, client.name, f"{what} {op.name} {_text(op.message)}")
@@ -500,12 +479,13 @@ class Simulation:
                     else "downgrade")
             self._line_at(0, client.name, what)
             try:
-                migration = (self._releases.plan_upgrade(op.release) if t is Upgrade
-                             else self._releases.plan_downgrade())
+                migration = self._rt.planner(op.release if t is Upgrade else None).finish()
             except OtpyError as exc:
                 client._ready(error=exc)
                 return
-            self._inject_code_change_faults(migration)
+            self._active_faults = {m.name: self._code_change_faults.pop(m.name)
+                                   for m in migration.moves
+                                   if m.name in self._code_change_faults}
             migration.watch()
             client._status = _WAITING
             self._migrating.append(_Migrating(client, migration, what))
@@ -513,7 +493,7 @@ class Simulation:
             self._line_at(0, client.name, f"crash {op.name}")
             proc = sched.procs.get(op.name)
             if proc is None:
-                client._ready(error=sched._no_such(op.name))
+                client._ready(error=sched.no_such(op.name))
                 return
             err = op.error if op.error is not None else InjectedFault(
                 f"crash of {op.name!r} injected by {client.name}")
@@ -615,122 +595,66 @@ class Simulation:
         # is ready, so the queue is emptied (a server is queued again when it needs to).
         runq = sched.runq
         while runq:
-            runq.popleft()._flags &= ~SCHEDULED
+            runq.popleft()._otpy_flags &= ~SCHEDULED
         ready: list[tuple[str, Callable[[], None]]] = []
         if sched.deferred:
             ready.append(("node", self._run_deferred))
-        for proc in sched.procs.values():
-            if proc._mbox and not proc._flags & NOT_STEPPABLE:
-                ready.append((proc._name, _bind(self._serve, proc)))
+        for proc in sched.ready():
+            ready.append((proc._otpy_name, _bind(sched.serve_one, proc)))
         now = self._now
         for client in self._clients:
-            if client._wake is not None and client._wake <= now:
-                if client._status == _SLEEPING:
-                    client._ready()
-                elif client._status == _WAITING and client._caller is not None:
-                    caller = client._caller
-                    caller._status = 2  # gave up: a late reply is dropped
-                    name, timeout = client._target
-                    client._ready(error=CallTimeout(
-                        f"server {name!r} kept a full mailbox for {timeout:g} s (virtual "
-                        f"time), so this call never got into it; the request was not sent"
-                        if sched.is_waiting(name, caller) else
-                        f"server {name!r} did not reply within {timeout:g} s (virtual "
-                        f"time); the request may still be served, its reply will be "
-                        f"dropped. Pass a larger timeout= if it is expected to take longer"))
+            if client._status == _SLEEPING and client._wake is not None and client._wake <= now:
+                client._ready()
             if client._status in (_NEW, _READY):
                 ready.append((client.name, _bind(self._resume, client)))
         for migrating in self._migrating:
             ready.append((migrating.client.name, _bind(self._migrate_step, migrating)))
-        if any(not ref.cancelled and when <= now for when, _seq, ref in sched._timers):
+        if sched.timers.any_due():
             ready.append(("timer", self._fire_due))
-        for task in self._tasks:
-            ready.append((task.proc._name, _bind(self._finish_task, task)))
+        for task in self._otpy_tasks:
+            ready.append((task.proc._otpy_name, _bind(self._finish_task, task)))
         return ready
 
     def _next_time(self) -> float | None:
-        times = [when for when, _seq, ref in self._sched._timers if not ref.cancelled]
+        deadline = self._sched.next_deadline()
+        times = [] if deadline is None else [deadline]
         times += [c._wake for c in self._clients
-                  if c._wake is not None and c._status in (_SLEEPING, _WAITING)]
+                  if c._wake is not None and c._status == _SLEEPING]
         return min(times) if times else None
 
     def _run_deferred(self) -> None:
         self._line("node", "retry deferred supervision work")
         self._depth = 1
         try:
-            self._sched.deferred.popleft()()
+            self._sched.run_deferred()
         finally:
             self._depth = 0
-
-    def _serve(self, proc: GenServer[Any]) -> None:
-        # One message of Scheduler.run_batch, with the same bookkeeping.
-        mb = proc._mbox
-        assert mb
-        if proc._flags & WATCHED:
-            proc._flags |= TOUCHED
-        kind, payload, caller = mb.popleft()
-        sched = self._sched
-        sched.step(proc, kind, payload, caller)
-        if proc._mbox is mb and not mb:
-            proc._mbox = None
-        if sched.waiting:
-            sched.room_for(proc)
 
     # -- timers ----------------------------------------------------------------------
 
     def _fire_due(self) -> None:
         """Fire every due timer in one step, in deadline order, as the node's
-        dispatcher does (Scheduler.fire_timers): no step comes between two timers due
-        at the same time."""
-        sched = self._sched
-        now = self._now
-        for when, _seq, ref in sorted(sched._timers, key=lambda e: (e[0], e[1])):
-            if not ref.cancelled and when <= now:
-                self._fire(ref)
+        dispatcher does: no step comes between two timers due at the same time."""
+        self._sched.fire_timers()
 
-    def _fire(self, ref: Any) -> None:
-        sched = self._sched
+    def _timer_due(self, ref: TimerRef) -> float:
+        """Asked by the core's timer heap about each timer as it falls due: the seconds
+        to postpone it by (an injected delay), after writing what happens to it."""
         for delay in self._timer_delays:
             if delay.times and delay.name == ref.name and delay.match(ref.message):
                 delay.times -= 1
-                self._unqueue_timer(ref)
-                ref.when += delay.by
-                heapq.heappush(sched._timers, (ref.when, next(sched._seq), ref))
                 self._line("timer", f"{ref.name} {_text(ref.message)} delayed by "
                                     f"{delay.by:g} s (injected)")
-                return
-        self._unqueue_timer(ref)
-        ref.cancelled = True
-        proc = sched.procs.get(ref.name)
-        if proc is None:
+                return delay.by
+        if self._sched.resolve(ref.name) is None:
             self._line("timer", f"{ref.name} {_text(ref.message)} dropped: no such server")
-            return
-        self._line("timer", f"fire {ref.name} {_text(ref.message)}")
-        # Timers are never refused for a full mailbox: they were asked for.
-        sched.enqueue(proc, (INFO, ref.message, None), force=True)
+        else:
+            self._line("timer", f"fire {ref.name} {_text(ref.message)}")
+        return 0.0
 
-    def _unqueue_timer(self, ref: Any) -> None:
-        timers = self._sched._timers
-        timers[:] = [entry for entry in timers if entry[2] is not ref]
-        heapq.heapify(timers)
-
-    # -- releases --------------------------------------------------------------------
-
-    def _inject_code_change_faults(self, migration: Migration) -> None:
-        failing = {m.name: self._code_change_faults.pop(m.name) for m in migration.moves
-                   if m.name in self._code_change_faults}
-        if not failing:
-            return
-        migrate_one = migration._migrate_one
-
-        def failing_migrate_one(m: Any) -> None:
-            migrate_one(m)
-            err = failing.get(m.name)
-            if err is not None:
-                m.error = f"{type(err).__name__}: {err}"
-                m.new_state = None
-
-        migration._migrate_one = failing_migrate_one  # type: ignore[method-assign]
+    def _code_change_fault(self, name: str) -> BaseException | None:
+        """Asked by the core's release handler about each server it migrates."""
+        return self._active_faults.get(name)
 
     def _migrate_step(self, migrating: _Migrating) -> None:
         migration = migrating.migration
@@ -752,6 +676,7 @@ class Simulation:
             migrating.client._ready(report)
         finally:
             self._depth = 0
+            self._active_faults = {}
 
     # -- tasks -----------------------------------------------------------------------
 
@@ -760,15 +685,15 @@ class Simulation:
         task = _Task(proc, ref, fn, args)
 
         def cancel(grace: float | None) -> None:
-            if task in self._tasks:
-                self._tasks.remove(task)
+            if task in self._otpy_tasks:
+                self._otpy_tasks.remove(task)
                 ref.done = True
 
         ref._cancel = cancel
-        self._tasks.append(task)
+        self._otpy_tasks.append(task)
 
     def _finish_task(self, task: _Task) -> None:
-        self._tasks.remove(task)
+        self._otpy_tasks.remove(task)
         coro = task.fn(*task.args)
         message: Any
         try:
@@ -780,10 +705,10 @@ class Simulation:
         else:
             coro.close()
             raise SimulationError(
-                f"a task of server {task.proc._name!r} ({getattr(task.fn, '__qualname__', '')}"
+                f"a task of server {task.proc._otpy_name!r} ({getattr(task.fn, '__qualname__', '')}"
                 f") waited for real I/O; the simulation runs each task to completion in one "
                 f"step, without trio. Give the server a stub I/O function under simulation")
-        self._line(task.proc._name, f"task {_text(task.ref.tag)} finished: "
+        self._line(task.proc._otpy_name, f"task {_text(task.ref.tag)} finished: "
                                     f"{_text(message)}")
         self._sched.task_finished(task.proc, task.ref, message)
 
@@ -823,69 +748,66 @@ class Simulation:
 
     def get_state(self, name: str) -> Any:
         """The current state of server ``name``."""
-        return self._sched.lookup(name)._state
+        return self._rt.get_state(name)
 
     def vsn_of(self, name: str) -> str:
         """The code version server ``name`` runs."""
-        return type(self._sched.lookup(name)).vsn
+        return self._rt.vsn_of(name)
 
     def servers(self) -> list[str]:
         """The names of every running server."""
-        return list(self._sched.procs)
+        return self._rt.servers()
 
     def statistics(self, name: str | None = None) -> dict[str, Any]:
         """Counters of the simulated node, or of server ``name``, as
         ``node.statistics`` (mailbox length and limit, refused messages, ...)."""
-        return self._sched.statistics(name)
+        return self._rt.statistics(name)
 
     def steps_of(self, name: str) -> int:
         """How many steps server ``name`` has taken (the count :meth:`crash_at` uses)."""
         return self._step_counts.get(name, 0)
 
-    def _sup(self, sup: str) -> SupervisorRuntime:
-        return self._sched.supervisor(sup)
-
     def which_children(self, sup: str = "root") -> list[ChildInfo]:
         """The children of supervisor ``sup`` in start order, as ``node.which_children``."""
-        return self._sup(sup).which_children()
+        return self._rt.which_children(sup)
 
     def count_children(self, sup: str = "root") -> dict[str, int]:
         """Counts of ``specs``, ``active``, ``supervisors`` and ``workers``."""
-        return self._sup(sup).count_children()
+        return self._rt.count_children(sup)
 
     def start_child(self, sup: str, child: Child | Supervisor) -> ChildInfo:
         """Add ``child`` to supervisor ``sup`` and start it (now, as one step)."""
         self._line("sim", f"start_child {sup} {child.id}")
-        return self._sup(sup).start_child(child)
+        return self._rt.start_child(sup, child)
 
     def terminate_child(self, sup: str, id: str) -> None:
         """Stop child ``id`` of supervisor ``sup``."""
         self._line("sim", f"terminate_child {sup} {id}")
-        self._sup(sup).terminate_child(id)
+        self._rt.terminate_child(sup, id)
 
     def restart_child(self, sup: str, id: str) -> ChildInfo:
         """Start again a child of ``sup`` that is not running."""
         self._line("sim", f"restart_child {sup} {id}")
-        return self._sup(sup).restart_child(id)
+        return self._rt.restart_child(sup, id)
 
     def delete_child(self, sup: str, id: str) -> None:
         """Remove the spec of a child of ``sup`` that is not running."""
         self._line("sim", f"delete_child {sup} {id}")
-        self._sup(sup).delete_child(id)
+        self._rt.delete_child(sup, id)
 
     def suspend(self, name: str) -> None:
         """Hold server ``name``: its messages wait (calls to it queue), none is lost."""
         self._line("sim", f"suspend {name}")
-        self._sched.suspend(name)
+        self._rt.suspend(name)
 
     def resume(self, name: str) -> None:
         """Let a suspended server serve its waiting messages, in order."""
         self._line("sim", f"resume {name}")
-        self._sched.resume(name)
+        self._rt.resume(name)
 
     def releases(self) -> list[ReleaseInfo]:
         """The installed releases, oldest first."""
-        return self._releases.releases()
+        return self._rt.releases()
 
     def call_nowait(self, name: str, request: Any) -> Any:
         """Call ``name`` now, outside any client (as ``node.call_nowait``): answers or
@@ -893,7 +815,7 @@ class Simulation:
         self._line("sim", f"call_nowait {name} {_text(request)}")
         self._depth = 1
         try:
-            return self._sched.call_nowait(name, request)
+            return self._rt.call_nowait(name, request)
         finally:
             self._depth = 0
 
@@ -904,9 +826,7 @@ class Simulation:
             return
         self._closed = True
         self._line("sim", "shut down")
-        if self._root.alive:
-            with self._sched.supervision_act():
-                self._root.shutdown("shutdown")
+        self._rt.shutdown()
         for client in self._clients:
             client._gen.close()
 
