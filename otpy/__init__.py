@@ -6,6 +6,9 @@ them; releases upgrade them live. See README.md and docs/ for a tour.
 
 from ._client import Client as Client
 from ._client import connect as connect
+from ._core.monitors import MonitorRef as MonitorRef
+from ._core.monitors import ServerDown as ServerDown
+from ._core.names import Pid as Pid
 from ._core.release import Down as Down
 from ._core.release import Release as Release
 from ._core.release import ReleaseInfo as ReleaseInfo
@@ -65,10 +68,12 @@ __all__ = [
     "GenServer",
     "Ignore",
     "MailboxFull",
+    "MonitorRef",
     "NoReply",
     "NoSuchServer",
     "Node",
     "OtpyError",
+    "Pid",
     "Release",
     "ReleaseInfo",
     "RemoteError",
@@ -76,6 +81,7 @@ __all__ = [
     "Restart",
     "RestartIntensityExceeded",
     "ServerCrashed",
+    "ServerDown",
     "ServerStopped",
     "StartFailed",
     "StateTypeError",

@@ -24,6 +24,7 @@ from ._protocol.msgpack_rpc import (
     READ_SIZE,
     RESPONSE,
     auth_answer,
+    decode_ext,
     encode_notification,
     encode_request,
 )
@@ -37,7 +38,8 @@ class Client:
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
-        self._unpacker = msgpack.Unpacker(use_list=False, raw=False, strict_map_key=False)
+        self._unpacker = msgpack.Unpacker(use_list=False, raw=False, strict_map_key=False,
+                                          ext_hook=decode_ext)
         self._ids = itertools.count(1)
         self._results: dict[int, tuple[Any, Any]] = {}
         self._waiting: set[int] = set()

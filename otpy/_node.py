@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import math
+import secrets
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,6 +24,7 @@ import outcome
 import structlog
 import trio
 
+from ._core.names import Pid
 from ._core.release import Migration, Planner, Release, ReleaseInfo
 from ._core.runtime import Runtime
 from ._core.scheduler import CAST, INFO, Scheduler, TaskRef
@@ -30,6 +32,8 @@ from ._core.server import WAITING, Caller, GenServer, TaskDone, TaskFailed
 from ._core.supervisor import Child, ChildInfo, Supervisor
 from ._exceptions import OtpyError
 from ._watchdog import Watchdog
+
+DEFAULT_NODE_NAME = "nonode"
 
 # Servers migrated, and planned (a cheaper check), between two yields to the loop
 # during an upgrade: each chunk is well under a millisecond.
@@ -83,19 +87,22 @@ class Node:
     suspended; ``cast``, ``send`` and every inspection method return at once.
     """
 
-    def __init__(self, root: Supervisor) -> None:
-        sched = Scheduler(log=structlog.get_logger("otpy").bind(), clock=trio.current_time,
-                          wakeup=self._wakeup, spawn=self._spawn)
+    def __init__(self, root: Supervisor, *, node_name: str = DEFAULT_NODE_NAME) -> None:
+        if not isinstance(node_name, str) or not node_name:
+            raise TypeError(f"node_name must be a non-empty string, got {node_name!r}")
+        # A fresh creation each run: pids of an earlier run of this node name nothing.
+        sched = Scheduler(log=structlog.get_logger("otpy").bind(node=node_name),
+                          clock=trio.current_time, wakeup=self._wakeup, spawn=self._spawn,
+                          node=node_name, creation=secrets.randbits(32))
         self._rt = Runtime(root, sched)
         self._sched = sched
-        # The hot paths, bound once: node.call and node.cast are a call away from them.
-        self._start_call = sched.start_call
-        self._cast_now = sched.cast_now
         sched.on_fatal = self._on_fatal
         self._watchdog = Watchdog(sched, root)
         self._parked: Any = None
         self._tasks: trio.Nursery | None = None
         self._body: trio.CancelScope | None = None
+        self.name = node_name
+        """This node's name: what its pids carry, and what ``"server@node"`` names."""
         self.address: tuple[str, int] | None = None
         """The bound ``(host, port)`` of the client endpoint (``listen=``), else None."""
         self.admin_address: tuple[str, int] | None = None
@@ -104,9 +111,11 @@ class Node:
     # -- calls and messages ----------------------------------------------------------
 
     async def call(
-        self, name: str, request: Any, *, timeout: float | None = 5.0, vsn: str | None = None
+        self, name: str | Pid, request: Any, *, timeout: float | None = 5.0,
+        vsn: str | None = None,
     ) -> Any:
-        """Call server ``name`` and return its reply.
+        """Call server ``name`` (a name, an :class:`otpy.Pid` or ``"name@node"``) and
+        return its reply.
 
         An idle server is stepped at once; a busy or suspended one answers in turn.
         Raises :class:`otpy.NoSuchServer`, :class:`otpy.CallTimeout` (after ``timeout``
@@ -115,7 +124,7 @@ class Node:
         ``vsn`` names the protocol version the caller speaks (see releases)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         caller = TaskCaller()
-        self._start_call(name, request, caller, vsn=vsn, timeout=timeout)
+        self._sched.start_call(name, request, caller, vsn=vsn, timeout=timeout)
         if caller._status == WAITING:
             return await caller.wait()
         await trio.lowlevel.cancel_shielded_checkpoint()
@@ -128,16 +137,17 @@ class Node:
         (the server is suspended, busy in the current chain, or defers its reply)."""
         return self._sched.call_nowait(name, request)
 
-    def cast(self, name: str, message: Any) -> None:
+    def cast(self, name: str | Pid, message: Any) -> None:
         """Send ``message`` to ``name``'s ``handle_cast``; never blocks.
 
         Raises :class:`otpy.NoSuchServer` for an unknown name and
-        :class:`otpy.MailboxFull` when the server's mailbox is full."""
-        self._cast_now(CAST, name, message)
+        :class:`otpy.MailboxFull` when the server's mailbox is full; to a pid whose
+        incarnation is gone the message is dropped, as in Erlang."""
+        self._sched.cast_now(CAST, name, message)
 
-    def send(self, name: str, message: Any) -> None:
+    def send(self, name: str | Pid, message: Any) -> None:
         """Send ``message`` to ``name``'s ``handle_info``; never blocks."""
-        self._cast_now(INFO, name, message)
+        self._sched.cast_now(INFO, name, message)
 
     # -- introspection ---------------------------------------------------------------
 
@@ -156,6 +166,11 @@ class Node:
     def resume(self, name: str) -> None:
         """Let a suspended server serve its waiting messages, in order."""
         self._rt.resume(name)
+
+    def whereis(self, name: str) -> Pid | None:
+        """The :class:`otpy.Pid` of the incarnation that runs as ``name`` now (a server
+        or a supervisor), or None."""
+        return self._sched.whereis(name)
 
     def servers(self) -> list[str]:
         """The names of every running server."""

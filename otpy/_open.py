@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
 from ._core.supervisor import Supervisor
-from ._node import Node
+from ._node import DEFAULT_NODE_NAME, Node
 from ._serve.limits import EndpointLimits
 from ._serve.rpc import serve_admin, serve_client
 
@@ -39,6 +39,7 @@ def _unwrap(exc: BaseException) -> BaseException:
 async def open_node(
     root: Supervisor, *, listen: tuple[str, int] | None = None,
     admin: tuple[str, int] | None = None, limits: EndpointLimits | None = None,
+    node_name: str = DEFAULT_NODE_NAME,
 ) -> AsyncIterator[Node]:
     """Start the supervision tree ``root`` on the current trio loop.
 
@@ -56,11 +57,12 @@ async def open_node(
     ``admin=(host, port)`` the cookie-authenticated admin endpoint (port 0 picks a free
     port; the bound addresses are ``node.address`` and ``node.admin_address``).
     ``limits=otpy.EndpointLimits(...)`` bounds each of their connections (frame size,
-    nesting, requests in flight, unsent replies, call timeout)."""
+    nesting, requests in flight, unsent replies, call timeout). ``node_name`` is the
+    name the node's pids carry (default ``"nonode"``)."""
     if limits is not None and not isinstance(limits, EndpointLimits):
         raise TypeError(f"open_node(limits=...) takes an otpy.EndpointLimits, got "
                         f"{limits!r}; e.g. limits=otpy.EndpointLimits(max_frame=65536)")
-    node = Node(root)
+    node = Node(root, node_name=node_name)
     sched = node._sched
     try:
         async with trio.open_nursery() as system:
@@ -97,16 +99,15 @@ async def open_node(
 
 
 def run(
-    root: Supervisor, main: Callable[[Node], Awaitable[T]] | None = None, *,
-    listen: tuple[str, int] | None = None, admin: tuple[str, int] | None = None,
-    limits: EndpointLimits | None = None,
+    root: Supervisor, main: Callable[[Node], Awaitable[T]] | None = None, **options: Any,
 ) -> T | None:
     """Run a node from synchronous code: start ``root``, run ``await main(node)`` (or
     serve until interrupted when ``main`` is None), shut down, return main's result.
-    ``listen``, ``admin`` and ``limits`` are as for :func:`open_node`."""
+    ``options`` are the keyword options of :func:`open_node` (``listen``, ``admin``,
+    ``limits``, ``node_name``, ...)."""
 
     async def _amain() -> T | None:
-        async with open_node(root, listen=listen, admin=admin, limits=limits) as node:
+        async with open_node(root, **options) as node:
             if main is None:
                 await trio.sleep_forever()
                 return None

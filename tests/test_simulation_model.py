@@ -10,6 +10,8 @@ model needs no knowledge of the interleaving the seed chose:
   acknowledged (so no increment is lost, duplicated, or survives a restart);
 - a counter has been restarted once per crash (injected at a step, or by a client),
   and exactly the calls served by an injected crashing step got ``ServerCrashed``;
+- a watcher that each incarnation asks to monitor it gets exactly one ServerDown per
+  incarnation that ended, and none for a running one (an upgrade keeps the pid);
 - the release history follows the admin's script: an upgrade fails exactly when it
   has an injected ``code_change`` fault or a bad class, or (as the release handler
   promises) when a server it migrates restarted meanwhile; every server runs the
@@ -37,14 +39,39 @@ Script = Generator[Any, Any, Any]
 class Env:
     def __init__(self) -> None:
         self.incarnations: Tally[str] = Tally()
+        self.pids: list[otpy.Pid] = []  # every incarnation's pid, in start order
+
+
+def started(server: otpy.GenServer[Any], env: Env) -> int:
+    """Count the new incarnation and ask the watcher to monitor it."""
+    env.incarnations[server.name] += 1
+    env.pids.append(server.pid)
+    server.cast("watcher", server.pid)
+    return env.incarnations[server.name]
+
+
+class Watcher(otpy.GenServer[list[otpy.Pid]]):
+    """Monitors each pid it is sent; keeps the pid of every ServerDown it gets."""
+
+    vsn = "1"
+
+    def init(self, env: Env) -> list[otpy.Pid]:
+        return []
+
+    def handle_cast(self, pid: otpy.Pid, state: list[otpy.Pid]) -> list[otpy.Pid]:
+        self.monitor(pid)
+        return state
+
+    def handle_info(self, message: Any, state: list[otpy.Pid]) -> list[otpy.Pid]:
+        assert isinstance(message, otpy.ServerDown)
+        return [*state, message.pid]
 
 
 class MV1(otpy.GenServer[int]):
     vsn = "1"
 
     def init(self, env: Env) -> int:
-        env.incarnations[self.name] += 1
-        self.incarnation = env.incarnations[self.name]
+        self.incarnation = started(self, env)
         return 0
 
     def handle_call(self, request: Any, caller: otpy.Caller, state: int) -> Any:
@@ -57,8 +84,7 @@ class MV2(otpy.GenServer[tuple[int, int]]):
     vsn = "2"
 
     def init(self, env: Env) -> tuple[int, int]:
-        env.incarnations[self.name] += 1
-        self.incarnation = env.incarnations[self.name]
+        self.incarnation = started(self, env)
         return (0, 0)
 
     def handle_call(self, request: Any, caller: otpy.Caller, state: tuple[int, int]) -> Any:
@@ -203,8 +229,10 @@ def check_run(
     env = Env()
     # A mailbox of one: concurrent calls often wait in line for room, so the model
     # also checks that line across crashes, restarts and releases.
-    root = otpy.Supervisor([otpy.Child(name, MV1, env, max_mailbox=1) for name in NAMES],
-                           max_restarts=1000)
+    root = otpy.Supervisor(
+        [otpy.Child("watcher", Watcher, env),
+         *(otpy.Child(name, MV1, env, max_mailbox=1) for name in NAMES)],
+        max_restarts=1000)
     sim = ot.Simulation(root, seed=seed)
     crash_steps: set[tuple[str, int]] = set()
     failing: set[str] = set()
@@ -235,3 +263,6 @@ def check_run(
         count = state if version == "1" else state[1]
         assert out.acks[(name, incarnation)] == count
         assert version == sim.vsn_of(name)
+    running = {sim.whereis(name) for name in NAMES}
+    ended = [pid for pid in env.pids if pid not in running]
+    assert Tally(ended) == Tally(sim.get_state("watcher"))

@@ -8,8 +8,8 @@ to the server's supervisor synchronously, before the step that caused them retur
 
 Three places here are the only ones of their kind, and every edge goes through them:
 
-- :meth:`Scheduler.resolve` decides what an address is (a server name today; pids and
-  ``name@node`` plug in here).
+- :meth:`Scheduler.resolve` decides what an address is: a server name, a
+  :class:`~otpy._core.names.Pid`, or ``"name@node"``.
 - :meth:`Scheduler.start_call` delivers a request to an address and hands the reply
   (or the error) to a :class:`Caller`: ``await node.call``, the MessagePack-RPC
   endpoint, the simulation and the coming HTTP and NATS edges each supply a Caller.
@@ -26,6 +26,7 @@ spawning of trio tasks, so that this module can be driven step by step by tests.
 from __future__ import annotations
 
 import difflib
+import itertools
 import reprlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -43,6 +44,8 @@ from .._exceptions import (
     WouldBlock,
 )
 from .events import Events
+from .monitors import CANCELLED, FIRED, Links, MonitorRef, ServerDown
+from .names import Pid, split_remote
 from .server import (
     ANSWERED,
     NOTHING,
@@ -164,7 +167,15 @@ class Scheduler:
         wakeup: Callable[[], None] = lambda: None,
         spawn: Callable[[GenServer[Any], TaskRef, Callable[..., Awaitable[Any]], tuple[Any, ...]],
                         None] | None = None,
+        node: str = "nonode",
+        creation: int = 0,
     ) -> None:
+        # This node's name and creation (a number picked afresh each run): what its
+        # pids carry, so that a pid from another node or an earlier run names nothing.
+        self.node = node
+        self.creation = creation
+        self._serials = itertools.count(1)
+        self._refs = itertools.count(1)
         self.procs: dict[str, GenServer[Any]] = {}
         self.sups: dict[str, SupervisorRuntime] = {}
         self.runq: deque[GenServer[Any]] = deque()
@@ -196,18 +207,73 @@ class Scheduler:
 
     def resolve(self, address: Any) -> GenServer[Any] | None:
         """The running server ``address`` names, or None. The one place that decides
-        what an address is: a server name (a ``str``). Anything else is a TypeError
-        that says what an address is."""
+        what an address is: a server name (a ``str``; the hot paths inline this first
+        case), the :class:`Pid` of a running incarnation, or ``"name@node"`` naming
+        this node. Anything else is a TypeError that says what an address is."""
         if type(address) is str:
-            return self.procs.get(address)
+            proc = self.procs.get(address)
+            if proc is None and "@" in address:
+                return self._resolve_remote(address)
+            return proc
+        if type(address) is Pid:
+            proc = self.procs.get(address.name)
+            if proc is not None and proc._otpy_pid == address:
+                return proc
+            return None
         if isinstance(address, str):  # a str subclass: look it up as the plain name
-            return self.procs.get(str(address))
-        raise TypeError(f"a server address is its name (a str), got "
-                        f"{type(address).__qualname__} {short_repr(address)}")
+            return self.resolve(str(address))
+        raise TypeError(f"a server address is its name (a str), an otpy.Pid or "
+                        f"\"name@node\", got {type(address).__qualname__} "
+                        f"{short_repr(address)}")
+
+    def _resolve_remote(self, address: str) -> GenServer[Any] | None:
+        parts = split_remote(address)
+        if parts is not None and parts[1] == self.node:
+            return self.procs.get(parts[0])
+        return None
+
+    def resolve_any(self, address: Any) -> GenServer[Any] | SupervisorRuntime | None:
+        """What ``address`` names, a server or a supervisor (monitors watch both)."""
+        proc = self.resolve(address)
+        if proc is not None:
+            return proc
+        if type(address) is Pid:
+            sup = self.sups.get(address.name)
+            return sup if sup is not None and sup.pid == address else None
+        if isinstance(address, str):
+            parts = split_remote(address)
+            name = parts[0] if parts is not None and parts[1] == self.node else address
+            return self.sups.get(name)
+        return None
+
+    def pid_of(self, thing: GenServer[Any] | SupervisorRuntime) -> Pid:
+        """The pid of a running incarnation, made the first time anyone asks (a server
+        nobody asks about costs one empty slot)."""
+        if isinstance(thing, GenServer):
+            pid = thing._otpy_pid
+            if pid is None:
+                pid = thing._otpy_pid = Pid(self.node, self.creation, thing._otpy_name,
+                                            next(self._serials))
+            return pid
+        if thing.pid is None:
+            thing.pid = Pid(self.node, self.creation, thing.name, next(self._serials))
+        return thing.pid
+
+    def whereis(self, name: str) -> Pid | None:
+        """The pid of whatever runs as ``name`` now (a server or supervisor), or None."""
+        if not isinstance(name, str):
+            raise TypeError(f"whereis takes a name (a str), got {short_repr(name)}")
+        thing = self.procs.get(name) or self.sups.get(name)
+        return None if thing is None else self.pid_of(thing)
 
     def lookup(self, address: Any) -> GenServer[Any]:
         """The running server ``address`` names, or NoSuchServer saying why not."""
-        proc = self.procs.get(address) if type(address) is str else self.resolve(address)
+        try:  # a name: resolve's first case, inlined (an unhashable address
+            proc = self.procs.get(address)  # is resolve's to refuse, below)
+        except TypeError:
+            proc = None
+        if proc is None:
+            proc = self.resolve(address)
         if proc is None:
             raise self.no_such(address)
         return proc
@@ -224,6 +290,14 @@ class Scheduler:
         """The NoSuchServer error for an address that names no running server. Cheap
         enough to answer a burst of bad requests with: the did-you-mean suggestion is
         made only for a small node."""
+        if type(address) is Pid:
+            return NoSuchServer(address, self._gone(address))
+        parts = split_remote(address) if isinstance(address, str) else None
+        if parts is not None and parts[1] != self.node:
+            return NoSuchServer(address, f"it names node {parts[1]!r}, and this node "
+                                         f"({self.node!r}) is not in a cluster")
+        if parts is not None:
+            address = parts[0]
         detail = ""
         if address in self.sups:
             detail = f"{address!r} is a supervisor; call one of its children"
@@ -234,6 +308,88 @@ class Scheduler:
         if not detail:
             detail = "check the name, or whether its supervisor stopped it"
         return NoSuchServer(address, detail)
+
+    def _gone(self, pid: Pid) -> str:
+        """Why a pid names no running server, and who holds its name now."""
+        if pid.node != self.node:
+            return (f"it is a pid of node {pid.node!r}, and this node ({self.node!r}) is "
+                    f"not in a cluster")
+        if pid.creation != self.creation:
+            return (f"it is a pid from an earlier run of node {pid.node!r}; that "
+                    f"incarnation of {pid.name!r} is gone")
+        now = self.procs.get(pid.name) or self.sups.get(pid.name)
+        if now is None:
+            return f"that incarnation of {pid.name!r} is gone, and {pid.name!r} is not running"
+        if isinstance(now, GenServer) or pid != now.pid:
+            return (f"that incarnation of {pid.name!r} is gone; {pid.name!r} is now "
+                    f"{self.pid_of(now)}")
+        return f"{pid.name!r} is a supervisor; call one of its children"
+
+    # -- monitors --------------------------------------------------------------------
+
+    def monitor(self, watcher: GenServer[Any], target: Any) -> MonitorRef:
+        """Monitor the incarnation ``target`` names now, for ``watcher``: one
+        ServerDown to its handle_info when that incarnation stops (at once, with
+        reason "noproc", if nothing runs it)."""
+        thing = self.resolve_any(target)
+        if thing is None and type(target) is Pid and target.node != self.node:
+            raise NoSuchServer(target, self._gone(target))
+        ref = MonitorRef(self.node, next(self._refs), watcher, thing)
+        if thing is None:
+            ref._state = FIRED
+            self.enqueue(watcher, (INFO, ServerDown(ref, target, "noproc"), None), force=True)
+            return ref
+        links = _links(watcher)
+        links.watching[ref] = thing
+        _links(thing).watchers[ref] = watcher
+        return ref
+
+    def demonitor(self, watcher: GenServer[Any], ref: Any) -> bool:
+        """Stop the monitor ``ref`` of ``watcher``: True if it was active, False if it
+        had fired already (its ServerDown is delivered or on its way)."""
+        if type(ref) is not MonitorRef:
+            raise TypeError(f"demonitor takes the otpy.MonitorRef that monitor returned, "
+                            f"got {short_repr(ref)}")
+        if ref._watcher is not watcher:
+            raise ValueError(f"{ref!r} is a monitor of another server; a server can only "
+                             f"demonitor its own monitors")
+        if ref._state == CANCELLED:
+            raise ValueError(f"{ref!r} was demonitored already")
+        if ref._state == FIRED:
+            return False
+        ref._state = CANCELLED
+        self._unlink(ref)
+        return True
+
+    def _unlink(self, ref: MonitorRef) -> None:
+        watching = ref._watcher._otpy_links
+        if watching is not None:
+            watching.watching.pop(ref, None)
+        target = ref._target
+        links = target._otpy_links if isinstance(target, GenServer) else getattr(
+            target, "links", None)
+        if links is not None:
+            links.watchers.pop(ref, None)
+        ref._target = None
+
+    def _down(self, thing: GenServer[Any] | SupervisorRuntime, reason: Any) -> None:
+        """An incarnation stops: each monitor on it fires once; its own monitors end."""
+        links = thing._otpy_links if isinstance(thing, GenServer) else thing.links
+        if not links:
+            return
+        pid = self.pid_of(thing)
+        watchers, links.watchers = links.watchers, {}
+        for ref, watcher in watchers.items():
+            ref._state = FIRED
+            mine = watcher._otpy_links
+            if mine is not None:
+                mine.watching.pop(ref, None)
+            ref._target = None
+            if not watcher._otpy_flags & DEAD:
+                self.enqueue(watcher, (INFO, ServerDown(ref, pid, reason), None), force=True)
+        for ref in list(links.watching):
+            ref._state = CANCELLED
+            self._unlink(ref)
 
     # -- stepping --------------------------------------------------------------------
 
@@ -389,17 +545,19 @@ class Scheduler:
         ``timeout``: seconds until ``caller`` gets :class:`otpy.CallTimeout` if still
         unanswered (None: no deadline; the edge may still give up on its own).
         Every edge delivers calls through here."""
-        if type(address) is str:
-            proc = self.procs.get(address)
-        else:
+        try:  # a name: resolve's first case, inlined (an unhashable address
+            proc = self.procs.get(address)  # is resolve's to refuse, below)
+        except TypeError:
+            proc = None
+        if proc is None:  # not a name that runs here: what resolve makes of it
             try:
                 proc = self.resolve(address)
             except TypeError as exc:
                 caller._fail(exc)
                 return
-        if proc is None:
-            caller._fail(self.no_such(address))
-            return
+            if proc is None:
+                caller._fail(self.no_such(address))
+                return
         if vsn is not None:
             try:
                 request = self.adapt_request(proc, vsn, request)
@@ -459,7 +617,12 @@ class Scheduler:
     def call_nowait(self, address: Any, request: Any) -> Any:
         """Call ``address`` and step it inline (``self.call``); raise WouldBlock if it
         cannot answer now."""
-        proc = self.procs.get(address) if type(address) is str else self.resolve(address)
+        try:  # a name: resolve's first case, inlined (an unhashable address
+            proc = self.procs.get(address)  # is resolve's to refuse, below)
+        except TypeError:
+            proc = None
+        if proc is None:
+            proc = self.resolve(address)
         if proc is None:
             raise self.no_such(address)
         if proc._otpy_flags:
@@ -657,17 +820,41 @@ class Scheduler:
 
     def cast(self, address: Any, message: Any) -> None:
         """Queue a cast (from inside a step: never stepped inline)."""
-        self.enqueue(self.lookup(address), (CAST, message, None))
+        proc = self._target_of(address)
+        if proc is not None:
+            self.enqueue(proc, (CAST, message, None))
 
     def send(self, address: Any, message: Any) -> None:
         """Queue a message for ``handle_info`` (from inside a step)."""
-        self.enqueue(self.lookup(address), (INFO, message, None))
+        proc = self._target_of(address)
+        if proc is not None:
+            self.enqueue(proc, (INFO, message, None))
+
+    def _target_of(self, address: Any) -> GenServer[Any] | None:
+        """Where a cast or send goes: None for a pid of this node whose incarnation is
+        gone (the message is dropped, as in Erlang); NoSuchServer for a name that
+        nothing runs."""
+        try:  # a name: resolve's first case, inlined (an unhashable address
+            proc = self.procs.get(address)  # is resolve's to refuse, below)
+        except TypeError:
+            proc = None
+        if proc is None:
+            proc = self.resolve(address)
+        if proc is None and not (type(address) is Pid and address.node == self.node):
+            raise self.no_such(address)
+        return proc
 
     def cast_now(self, kind: int, address: Any, message: Any) -> None:
         """A cast or send from outside any step: an idle server is stepped at once."""
-        proc = self.procs.get(address) if type(address) is str else self.resolve(address)
+        try:  # a name: resolve's first case, inlined (an unhashable address
+            proc = self.procs.get(address)  # is resolve's to refuse, below)
+        except TypeError:
+            proc = None
         if proc is None:
-            raise self.no_such(address)
+            proc = self.resolve(address)
+        if proc is None:
+            self._target_of(address)  # raises, unless a gone pid: dropped
+            return
         flags = proc._otpy_flags
         if (flags and flags & NOT_IDLE) or proc._otpy_mbox is not None:
             self.enqueue(proc, (kind, message, None))
@@ -753,6 +940,8 @@ class Scheduler:
         proc._otpy_restarts = restarts
         proc._otpy_tasks = None
         proc._otpy_deferred = None
+        proc._otpy_pid = None
+        proc._otpy_links = None
         proc._otpy_max_mailbox = (cls.max_mailbox if spec.max_mailbox is None
                                   else spec.max_mailbox)
         self.procs[name] = proc
@@ -760,7 +949,7 @@ class Scheduler:
         try:
             state = proc.init(spec.arg)
             if state is Ignore:
-                self._unregister(proc)
+                self._unregister(proc, "ignore")
                 return None
             if type(state) is Continue:
                 then, state = state.arg, state.result
@@ -773,7 +962,7 @@ class Scheduler:
                                  "otpy.Continue(state, arg) or otpy.Stop(reason, state)")
             check_state(cls, state, server=name, when="returned by init")
         except BaseException as exc:
-            self._unregister(proc)
+            self._unregister(proc, exc)
             if proc._otpy_tasks:
                 for task in proc._otpy_tasks:
                     task.cancel()
@@ -801,8 +990,10 @@ class Scheduler:
             proc._otpy_mbox = stashed
         self.schedule(proc)
 
-    def _unregister(self, proc: GenServer[Any]) -> None:
+    def _unregister(self, proc: GenServer[Any], reason: Any) -> None:
         proc._otpy_flags |= DEAD
+        if proc._otpy_links is not None:
+            self._down(proc, reason)
         name = proc._otpy_name
         if self.procs.get(name) is proc:
             del self.procs[name]
@@ -835,7 +1026,7 @@ class Scheduler:
             self.log.error("terminate_crashed", server=proc._otpy_name, reason=repr(reason),
                            exc_info=err)
         proc._otpy_flags &= ~BUSY
-        self._unregister(proc)
+        self._unregister(proc, reason)
         if proc._otpy_tasks:
             for task in list(proc._otpy_tasks):
                 task.cancel(grace)
@@ -965,3 +1156,15 @@ class _Act:
         self.sched._acts -= 1
         if not self.sched._acts:
             self.sched.flush_stash()
+
+
+def _links(thing: Any) -> Links:
+    """The monitor record of a server or supervisor, made on first use."""
+    if isinstance(thing, GenServer):
+        if thing._otpy_links is None:
+            thing._otpy_links = Links()
+        return thing._otpy_links
+    if thing.links is None:
+        thing.links = Links()
+    links: Links = thing.links
+    return links

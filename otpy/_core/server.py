@@ -24,6 +24,8 @@ from .typecheck import checker
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Iterator
 
+    from .monitors import Links, MonitorRef
+    from .names import Pid
     from .scheduler import Scheduler, TaskRef
     from .supervisor import Child, SupervisorRuntime
     from .timers import TimerRef
@@ -42,7 +44,8 @@ _CALLBACKS = (
     "handle_continue",
 )
 # Public helpers a subclass inherits; a near-miss of these is not a typo of a callback.
-_HELPERS = ("call", "cast", "send", "send_after", "start_task", "name")
+_HELPERS = ("call", "cast", "send", "send_after", "start_task", "name", "pid", "monitor",
+            "demonitor")
 
 
 class _Nothing:
@@ -394,9 +397,9 @@ class GenServer(Generic[S]):
     ``_otpy_`` are the runtime's.
     """
 
-    __slots__ = ("_otpy_deferred", "_otpy_flags", "_otpy_max_mailbox", "_otpy_mbox",
-                 "_otpy_name", "_otpy_restarts", "_otpy_rt", "_otpy_spec", "_otpy_state",
-                 "_otpy_sup", "_otpy_tasks")
+    __slots__ = ("_otpy_deferred", "_otpy_flags", "_otpy_links", "_otpy_max_mailbox",
+                 "_otpy_mbox", "_otpy_name", "_otpy_pid", "_otpy_restarts", "_otpy_rt",
+                 "_otpy_spec", "_otpy_state", "_otpy_sup", "_otpy_tasks")
 
     vsn: ClassVar[str]
     step_timeout: ClassVar[float] = 1.0
@@ -414,6 +417,8 @@ class GenServer(Generic[S]):
     _otpy_tasks: set[TaskRef] | None
     _otpy_deferred: list[Caller] | None  # callers it answered with NoReply (may be stale)
     _otpy_max_mailbox: int  # the class's max_mailbox, or its Child spec's
+    _otpy_pid: Pid | None  # made when first asked for (self.pid, whereis, a monitor)
+    _otpy_links: Links | None  # monitors on it and of it, once there are any
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -498,7 +503,28 @@ class GenServer(Generic[S]):
         """The name this server is registered under."""
         return self._otpy_name
 
-    def call(self, name: str, request: Any) -> Any:
+    @property
+    def pid(self) -> Pid:
+        """This incarnation's :class:`otpy.Pid` (a restart makes a new one; an upgrade
+        keeps it). ``self.send_after(seconds, self.pid, msg)`` is the periodic timer
+        that dies with its incarnation."""
+        return self._otpy_rt.pid_of(self)
+
+    def monitor(self, target: Any) -> MonitorRef:
+        """Monitor the incarnation that ``target`` (a name, a pid or ``"name@node"``)
+        names now: when it stops, for any reason, this server gets one
+        ``handle_info(otpy.ServerDown(ref, pid, reason))``. If nothing runs it, the
+        ServerDown (reason ``"noproc"``) comes at once. Returns the ref; a monitor of
+        a supervisor works too."""
+        return self._otpy_rt.monitor(self, target)
+
+    def demonitor(self, ref: MonitorRef) -> bool:
+        """Cancel a monitor: True if it was active, False if it had fired already (its
+        ServerDown is delivered or waiting in the mailbox). A ref demonitored twice, or
+        one of another server, is a ValueError."""
+        return self._otpy_rt.demonitor(self, ref)
+
+    def call(self, name: Any, request: Any) -> Any:
         """Call another server synchronously, stepping it inline.
 
         Never blocks: raises :class:`otpy.WouldBlock` when the target cannot answer
@@ -506,19 +532,23 @@ class GenServer(Generic[S]):
         or defers its reply)."""
         return self._otpy_rt.call_nowait(name, request)
 
-    def cast(self, name: str, message: Any) -> None:
-        """Queue ``message`` for ``name``'s ``handle_cast``; returns at once."""
+    def cast(self, name: Any, message: Any) -> None:
+        """Queue ``message`` for ``name``'s ``handle_cast``; returns at once (to a pid
+        whose incarnation is gone, it is dropped)."""
         self._otpy_rt.cast(name, message)
 
-    def send(self, name: str, message: Any) -> None:
-        """Queue ``message`` for ``name``'s ``handle_info``; returns at once."""
+    def send(self, name: Any, message: Any) -> None:
+        """Queue ``message`` for ``name``'s ``handle_info``; returns at once (to a pid
+        whose incarnation is gone, it is dropped)."""
         self._otpy_rt.send(name, message)
 
-    def send_after(self, seconds: float, name: str, message: Any) -> TimerRef:
+    def send_after(self, seconds: float, name: Any, message: Any) -> TimerRef:
         """Deliver ``message`` to ``name``'s ``handle_info`` after ``seconds``.
 
-        Returns a timer with ``cancel()``. The timer is addressed to the name: it reaches
-        whichever server holds the name when it fires (none: it is dropped)."""
+        Returns a timer with ``cancel()``. A timer addressed to a name reaches whichever
+        server holds the name when it fires (none: it is dropped); one addressed to a
+        pid (``self.pid``) dies with that incarnation, so a periodic timer re-armed in
+        ``handle_info`` never multiplies across restarts."""
         return self._otpy_rt.send_after(seconds, name, message)
 
     def start_task(

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._exceptions import RestartIntensityExceeded, StartFailed, SupervisorError
+from .names import check_server_name
 from .server import (
     GenServer,
     check_max_mailbox,
@@ -22,6 +23,8 @@ from .server import (
 )
 
 if TYPE_CHECKING:
+    from .monitors import Links
+    from .names import Pid
     from .scheduler import Scheduler
 
 
@@ -56,8 +59,10 @@ def _enum(cls: type[enum.StrEnum], value: object, what: str) -> Any:
 
 
 def _check_id(value: object, what: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise SupervisorError(f"{what} must be a non-empty string, got {value!r}")
+    problem = check_server_name(value, what)
+    if problem is not None:
+        raise SupervisorError(problem)
+    assert isinstance(value, str)
     return value
 
 
@@ -196,8 +201,8 @@ def check_unique_names(spec: Supervisor, taken: Any) -> None:
 class SupervisorRuntime:
     """A running supervisor: its children in start order and its restart history."""
 
-    __slots__ = ("alive", "child_restarts", "class_override", "name", "parent", "pending",
-                 "sched", "spec", "specs", "window")
+    __slots__ = ("alive", "child_restarts", "class_override", "links", "name", "parent",
+                 "pending", "pid", "sched", "spec", "specs", "window")
 
     def __init__(self, spec: Supervisor, sched: Scheduler, parent: SupervisorRuntime | None):
         self.spec = spec
@@ -211,6 +216,8 @@ class SupervisorRuntime:
         self.class_override: dict[str, type[GenServer[Any]]] = {}
         self.pending: set[str] = set()  # ids whose restart failed and will be retried
         self.alive = False
+        self.pid: Pid | None = None  # made when first asked for (whereis, a monitor)
+        self.links: Links | None = None  # monitors on it
 
     # -- start and stop --------------------------------------------------------------
 
@@ -279,13 +286,16 @@ class SupervisorRuntime:
                              reason=repr(reason))
 
     def shutdown(self, reason: Any = "shutdown") -> None:
-        """Stop every child in reverse start order, then this supervisor."""
+        """Stop every child in reverse start order, then this supervisor (its monitors
+        get ``reason``)."""
         self.alive = False
         self.pending.clear()
         for id in reversed(list(self.specs)):
             self._stop_child(id, "shutdown")
         if self.sched.sups.get(self.name) is self:
             del self.sched.sups[self.name]
+        if self.links is not None:
+            self.sched._down(self, reason)
 
     # -- exits and restarts ----------------------------------------------------------
 
@@ -380,7 +390,7 @@ class SupervisorRuntime:
         self.sched.log.error("supervisor_gave_up", supervisor=self.name, child=id,
                              reason=repr(reason), max_restarts=spec.max_restarts,
                              max_seconds=spec.max_seconds)
-        self.shutdown("shutdown")
+        self.shutdown(("shutdown", err))
         if self.parent is not None:
             self.parent.child_exited(self.name, ("shutdown", err))
         else:

@@ -32,6 +32,8 @@ from typing import Any, NamedTuple
 
 import msgpack  # type: ignore[import-untyped]
 
+from .._core.names import Pid
+
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 
 DEFAULT_MAX_FRAME = 1 << 20  # bytes in one message
@@ -112,7 +114,7 @@ class Decoder:
         self.broken = False
         self._fed = 0
         self._unpacker = msgpack.Unpacker(
-            use_list=False, raw=False, strict_map_key=False,
+            use_list=False, raw=False, strict_map_key=False, ext_hook=decode_ext,
             max_buffer_size=max_frame + READ_SIZE, max_array_len=max_frame,
             max_map_len=max_frame // 2)
 
@@ -214,12 +216,46 @@ class Decoder:
                      f"{_short(kind)}")
 
 
+# -- otpy's own values on the wire: extension types ------------------------------------
+
+PID_EXT = 1  # an otpy.Pid: ext 1 holding msgpack [node, creation, name, serial]
+_MAX_EXT = 1024  # bytes in one of our extension values; larger ones stay opaque
+
+
+def encode_ext(obj: Any) -> Any:
+    """The msgpack form of otpy's own values (a Pid travels as extension type 1, which
+    any MessagePack client can hold and send back unchanged); TypeError for others."""
+    if type(obj) is Pid:
+        return msgpack.ExtType(PID_EXT, msgpack.packb(
+            (obj.node, obj.creation, obj.name, obj.serial), use_bin_type=True))
+    raise TypeError(f"can not serialize {type(obj).__name__!r} object")
+
+
+def decode_ext(code: int, data: bytes) -> Any:
+    """An extension value as otpy's own (a Pid), or the ExtType unchanged when it is
+    not ours or not well formed: a malformed pid then fails as an address, with the
+    value shown, instead of breaking the stream."""
+    if code == PID_EXT and len(data) <= _MAX_EXT:
+        try:
+            fields = msgpack.unpackb(data, use_list=False, raw=False, max_array_len=4,
+                                     max_map_len=0, max_ext_len=0)
+        except Exception:
+            fields = None
+        if (type(fields) is tuple and len(fields) == 4 and type(fields[0]) is str
+                and type(fields[1]) is int and type(fields[2]) is str
+                and type(fields[3]) is int):
+            return Pid(*fields)
+    return msgpack.ExtType(code, data)
+
+
 # One packer each, reused: packing is on the hot path. On error a packer's buffer is
 # reset, so a failed encode never leaks into the next one.
-_packer = msgpack.Packer(use_bin_type=True, datetime=False)
+_packer = msgpack.Packer(use_bin_type=True, datetime=False, default=encode_ext)
 
 
 def _lenient(obj: Any) -> Any:
+    if type(obj) is Pid:
+        return encode_ext(obj)
     if isinstance(obj, set | frozenset):
         return sorted(obj, key=repr)
     return repr(obj)

@@ -40,6 +40,7 @@ from typing import Any
 import structlog
 import trio
 
+from .._core.names import Pid
 from .._core.release import Planner, Release
 from .._core.runtime import ADMIN_OPS, Runtime
 from .._core.server import WAITING, Caller
@@ -116,12 +117,13 @@ def read_cookie(*, create: bool = False) -> bytes:
     return text.encode()
 
 
-def _name(params: tuple[Any, ...], n: int = 0) -> str:
-    if len(params) <= n or not isinstance(params[n], str):
-        raise BadRequest(f"expected a server name (a string) as params[{n}], got "
+def _address(params: tuple[Any, ...]) -> str | Pid:
+    """params[0] as a server address: a name (a string) or a pid (extension type 1)."""
+    if not params or not (isinstance(params[0], str) or type(params[0]) is Pid):
+        raise BadRequest(f"expected a server name (a string) or a pid as params[0], got "
                          f"{params!r:.80}")
-    name: str = params[n]
-    return name
+    address: str | Pid = params[0]
+    return address
 
 
 class _WireCaller(Caller):
@@ -478,7 +480,7 @@ class _Connection:
         """``call(name, request[, vsn])``, through the runtime's one call path."""
         if len(params) not in (2, 3):
             raise BadRequest(f"call takes (name, request[, vsn]), got {len(params)} params")
-        name = _name(params)
+        name = _address(params)
         vsn = params[2] if len(params) == 3 else None
         if vsn is not None and not isinstance(vsn, str):
             raise BadRequest(f"call's vsn must be a string or nil, got {vsn!r:.80}")
@@ -491,7 +493,7 @@ class _Connection:
     def _cast(self, msgid: int | None, params: tuple[Any, ...]) -> None:
         if len(params) != 2:
             raise BadRequest(f"cast takes (name, message), got {len(params)} params")
-        self.rt.cast(_name(params), params[1])
+        self.rt.cast(_address(params), params[1])
         if msgid is not None:
             self._reply(msgid, None)
 

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import structlog
 
+from .._core.names import Pid
 from .._core.release import Migration, ReleaseInfo
 from .._core.runtime import Runtime
 from .._core.scheduler import (
@@ -749,6 +750,10 @@ class Simulation:
     def get_state(self, name: str) -> Any:
         """The current state of server ``name``."""
         return self._rt.get_state(name)
+
+    def whereis(self, name: str) -> Pid | None:
+        """The pid of the incarnation that runs as ``name`` now, as ``node.whereis``."""
+        return self._sched.whereis(name)
 
     def vsn_of(self, name: str) -> str:
         """The code version server ``name`` runs."""
