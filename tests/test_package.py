@@ -126,3 +126,13 @@ def test_sans_io_folders_import_no_io(folder: str) -> None:
                      not node.level else [])
             found += [f"{path.name}: {n}" for n in names if n.partition(".")[0] in IO_MODULES]
     assert [] == found
+
+
+def test_pyproject_license_is_an_spdx_expression() -> None:
+    """The license is a PEP 639 SPDX string with a setuptools that reads it, so that
+    ``pip install`` prints no deprecation of the old ``{ text = ... }`` table."""
+    import tomllib
+
+    data = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text())
+    assert "Apache-2.0" == data["project"]["license"]
+    assert ["setuptools>=77"] == data["build-system"]["requires"]
