@@ -28,6 +28,7 @@ from ._core.supervisor import Supervisor as Supervisor
 from ._exceptions import BadRequest as BadRequest
 from ._exceptions import BadReturn as BadReturn
 from ._exceptions import CallTimeout as CallTimeout
+from ._exceptions import CookieError as CookieError
 from ._exceptions import MailboxFull as MailboxFull
 from ._exceptions import NoSuchServer as NoSuchServer
 from ._exceptions import OtpyError as OtpyError
@@ -54,6 +55,7 @@ __all__ = [
     "Child",
     "ChildInfo",
     "Client",
+    "CookieError",
     "Down",
     "EndpointLimits",
     "GenServer",

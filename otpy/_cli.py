@@ -31,8 +31,8 @@ from typing import Any
 import trio
 
 from ._client import AuthFailed, Client, ConnectionLost, connect_admin
-from ._exceptions import CallTimeout, RemoteError
-from ._serve.rpc import CookieError, read_cookie
+from ._cookie import read_cookie
+from ._exceptions import CallTimeout, CookieError, RemoteError
 
 DEFAULT_NODE = "127.0.0.1:4370"
 EX_ERROR, EX_USAGE, EX_UNAVAILABLE, EX_NOPERM = 1, 2, 69, 77

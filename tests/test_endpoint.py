@@ -8,10 +8,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import os
 import pickle
 import socket
-import stat
 import struct
 import sys
 import time
@@ -28,7 +26,7 @@ from hypothesis import strategies as st
 
 import otpy
 from otpy._serve import rpc as _endpoint
-from otpy._serve.rpc import CookieError, read_cookie, serve_admin, serve_client
+from otpy._serve.rpc import serve_admin, serve_client
 
 RELEASES = Path(__file__).resolve().parent.parent / "examples" / "releases"
 COOKIE = "test-cookie-123"
@@ -601,29 +599,6 @@ async def test_admin_get_state_of_an_unencodable_state_is_shown_as_repr() -> Non
         _, _, err, state = await a.call(1, "echo", method="get_state")
         assert err is None
         assert "Caller" in state["waiting"]["k"]
-
-
-def test_cookie_file_is_created_with_mode_0600(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Without OTPY_COOKIE the node creates a random cookie file readable by its owner
-    only, and reads the same cookie back afterwards."""
-    monkeypatch.delenv("OTPY_COOKIE")
-    path = tmp_path / "cookie"
-    first = read_cookie(create=True)
-    assert 0o600 == stat.S_IMODE(path.stat().st_mode)
-    assert len(first) >= 32
-    assert first == read_cookie(create=True) == read_cookie()
-
-
-def test_cookie_file_open_to_others_is_refused(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A cookie file that others can read is refused, with the fix in the message."""
-    monkeypatch.delenv("OTPY_COOKIE")
-    path = tmp_path / "cookie"
-    path.write_text("secret\n")
-    os.chmod(path, 0o644)
-    with pytest.raises(CookieError, match="chmod 600"):
-        read_cookie()
 
 
 # -- otpy.connect --------------------------------------------------------------------

@@ -136,3 +136,22 @@ def test_pyproject_license_is_an_spdx_expression() -> None:
     data = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text())
     assert "Apache-2.0" == data["project"]["license"]
     assert ["setuptools>=77"] == data["build-system"]["requires"]
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module ``path`` imports (relative imports as written, e.g. ``._serve``)."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append("." * node.level + (node.module or ""))
+    return names
+
+
+def test_the_cookie_is_read_without_trio_or_the_endpoints() -> None:
+    """``_cookie`` is plain file I/O, and the ``otpy`` command reads the cookie through
+    it rather than through the node's endpoint module."""
+    assert [] == [n for n in _imports(PACKAGE_DIR / "_cookie.py")
+                  if n.partition(".")[0] == "trio" or "_serve" in n]
+    assert [] == [n for n in _imports(PACKAGE_DIR / "_cli.py") if "_serve" in n]

@@ -22,25 +22,23 @@ plus one read (see ``_wire``).
 The admin endpoint runs nothing before the client proves it holds the node's cookie:
 the node sends a fresh nonce, the client answers HMAC-SHA256(cookie, nonce). The cookie
 comes from ``OTPY_COOKIE`` or from a file (``OTPY_COOKIE_FILE``, by default
-``~/.otpy_cookie``) created with mode 0600 on first start, as Erlang's.
+``~/.otpy_cookie``) created with mode 0600 on first start, as Erlang's (see ``_cookie``).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import secrets
-import stat
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
+from .._cookie import read_cookie
 from .._core.release import Release
 from .._core.scheduler import CALL
-from .._exceptions import BadRequest, OtpyError
+from .._exceptions import BadRequest
 from .._node import _TaskCaller
 from .._protocol.msgpack_rpc import (
     DEFAULT_MAX_DEPTH,
@@ -63,57 +61,11 @@ from .._protocol.msgpack_rpc import (
 if TYPE_CHECKING:
     from .._node import Node
 
-COOKIE_ENV = "OTPY_COOKIE"
-COOKIE_FILE_ENV = "OTPY_COOKIE_FILE"
 AUTH_MAX_FRAME = 1024
 AUTH_TIMEOUT = 10.0
 DIRECT_IO = os.name == "posix"
 
 _log = structlog.get_logger("otpy")
-
-
-class CookieError(OtpyError):
-    """The node's cookie cannot be read or created, or its file is open to others."""
-
-
-def cookie_path() -> Path:
-    """Where the cookie file is: ``$OTPY_COOKIE_FILE``, else ``~/.otpy_cookie``."""
-    return Path(os.environ.get(COOKIE_FILE_ENV) or Path.home() / ".otpy_cookie")
-
-
-def read_cookie(*, create: bool = False) -> bytes:
-    """The node's secret: ``$OTPY_COOKIE``, else the cookie file (created with mode 0600
-    and a random cookie when ``create`` and it does not exist yet)."""
-    env = os.environ.get(COOKIE_ENV)
-    if env:
-        return env.encode()
-    path = cookie_path()
-    if create:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise CookieError(f"cannot create the cookie file {str(path)!r}: {exc}; set "
-                              f"{COOKIE_ENV} or point {COOKIE_FILE_ENV} at a writable "
-                              f"path") from exc
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32) + "\n")
-    try:
-        info = path.stat()
-        text = path.read_text().strip()
-    except OSError as exc:
-        raise CookieError(
-            f"no cookie: {COOKIE_ENV} is not set and the cookie file {str(path)!r} cannot "
-            f"be read ({exc.strerror or exc}); set {COOKIE_ENV}, or {COOKIE_FILE_ENV} to "
-            f"the node's cookie file") from exc
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise CookieError(f"the cookie file {str(path)!r} is accessible to others (mode "
-                          f"{stat.S_IMODE(info.st_mode):o}); run: chmod 600 {str(path)!r}")
-    if not text:
-        raise CookieError(f"the cookie file {str(path)!r} is empty")
-    return text.encode()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
