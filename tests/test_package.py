@@ -24,7 +24,8 @@ CORE_MODULES = ["_exceptions", *sorted(
     for d in SANS_IO_DIRS for p in (PACKAGE_DIR / d).glob("*.py"))]
 # Modules that would mean I/O, threads or an event loop, none of which the core may use.
 IO_MODULES = {"trio", "anyio", "asyncio", "socket", "ssl", "select", "selectors",
-              "threading", "subprocess", "sqlite3", "signal", "http", "urllib"}
+              "threading", "subprocess", "sqlite3", "signal", "http", "urllib", "os",
+              "pathlib", "io", "tomllib", "importlib"}
 # otpy.testing drives that core with no loop at all, so it must not need trio either;
 # nor hypothesis, which only check_code_change imports (a test dependency).
 TESTING_MODULES = ["testing", "testing._ops", "testing._simulation", "testing._migration"]
