@@ -36,7 +36,6 @@ import structlog
 import trio
 
 from .._cookie import read_cookie
-from .._core.release import Release
 from .._core.scheduler import CALL
 from .._exceptions import BadRequest
 from .._node import _TaskCaller
@@ -57,6 +56,7 @@ from .._protocol.msgpack_rpc import (
     new_nonce,
     result_packer,
 )
+from .._release_files import ReleaseSource, load_in_thread
 
 if TYPE_CHECKING:
     from .._node import Node
@@ -532,12 +532,15 @@ class _Connection:
         self._reply(msgid, [r._asdict() for r in self.node.releases()])
 
     def _upgrade(self, msgid: int, params: tuple[Any, ...]) -> None:
-        if len(params) != 1 or not isinstance(params[0], str):
-            raise BadRequest(f"upgrade takes (release_file,), a path on the node's host; "
-                             f"got {params!r:.80}")
-        release = Release.load(params[0])
-        self.log.info("admin_upgrade", release_file=params[0], vsn=release.vsn)
-        self._spawn(msgid, self.node.upgrade, release)
+        source = ReleaseSource.from_params(params)
+        self.log.info("admin_upgrade", **source.describe())
+        self._spawn(msgid, self._load_and_upgrade, source)
+
+    async def _load_and_upgrade(self, source: ReleaseSource) -> dict[str, Any]:
+        # Read and imported in a worker thread, within a timeout: never on the loop.
+        release = await load_in_thread(source)
+        self.log.info("release_loaded", vsn=release.vsn, digest=release.digest)
+        return await self.node.upgrade(release)
 
     def _downgrade(self, msgid: int, params: tuple[Any, ...]) -> None:
         if params:
