@@ -637,6 +637,24 @@ async def test_admin_upgrade_refuses_a_bad_bundle_and_keeps_serving(
         assert (1, 2, None, ()) == await a.call(2, method="releases")
 
 
+@pytest.mark.parametrize("endpoint", ["client", "admin"])
+async def test_address_in_use_names_the_endpoint_and_the_address(endpoint: str) -> None:
+    """A node that cannot listen says which endpoint and which address, and keeps the
+    OSError (errno EADDRINUSE) that a caller may catch."""
+    import errno
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        where = {"listen" if endpoint == "client" else "admin": ("127.0.0.1", port)}
+        with pytest.raises(OSError) as info:
+            async with otpy.open_node(tree(), **where):  # type: ignore[arg-type]
+                pass
+    assert errno.EADDRINUSE == info.value.errno
+    assert f"the {endpoint} endpoint cannot listen on 127.0.0.1:{port}" in str(info.value)
+
+
 async def test_admin_runs_nothing_before_authentication(logs: list[dict[str, Any]]) -> None:
     """A request before answering the challenge gets AuthRequired and the connection
     closes; the request is not run."""

@@ -576,10 +576,16 @@ async def _handle(node: Node, cookie: bytes | None, limits: EndpointLimits,
 async def _serve(node: Node, address: tuple[str, int], cookie: bytes | None,
                  limits: EndpointLimits, task_status: Any) -> None:
     host, port = address
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    endpoint = "admin" if cookie else "client"
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:  # say which endpoint, and where: "address already in use"...
+        raise OSError(exc.errno, f"the {endpoint} endpoint cannot listen on {host}:{port}: "
+                                 f"{exc.strerror or exc}; is another node (or program) "
+                                 f"using that port? Choose another, or port 0 for a free "
+                                 f"one") from exc
     bound = listeners[0].socket.getsockname()[:2]
-    _log.info("endpoint_listening", endpoint="admin" if cookie else "client",
-              address=f"{bound[0]}:{bound[1]}")
+    _log.info("endpoint_listening", endpoint=endpoint, address=f"{bound[0]}:{bound[1]}")
     task_status.started((bound[0], bound[1]))
     await trio.serve_listeners(functools.partial(_handle, node, cookie, limits), listeners)
 
