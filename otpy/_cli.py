@@ -18,7 +18,8 @@ The node is ``--node HOST:PORT`` (default ``$OTPY_NODE``, else 127.0.0.1:4370); 
 cookie is ``$OTPY_COOKIE``, else the file ``$OTPY_COOKIE_FILE`` or ``~/.otpy_cookie``.
 
 ``otpy upgrade`` reads the release on the operator's side into a bundle (its file and
-every module of its code directory, with their digests: at most 256 files and 960 KiB)
+every module of its code directory, with their digests: at most 256 files and 960 KiB,
+no module over 256 KiB)
 and sends it over the authenticated admin channel; the node loads it from there and
 needs no copy of the files.
 

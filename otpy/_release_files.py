@@ -39,15 +39,24 @@ behind, so loading the same files again, once fixed, runs them again.
 
 Off the loop: :func:`load_in_thread` does the reading and importing in a worker thread,
 so that a slow disk or a slow import never holds the node's loop (the loop keeps
-serving; it only waits, at a checkpoint, for the thread). What that means for release
-code: a module's top-level code (and the class bodies in it) runs in a worker thread,
-while the loop runs the node's servers; it must not touch the node or trio (there is no
-loop in that thread) and should not start threads or servers of its own. Callbacks
-later run on the loop as always. An import that does not finish within
+serving; it only waits, at a checkpoint, for the thread). The GIL is shared, so this
+holds only for work that gives it back: pure Python does every 5 ms, but ``compile``
+is one C call that holds it for its whole length (half a second for 300 KiB of code).
+So the modules are first compiled by a child process of the same interpreter, which
+runs nothing of them, and the thread only unmarshals the code (a small fraction of the
+compile, bounded by ``MAX_MODULE_BYTES``); ``bench/bench_release_load.py`` measures the
+loop's longest stall. What this means for release code: a module's top-level code (and
+the class bodies in it) runs in a worker thread, while the loop runs the node's
+servers; it must not touch the node or trio (there is no loop in that thread), should
+not start threads or servers of its own, and whatever it does that holds the GIL (a
+long C call) stalls the loop as long. A module it imports for the first time (a
+third-party library) is imported in that thread too, under Python's import lock for
+that module: a server callback importing the same module meanwhile waits for it.
+Callbacks later run on the loop as always. An import that does not finish within
 ``RELEASE_LOAD_TIMEOUT`` seconds is abandoned: the upgrade is refused, nothing
 changes, and the thread, which Python cannot stop, finishes in the background. One
-release loads at a time per node run (a second waits for the first, within its own
-timeout), so a stuck import holds one thread, not more.
+release loads at a time per trio run (one node, usually), a second waiting for the
+first within its own timeout, so a stuck import holds one thread, not more.
 """
 
 from __future__ import annotations
@@ -57,9 +66,11 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import marshal
 import os
 import re
 import stat
+import subprocess
 import sys
 import threading
 import tomllib
@@ -76,6 +87,7 @@ from ._exceptions import BadRequest, UpgradeFailed
 from ._protocol.release_bundle import (
     MAX_BUNDLE_BYTES,
     MAX_FILES,
+    MAX_MODULE_BYTES,
     MAX_NAME_PARTS,
     Bundle,
     decode_bundle,
@@ -96,17 +108,24 @@ _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 # -- reading ---------------------------------------------------------------------------
 
 
-def _too_large(what: str) -> UpgradeFailed:
+def _too_large(where: str) -> UpgradeFailed:
     return UpgradeFailed(
-        f"{what} would make the release more than {MAX_BUNDLE_BYTES} bytes (its file and "
+        f"{where} would make the release more than {MAX_BUNDLE_BYTES} bytes (its file and "
         f"all the modules of its code directory); give the release a code directory "
         f"that holds only its modules")
 
 
-def read_file(path: str | Path, limit: int, what: str) -> bytes:
-    """The content of the regular file ``path``, at most ``limit`` bytes; refuses a FIFO,
-    device or directory without waiting, and a larger file without reading it."""
+def _module_too_large(where: str) -> UpgradeFailed:
+    return UpgradeFailed(f"{where} is larger than {MAX_MODULE_BYTES} bytes, the most one "
+                         f"module of a release may take; split it into smaller modules")
+
+
+def read_file(path: str | Path, room: int, what: str, *, limit: int | None = None) -> bytes:
+    """The content of the regular file ``path``: refuses a FIFO, device or directory
+    without waiting, and a file larger than ``limit`` (its own bound) or than ``room``
+    (what the release has left) without reading past it."""
     where = f"{what} {str(path)!r}"
+    bound = room if limit is None else min(room, limit)
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
@@ -116,16 +135,18 @@ def read_file(path: str | Path, limit: int, what: str) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise UpgradeFailed(f"{where} is not a regular file (a FIFO, device or "
                                 f"directory); a release is read from regular files only")
-        if info.st_size > limit:
-            raise _too_large(where)
         chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(fd, min(1 << 16, limit + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > limit:  # it grew after the fstat
+        if info.st_size <= bound:
+            while size <= bound:
+                chunk = os.read(fd, min(1 << 16, bound + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        size = max(size, info.st_size)  # (it may grow after the fstat)
+        if limit is not None and size > limit:
+            raise _module_too_large(where)
+        if size > room:
             raise _too_large(where)
         return b"".join(chunks)
     except OSError as exc:
@@ -174,7 +195,8 @@ def _scan(code: Path, room: int) -> list[tuple[str, bytes]]:
                         f"the release's code directory {str(code)!r} holds more than "
                         f"{MAX_FILES - 1} modules; give the release a code directory "
                         f"that holds only its modules")
-                data = read_file(entry.path, room, "release module")
+                data = read_file(entry.path, room, "release module",
+                                 limit=MAX_MODULE_BYTES)
                 room -= len(data)
                 found.append(("/".join((*parts, name)), data))
             elif (_IDENT.fullmatch(name) and name != "__pycache__"
@@ -213,6 +235,7 @@ class _Package(importlib.abc.Loader):
         self.dirs = {"/".join(m.name.split("/")[:i]) for m in bundle.modules
                      for i in range(1, m.name.count("/") + 1)}
         self.top = frozenset(n.split("/")[0].removesuffix(".py") for n in self.files)
+        self.codes: dict[str, bytes] = {}  # marshalled code compiled by a child process
         self.loaded = False  # every module named by the release imported once
         hook = _release_import(self.name, self.top)
         self.builtins = {**builtins.__dict__, "__import__": hook}
@@ -251,9 +274,19 @@ class _Package(importlib.abc.Loader):
         file, _ = self._where(spec.name)
         module.__dict__["__builtins__"] = self.builtins
         if file is not None:
-            code = compile(self.files[file], f"{self.origin}/{file}", "exec",
-                           dont_inherit=True)
-            exec(code, module.__dict__)
+            exec(self._code(file), module.__dict__)
+
+    def _code(self, file: str) -> types.CodeType:
+        compiled = self.codes.pop(file, None)
+        if compiled is not None:
+            try:
+                code = marshal.loads(compiled)
+            except (ValueError, EOFError, TypeError):
+                pass
+            else:
+                if isinstance(code, types.CodeType):
+                    return code
+        return compile(self.files[file], f"{self.origin}/{file}", "exec", dont_inherit=True)
 
     def get_source(self, fullname: str) -> str | None:
         """The module's source, for tracebacks and ``inspect``."""
@@ -281,6 +314,60 @@ def _release_import(package: str, top: frozenset[str]) -> Callable[..., Any]:
         return real_import(name, globals, locals, fromlist, level)
 
     return release_import
+
+
+# The child that compiles a release's modules: it runs nothing of them, and imports
+# nothing but marshal and sys (-I -S: no site, no environment, no working directory).
+_COMPILER = """\
+import marshal, sys
+sources = marshal.loads(sys.stdin.buffer.read())
+optimize = int(sys.argv[1])
+out = {}
+for name, source in sources.items():
+    try:
+        out[name] = marshal.dumps(compile(source, name, "exec", dont_inherit=True,
+                                          optimize=optimize))
+    except (SyntaxError, ValueError):
+        pass  # compiled again where it is imported, which raises the error
+sys.stdout.buffer.write(marshal.dumps(out))
+"""
+# Compiled code is about 3 times the size of its source.
+_MAX_COMPILED = 8 * MAX_BUNDLE_BYTES
+
+
+def _precompile(package: _Package, timeout: float) -> None:
+    """Compile the package's modules in a child process of the same interpreter.
+
+    ``compile`` is one C call that holds the GIL for its whole length (half a second
+    for 300 KiB of code), so compiling in a worker thread would still stall the loop;
+    unmarshalling the child's result costs a small fraction of that (see
+    ``MAX_MODULE_BYTES``). If the child cannot be run, the modules are compiled where
+    they are imported instead."""
+    if not sys.executable or not package.files:
+        return
+    sources = {f"{package.origin}/{name}": data for name, data in package.files.items()}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _COMPILER, str(sys.flags.optimize)],
+            input=marshal.dumps(sources), capture_output=True, timeout=timeout,
+            check=False)
+    except subprocess.TimeoutExpired:
+        raise UpgradeFailed(f"compiling the release's modules took more than "
+                            f"{timeout:g} s") from None
+    except OSError:
+        return
+    if result.returncode != 0 or len(result.stdout) > _MAX_COMPILED:
+        return
+    try:
+        codes = marshal.loads(result.stdout)
+    except (ValueError, EOFError, TypeError):
+        return
+    if isinstance(codes, dict):
+        prefix = package.origin + "/"
+        for origin, code in codes.items():
+            name = origin.removeprefix(prefix) if isinstance(origin, str) else None
+            if name in package.files and isinstance(code, bytes):
+                package.codes[name] = code
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -345,10 +432,13 @@ def _import_class(package: _Package, ref: str, where: str) -> type[GenServer[Any
     return obj
 
 
-def load_bundle(bundle: Bundle, *, source: str | None = None) -> Release:
-    """The release a bundle describes, its code imported (see the module docstring).
-    Raises :class:`otpy.UpgradeFailed` before anything is installed if the release
-    file, a module or a class cannot be loaded; then nothing of the bundle is kept."""
+def load_bundle(bundle: Bundle, *, source: str | None = None,
+                precompile: bool = False) -> Release:
+    """The release a bundle describes, its code imported (see the module docstring);
+    ``precompile``: compile its modules in a child process first (for a worker thread,
+    see :func:`_precompile`). Raises :class:`otpy.UpgradeFailed` before anything is
+    installed if the release file, a module or a class cannot be loaded; then nothing
+    of the bundle is kept."""
     where = f"release file {source or bundle.release.name!r}"
     data = _parse(bundle.release.data, where)
     vsn = data.get("vsn")
@@ -359,6 +449,8 @@ def load_bundle(bundle: Bundle, *, source: str | None = None) -> Release:
         raise UpgradeFailed(f"{where} needs at least one [[updates]] table")
     package, new = _register(bundle)
     try:
+        if precompile and new:
+            _precompile(package, RELEASE_LOAD_TIMEOUT)
         updates = []
         for n, entry in enumerate(raw):
             at = f"{where}, updates[{n}]"
@@ -417,9 +509,11 @@ class ReleaseSource(NamedTuple):
     def load(self) -> Release:
         """Read (or decode) and import: blocking, for a worker thread."""
         if self.bundle is not None:
-            return load_bundle(decode_bundle(self.bundle), source="(sent by the client)")
-        assert self.path is not None
-        return load_path(self.path)
+            bundle, source = decode_bundle(self.bundle), "(sent by the client)"
+        else:
+            assert self.path is not None
+            bundle, source = read_bundle(self.path), self.path
+        return load_bundle(bundle, source=source, precompile=True)
 
 
 _limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(

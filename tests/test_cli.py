@@ -241,7 +241,8 @@ def test_cli_upgrade_of_a_release_it_cannot_read_is_a_usage_error(
     """A release file that cannot be read, or a release too large to send, is refused
     on the operator's side with exit 2, before any node is contacted."""
     path = release_copy(tmp_path / "rel")
-    (path.parent / "big.py").write_bytes(b"#" * (1 << 20))
+    for i in range(4):
+        (path.parent / f"big{i}.py").write_bytes(b"#" * 250_000)
     code, _, err = otpy_cmd("upgrade", str(path), "--node", "127.0.0.1:1", capsys=capsys,
                             monkeypatch=monkeypatch)
     assert 2 == code

@@ -94,9 +94,9 @@ def test_too_many_files_are_refused() -> None:
 
 def test_too_many_bytes_are_refused() -> None:
     """At most MAX_BUNDLE_BYTES, when made, encoded or decoded."""
-    big = b"#" * (MAX_BUNDLE_BYTES // 2 + 1)
+    big = b"#" * (MAX_BUNDLE_BYTES // 4 + 1)
     with pytest.raises(otpy.UpgradeFailed, match=f"more than {MAX_BUNDLE_BYTES} bytes"):
-        make_bundle("v2.toml", RELEASE, [("a.py", big), ("b.py", big)])
+        make_bundle("v2.toml", RELEASE, [(f"m{i}.py", big) for i in range(4)])
     with pytest.raises(otpy.UpgradeFailed, match=f"more than {MAX_BUNDLE_BYTES}"):
         decode_bundle(b"\x00" * (MAX_BUNDLE_BYTES + 1))
 
@@ -130,3 +130,12 @@ def test_nested_garbage_is_refused_before_it_becomes_objects() -> None:
     data = b"\x94" + msgpack.packb(FORMAT) + msgpack.packb(VERSION) + b"\x93" + deep
     with pytest.raises(otpy.UpgradeFailed, match="name has the wrong type"):
         decode_bundle(data)
+
+
+def test_a_module_larger_than_the_module_bound_is_refused() -> None:
+    """One module is at most MAX_MODULE_BYTES (its compiled code is unmarshalled in one
+    go on the node, which that bounds)."""
+    from otpy._protocol.release_bundle import MAX_MODULE_BYTES
+
+    with pytest.raises(otpy.UpgradeFailed, match="split it into smaller modules"):
+        make_bundle("v2.toml", RELEASE, [("a.py", b"#" * (MAX_MODULE_BYTES + 1))])

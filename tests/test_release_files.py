@@ -257,6 +257,13 @@ def test_an_oversized_release_file_is_refused(tmp_path: Path) -> None:
 def test_an_oversized_module_is_refused(tmp_path: Path) -> None:
     path = write_release(tmp_path, "2", {
         "counter_v2.py": COUNTER_V2.format(migrate="(state, state)") + "#" * (1 << 20)})
+    with pytest.raises(otpy.UpgradeFailed, match="larger than 262144 bytes"):
+        otpy.Release.load(path)
+
+
+def test_modules_that_together_exceed_the_release_bound_are_refused(
+        tmp_path: Path) -> None:
+    path = write_release(tmp_path, "2", {f"m{i}.py": "#" * 250_000 for i in range(4)})
     with pytest.raises(otpy.UpgradeFailed, match="more than 983040 bytes"):
         otpy.Release.load(path)
 
@@ -268,3 +275,39 @@ def test_a_code_directory_of_too_many_modules_is_refused(tmp_path: Path) -> None
         "counter_v2.py": COUNTER_V2.format(migrate="(state, state)")})
     with pytest.raises(otpy.UpgradeFailed, match="code directory that holds only"):
         otpy.Release.load(path)
+
+
+# -- loading off the loop ------------------------------------------------------------
+
+
+def test_a_traceback_through_release_code_shows_its_source(tmp_path: Path) -> None:
+    """Release modules are imported from memory, yet a traceback through them shows
+    their source lines (their loader gives the source) and their file in the release."""
+    import traceback
+
+    path = write_release(tmp_path, "2", {"counter_v2.py": COUNTER_V2.format(
+        migrate="state['no such key']")})
+    cls = otpy.Release.load(path).updates[0].new_class
+    with pytest.raises(TypeError) as info:
+        cls.code_change(None, "1", 0, None)
+    shown = "".join(traceback.format_exception(info.value))
+    assert "counter_v2.py" in shown and "return state['no such key']" in shown
+
+
+def test_modules_loaded_for_the_node_are_compiled_in_a_child_process(
+        tmp_path: Path) -> None:
+    """Off the loop, the modules are compiled by a child process (compile holds the GIL
+    for its whole length, which would stall the loop even from a worker thread); a
+    module that does not compile is left to fail where it is imported."""
+    from otpy import _release_files
+    from otpy._protocol.release_bundle import make_bundle
+
+    bundle = make_bundle("r.toml", b'vsn = "2"\n', [("good.py", b"x = 1\n"),
+                                                    ("bad.py", b"def (\n")])
+    package = _release_files._Package(bundle)
+    _release_files._precompile(package, 30.0)
+    assert ["good.py"] == sorted(package.codes)
+    path = write_release(tmp_path, "2", {"counter_v2.py": COUNTER_V2.format(
+        migrate="(state, state)")})
+    release = _release_files.ReleaseSource(None, str(path)).load()
+    assert (3, 3) == release.updates[0].new_class.code_change(None, "1", 3, None)

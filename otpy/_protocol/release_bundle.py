@@ -24,7 +24,8 @@ content and of each module's name and content, so two bundles have the same dige
 exactly when they would load the same code.
 
 What must stay true, whatever bytes arrive: at most ``MAX_BUNDLE_BYTES`` are looked at;
-at most ``MAX_FILES`` files (the release file included) are accepted; the decoder
+at most ``MAX_FILES`` files (the release file included) are accepted, no module larger
+than ``MAX_MODULE_BYTES``; the decoder
 builds a fixed number of objects per file (it reads the structure header by header and
 refuses an element of the wrong type before decoding it, so nested garbage never
 becomes Python objects); every name is checked before it is used.
@@ -48,6 +49,9 @@ VERSION = 1
 # 1 MiB, with room to spare for the request around it.
 MAX_BUNDLE_BYTES = 960 * 1024
 MAX_FILES = 256  # the release file and its modules
+# One module: a node unmarshals a module's compiled code in one go (about 16 ms for
+# this much source on the reference machine), so this bounds that stall too.
+MAX_MODULE_BYTES = 256 * 1024
 MAX_NAME = 200  # characters of one name
 MAX_NAME_PARTS = 8  # directories deep, plus the file
 
@@ -131,6 +135,9 @@ def make_bundle(release_name: str, release_data: bytes,
         check_module_name(name)
         if name in files:
             raise _fail(f"module {name!r} appears twice")
+        if len(data) > MAX_MODULE_BYTES:
+            raise _fail(f"module {name!r} takes {len(data)} bytes, more than "
+                        f"{MAX_MODULE_BYTES}; split it into smaller modules")
         if len(files) + 1 >= MAX_FILES:
             raise _fail(f"more than {MAX_FILES} files (the release file and its modules); "
                         f"give the release a code directory that holds only its modules")
