@@ -181,6 +181,13 @@ def table(r: dict[str, dict[str, Any]]) -> list[Row]:
         row(f"  ... cut {b} ms budget: late by (median)", f"watchdog_overshoot_{b}ms",
             lambda v, rec=rec: f"{v:.0f} ms (worst {rec.get('worst_ms', 0):.0f})",
             "(info)", None)
+    ms = lambda v: f"{v:.0f} ms"  # noqa: E731
+    row("loading a release: loop stall, thread", "release_load_loop_stall_thread_ms", ms,
+        "~20 ms", None)
+    row("  ... the same on the loop (old path)", "release_load_loop_stall_on_loop_ms", ms,
+        "-", None)
+    row("  ... nothing loading (baseline)", "release_load_loop_stall_idle_ms", ms, "-",
+        None)
     return rows
 
 
@@ -228,6 +235,7 @@ def main() -> None:
     results += run_group("bench_release.py", "10000", "100000")
     results += run_group("bench_watchdog.py")
     results += run_group("bench_wire.py")
+    results += run_group("bench_release_load.py")
     by = {x["bench"]: x for x in results}
     results.append(emit("sup_total_us_1000000",
                         by["sup_start_us_1000000"]["value"] + by["sup_spec_us_1000000"]["value"],

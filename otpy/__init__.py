@@ -34,6 +34,7 @@ from ._exceptions import BadRequest as BadRequest
 from ._exceptions import BadReturn as BadReturn
 from ._exceptions import CallTimeout as CallTimeout
 from ._exceptions import ConnectionLost as ConnectionLost
+from ._exceptions import CookieError as CookieError
 from ._exceptions import MailboxFull as MailboxFull
 from ._exceptions import NoSuchServer as NoSuchServer
 from ._exceptions import OtpyError as OtpyError
@@ -63,6 +64,7 @@ __all__ = [
     "Client",
     "ConnectionLost",
     "Continue",
+    "CookieError",
     "Down",
     "EndpointLimits",
     "GenServer",

@@ -6,17 +6,27 @@
     otpy state NAME
     otpy stats [NAME]               counters of the node, or of server NAME (mailbox,
                                     refused messages, restarts, ...)
-    otpy call NAME REQUEST          REQUEST is JSON ('"incr"', '["store", "x", 1]');
-                                    a bare word that is not JSON is sent as a string
-    otpy upgrade RELEASE_FILE
+    otpy call NAME REQUEST          REQUEST is JSON ('"incr"', '["store", "x", 1]'):
+                                    a string is written with its quotes
+    otpy upgrade RELEASE_FILE       the release file and the modules of its code
+                                    directory are sent to the node (see below)
+    otpy upgrade --node-path PATH   PATH is a release file on the node's host
     otpy downgrade
     otpy releases
 
 The node is ``--node HOST:PORT`` (default ``$OTPY_NODE``, else 127.0.0.1:4370); the
 cookie is ``$OTPY_COOKIE``, else the file ``$OTPY_COOKIE_FILE`` or ``~/.otpy_cookie``.
 
-Exit codes: 0 done, 1 the node answered with an error, 2 bad usage, 69 the node cannot
-be reached, 77 authentication failed (or no cookie).
+``otpy upgrade`` reads the release on the operator's side into a bundle (its file and
+every module of its code directory, with their digests: at most 256 files and 960 KiB,
+no module over 256 KiB)
+and sends it over the authenticated admin channel; the node loads it from there and
+needs no copy of the files.
+
+Exit codes: 0 done, 1 the node answered with an error, 2 bad usage (a bad argument: an
+address, a REQUEST that is not JSON, a release that cannot be read or sent), 69 the
+node cannot be reached (or does not answer), 77 authentication failed (or no cookie),
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -31,8 +41,17 @@ from typing import Any
 import trio
 
 from ._client import Client, connect_admin
-from ._exceptions import AuthFailed, CallTimeout, ConnectionLost, RemoteError
-from ._serve.rpc import CookieError, read_cookie
+from ._cookie import read_cookie
+from ._exceptions import (
+    AuthFailed,
+    CallTimeout,
+    ConnectionLost,
+    CookieError,
+    RemoteError,
+    UpgradeFailed,
+)
+from ._protocol.release_bundle import encode_bundle
+from ._release_files import read_bundle
 
 DEFAULT_NODE = "127.0.0.1:4370"
 EX_ERROR, EX_USAGE, EX_UNAVAILABLE, EX_NOPERM = 1, 2, 69, 77
@@ -89,8 +108,31 @@ async def _tree(admin: Client, sup: str, prefix: str, out: list[str]) -> None:
             await _tree(admin, child["id"], prefix + ("    " if last else "│   "), out)
 
 
+def _json_request(text: str) -> Any:
+    try:
+        return _tuples(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise _Fail(f"REQUEST is not JSON: {exc}, in {text!r:.80}; write a string with "
+                    f"its quotes ('\"incr\"') and an array as '[\"store\", \"x\", 1]'",
+                    EX_USAGE) from None
+
+
+def _release(args: argparse.Namespace) -> bytes | str:
+    """What ``upgrade`` sends: the release as a bundle, or the node-side path."""
+    if args.node_path:
+        path: str = args.release_file
+        return path
+    try:
+        return encode_bundle(read_bundle(args.release_file))
+    except UpgradeFailed as exc:
+        raise _Fail(str(exc), EX_USAGE) from None
+
+
 async def _run(args: argparse.Namespace) -> int:
     host, port = _address(args.node)
+    # What can be checked on this side is, before any node is contacted.
+    request = _json_request(args.request) if args.command == "call" else None
+    release = _release(args) if args.command == "upgrade" else None
     try:
         cookie = read_cookie()
     except CookieError as exc:
@@ -110,22 +152,20 @@ async def _run(args: argparse.Namespace) -> int:
                 for key, value in stats.items():
                     print(f"{key}: {_show(value)}")
             elif cmd == "call":
-                try:
-                    request = _tuples(json.loads(args.request))
-                except json.JSONDecodeError:
-                    request = args.request
                 print(_show(await admin.request("call", args.name, request,
                                                 timeout=args.timeout)))
             elif cmd == "upgrade":
-                path = os.path.abspath(args.release_file)
-                report = await admin.request("upgrade", path, timeout=args.timeout)
+                report = await admin.request("upgrade", release, timeout=args.timeout)
                 print(f"release {report['release']} installed: {_servers(report['servers'])}")
             elif cmd == "downgrade":
                 report = await admin.request("downgrade", timeout=args.timeout)
                 print(f"release {report['release']} taken back: "
                       f"{_servers(report['servers'])}")
             elif cmd == "releases":
-                for rel in await admin.request("releases"):
+                releases = await admin.request("releases")
+                if not releases:
+                    print("no releases installed")
+                for rel in releases:
                     desc = f"  {rel['description']}" if rel["description"] else ""
                     print(f"{rel['vsn']}  servers: {_servers(rel['servers'])}{desc}")
     except AuthFailed as exc:
@@ -137,6 +177,11 @@ async def _run(args: argparse.Namespace) -> int:
     except CallTimeout as exc:  # before OSError: it is a TimeoutError
         raise _Fail(f"the node at {host}:{port} did not answer: {exc}; pass a larger "
                     f"--timeout", EX_UNAVAILABLE) from None
+    except trio.TooSlowError:  # connect_admin's wait for the challenge
+        raise _Fail(f"{host}:{port} accepted the connection but sent no challenge in "
+                    f"time: it is not a node's admin endpoint, or the node is stuck. "
+                    f"Pass --node HOST:PORT of the node's admin=(host, port)",
+                    EX_UNAVAILABLE) from None
     except (OSError, ConnectionLost, trio.BrokenResourceError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise _Fail(f"cannot reach the node's admin endpoint at {host}:{port}: {reason}. "
@@ -167,8 +212,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("call", parents=[common], help="call server NAME with REQUEST (JSON)")
     p.add_argument("name")
     p.add_argument("request", help="JSON; arrays are sent as tuples")
-    p = sub.add_parser("upgrade", parents=[common], help="install a release file (TOML)")
+    p = sub.add_parser("upgrade", parents=[common],
+                       help="install a release: its file (TOML) and the modules of its "
+                            "code directory are sent to the node")
     p.add_argument("release_file")
+    p.add_argument("--node-path", action="store_true",
+                   help="RELEASE_FILE is a path on the node's host, for the node to read "
+                        "(nothing is sent)")
     sub.add_parser("downgrade", parents=[common], help="go back to the release before")
     sub.add_parser("releases", parents=[common], help="the installed releases, oldest first")
     return parser
@@ -183,6 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"otpy: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
+        if args.command in ("upgrade", "downgrade"):
+            # The request may be on the node already, which goes on with it.
+            print(f"otpy: interrupted. If the node got the {args.command} request, it "
+                  f"goes on with it and may still commit it (all of it, or nothing). "
+                  f"Check with: otpy releases --node {args.node}", file=sys.stderr)
         return 130
 
 

@@ -18,6 +18,7 @@ the built-in exception a Python user would already catch for that situation::
     ├── SupervisorError (ValueError)          a bad child spec, id or supervisor call
     ├── UpgradeFailed                         a release upgrade changed nothing (why inside)
     ├── BadRequest (ValueError)               a request over the network had the wrong shape
+    ├── CookieError (PermissionError)         the node's cookie cannot be read or is unsafe
     ├── RemoteError                           a node answered a client with an error
     │   └── RemoteError[kind]                 ... also the local error named kind, if any
     ├── ConnectionLost (ConnectionError)      a client's connection to a node closed
@@ -160,6 +161,12 @@ class UpgradeFailed(OtpyError):
 class BadRequest(OtpyError, ValueError):
     """A request over the network did not have the shape its method takes (e.g. ``call``
     without a server name); the node answers ``["BadRequest", message]``."""
+
+
+class CookieError(OtpyError, PermissionError):
+    """The node's cookie cannot be read or created, or its file is not safe to trust: a
+    symbolic link, not a regular file, another user's, open to others, empty or too
+    large. The message says which, and how to fix it."""
 
 
 class RemoteError(OtpyError):

@@ -91,7 +91,10 @@ class Node:
         if not isinstance(node_name, str) or not node_name:
             raise TypeError(f"node_name must be a non-empty string, got {node_name!r}")
         # A fresh creation each run: pids of an earlier run of this node name nothing.
-        sched = Scheduler(log=structlog.get_logger("otpy").bind(node=node_name),
+        log = structlog.get_logger("otpy")
+        # Events name their node where it has a name of its own (a cluster's members).
+        log = log.bind(node=node_name) if node_name != DEFAULT_NODE_NAME else log.bind()
+        sched = Scheduler(log=log,
                           clock=trio.current_time, wakeup=self._wakeup, spawn=self._spawn,
                           node=node_name, creation=secrets.randbits(32))
         self._rt = Runtime(root, sched)

@@ -5,7 +5,8 @@ that a block can use what an earlier block defined; the program runs in a fresh
 interpreter. Lines outside the blocks become blank lines, so a traceback's line
 numbers are the Markdown file's own. A ``text`` block right after an
 ``<!-- expected output -->`` comment must appear in the program's output: its lines in
-order, each whole (other lines, such as log events, may come between).
+order, each whole (other lines, such as log events, may come between; a log line's
+timestamp matches any time). The README's shows the whole output.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[^`\s]*)")
 # Languages that would be Python under another name: an example in one of them would
 # escape this test, so each must be spelled ``python``.
 PYTHON_ALIASES = {"py", "python3", "pycon", "py3", "ipython"}
+# A log line's leading timestamp: shown output matches whatever time the run printed.
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 
 
 @dataclass
@@ -80,10 +83,11 @@ def program_of(path: Path) -> tuple[str, list[list[str]]]:
 
 
 def find_in_order(output: str, wanted: list[str], where: str) -> None:
-    """Each wanted line must be a whole line of ``output``, in order."""
-    got = [line.rstrip() for line in output.splitlines()]
+    """Each wanted line must be a whole line of ``output``, in order (a log line's
+    timestamp matching any time)."""
+    got = [TIMESTAMP.sub("<time> ", line.rstrip()) for line in output.splitlines()]
     position = 0
-    for line in wanted:
+    for line in (TIMESTAMP.sub("<time> ", line) for line in wanted):
         try:
             position = got.index(line, position) + 1
         except ValueError:
@@ -210,3 +214,37 @@ def test_demo_crash_is_one_log_line() -> None:
     assert len(crashes) == 2, result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert all("server=kv2" in line and "ZeroDivisionError" in line for line in crashes)
+
+
+def test_readme_shows_everything_its_example_prints(tmp_path: Path) -> None:
+    """The README's first example shows its whole output, otpy's debug events (which
+    structlog's defaults print) included: a newcomer who runs it sees what the page
+    shows (a log line's timestamp may be any time)."""
+    source, expected = program_of(ROOT / "README.md")
+    script = tmp_path / "readme.py"
+    script.write_text(source)
+    result = run_python([str(script)], tmp_path)
+    assert 0 == result.returncode, result.stderr
+    shown = [TIMESTAMP.sub("<time> ", line) for block in expected for line in block]
+    printed = [TIMESTAMP.sub("<time> ", line.rstrip()) for line in result.stdout.splitlines()]
+    assert shown == printed
+
+
+def test_docs_await_every_async_method_of_the_node() -> None:
+    """A coroutine method of the node (``upgrade``, ``downgrade``, ``call``...) is never
+    shown without its ``await``, in prose or in code."""
+    import inspect
+
+    import otpy
+
+    names = sorted(n for n, v in vars(otpy.Node).items()
+                   if inspect.iscoroutinefunction(v) and not n.startswith("_"))
+    pattern = re.compile(rf"\bnode\.({'|'.join(names)})\(")
+    missing = []
+    for path in DOCS:
+        text = path.read_text()
+        for match in pattern.finditer(text):
+            if not text[:match.start()].rstrip(" `(\n").endswith("await"):
+                line = text.count("\n", 0, match.start()) + 1
+                missing.append(f"{path.name}:{line}: {match.group(0)}")
+    assert [] == missing

@@ -8,10 +8,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import os
 import pickle
 import socket
-import stat
 import struct
 import sys
 import time
@@ -28,7 +26,7 @@ from hypothesis import strategies as st
 
 import otpy
 from otpy._serve import rpc as _endpoint
-from otpy._serve.rpc import CookieError, read_cookie, serve_admin, serve_client
+from otpy._serve.rpc import serve_admin, serve_client
 
 RELEASES = Path(__file__).resolve().parent.parent / "examples" / "releases"
 COOKIE = "test-cookie-123"
@@ -511,6 +509,152 @@ async def test_admin_upgrade_and_downgrade_from_a_release_file() -> None:
         assert "UpgradeFailed" == err[0]
 
 
+def counter_v1() -> type[otpy.GenServer[Any]]:
+    sys.path.insert(0, str(RELEASES))
+    try:
+        from counter_v1 import Counter  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(RELEASES))
+    cls: type[otpy.GenServer[Any]] = Counter
+    return cls
+
+
+GATED = """
+import os, threading, time
+from typing import Any
+import otpy
+
+open({started!r}, "w").close()
+for _ in range(500):  # at most 5 s
+    if os.path.exists({go!r}):
+        break
+    time.sleep(0.01)
+else:
+    raise RuntimeError("the test never opened the gate")
+with open({where!r}, "w") as f:
+    f.write("main" if threading.current_thread() is threading.main_thread() else "worker")
+
+
+class Counter(otpy.GenServer[tuple[int, int]]):
+    vsn = "2"
+
+    def handle_call(self, request: Any, caller: Any, state: Any) -> Any:
+        return otpy.Reply(state, state)
+
+    def code_change(self, old_vsn: Any, state: Any, extra: Any) -> Any:
+        return (state, state)
+"""
+
+
+def gated_release(tmp_path: Path) -> Path:
+    """A release whose module, when imported, says so (file ``started``), then waits
+    for the file ``go`` (at most 5 s) and writes which thread imported it (``where``)."""
+    code = tmp_path / "gated"
+    code.mkdir()
+    (code / "gated_v2.py").write_text(GATED.format(
+        started=str(tmp_path / "started"), go=str(tmp_path / "go"),
+        where=str(tmp_path / "where")))
+    path = code / "r.toml"
+    path.write_text('vsn = "2"\n[[updates]]\ntarget = "counter_v1:Counter"\n'
+                    'new = "gated_v2:Counter"\n')
+    return path
+
+
+async def test_admin_upgrade_imports_the_release_off_the_loop(tmp_path: Path) -> None:
+    """The release's modules are imported in a worker thread: while one takes its time
+    the node goes on serving (before, the loop was held for the whole import)."""
+    path = gated_release(tmp_path)
+    root = otpy.Supervisor([otpy.Child("c0", counter_v1())])
+    async with otpy.open_node(root, admin=("127.0.0.1", 0)) as n, \
+            admin_raw(n.admin_address) as a:
+        await a.send([0, 1, "upgrade", [str(path)]])
+        for _ in range(500):
+            if (tmp_path / "started").exists():
+                break
+            await trio.sleep(0.01)
+        assert 0 == await n.call("c0", "count")  # served while the import waits
+        (tmp_path / "go").touch()
+        assert (1, 1, None) == (await a.recv())[:3]
+        assert "2" == n.vsn_of("c0")
+    assert "worker" == (tmp_path / "where").read_text()
+
+
+async def test_an_import_that_does_not_finish_is_abandoned_after_the_load_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A release whose import does not finish within the load timeout is refused,
+    nothing changed, and the node serves on (the import goes on in its thread)."""
+    from otpy import _release_files
+
+    monkeypatch.setattr(_release_files, "RELEASE_LOAD_TIMEOUT", 1.0)
+    path = gated_release(tmp_path)
+    root = otpy.Supervisor([otpy.Child("c0", counter_v1())])
+    async with otpy.open_node(root, admin=("127.0.0.1", 0)) as n, \
+            admin_raw(n.admin_address) as a:
+        _, _, err, _ = await a.call(1, str(path), method="upgrade")
+        assert "UpgradeFailed" == err[0]
+        assert "did not finish within 1 s" in err[1]
+        assert "1" == n.vsn_of("c0")
+        (tmp_path / "go").touch()  # let the abandoned import finish
+
+
+async def test_admin_upgrade_from_a_bundle_needs_no_copy_on_the_node(
+        tmp_path: Path) -> None:
+    """``upgrade(bundle)``: the release travels in the request (its file and modules with
+    their digests); the node installs it with the files gone from every disk."""
+    from otpy._protocol.release_bundle import encode_bundle
+    from otpy._release_files import read_bundle
+
+    code = tmp_path / "rel"
+    code.mkdir()
+    (code / "counter_v2.py").write_text((RELEASES / "counter_v2.py").read_text())
+    (code / "v2.toml").write_text((RELEASES / "v2.toml").read_text())
+    bundle = encode_bundle(read_bundle(code / "v2.toml"))
+    for file in code.iterdir():
+        file.unlink()
+    root = otpy.Supervisor([otpy.Child("c0", counter_v1())])
+    async with otpy.open_node(root, admin=("127.0.0.1", 0)) as n, \
+            admin_raw(n.admin_address) as a:
+        await n.call("c0", "incr")
+        _, _, err, report = await a.call(1, bundle, method="upgrade")
+        assert (None, ("c0",)) == (err, report["servers"])
+        assert (1, 1) == n.get_state("c0")
+
+
+@pytest.mark.parametrize(("params", "kind", "message"), [
+    ([b"\x94garbage"], "UpgradeFailed", "release bundle refused"),
+    ([b"\x91" * 500_000], "UpgradeFailed", "release bundle refused"),
+    ([7], "BadRequest", "a release bundle (bytes"),
+    ([], "BadRequest", "a release bundle (bytes"),
+])
+async def test_admin_upgrade_refuses_a_bad_bundle_and_keeps_serving(
+        params: list[Any], kind: str, message: str) -> None:
+    """A bundle that is not one gets an error reply saying why; the session goes on."""
+    async with node() as n, admin_raw(n.admin_address) as a:
+        await a.send([0, 1, "upgrade", params])
+        _, _, err, _ = await a.recv()
+        assert kind == err[0] and message in err[1]
+        assert (1, 2, None, ()) == await a.call(2, method="releases")
+
+
+@pytest.mark.parametrize("endpoint", ["client", "admin"])
+async def test_address_in_use_names_the_endpoint_and_the_address(endpoint: str) -> None:
+    """A node that cannot listen says which endpoint and which address, and keeps the
+    OSError (errno EADDRINUSE) that a caller may catch."""
+    import errno
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        where = {"listen" if endpoint == "client" else "admin": ("127.0.0.1", port)}
+        with pytest.raises(OSError) as info:
+            async with otpy.open_node(tree(), **where):  # type: ignore[arg-type]
+                pass
+    assert errno.EADDRINUSE == info.value.errno
+    assert f"the {endpoint} endpoint cannot listen on 127.0.0.1:{port}" in str(info.value)
+
+
 async def test_admin_runs_nothing_before_authentication(logs: list[dict[str, Any]]) -> None:
     """A request before answering the challenge gets AuthRequired and the connection
     closes; the request is not run."""
@@ -601,29 +745,6 @@ async def test_admin_get_state_of_an_unencodable_state_is_shown_as_repr() -> Non
         _, _, err, state = await a.call(1, "echo", method="get_state")
         assert err is None
         assert "Caller" in state["waiting"]["k"]
-
-
-def test_cookie_file_is_created_with_mode_0600(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Without OTPY_COOKIE the node creates a random cookie file readable by its owner
-    only, and reads the same cookie back afterwards."""
-    monkeypatch.delenv("OTPY_COOKIE")
-    path = tmp_path / "cookie"
-    first = read_cookie(create=True)
-    assert 0o600 == stat.S_IMODE(path.stat().st_mode)
-    assert len(first) >= 32
-    assert first == read_cookie(create=True) == read_cookie()
-
-
-def test_cookie_file_open_to_others_is_refused(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A cookie file that others can read is refused, with the fix in the message."""
-    monkeypatch.delenv("OTPY_COOKIE")
-    path = tmp_path / "cookie"
-    path.write_text("secret\n")
-    os.chmod(path, 0o644)
-    with pytest.raises(CookieError, match="chmod 600"):
-        read_cookie()
 
 
 # -- otpy.connect --------------------------------------------------------------------

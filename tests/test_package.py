@@ -24,7 +24,8 @@ CORE_MODULES = ["_exceptions", *sorted(
     for d in SANS_IO_DIRS for p in (PACKAGE_DIR / d).glob("*.py"))]
 # Modules that would mean I/O, threads or an event loop, none of which the core may use.
 IO_MODULES = {"trio", "anyio", "asyncio", "socket", "ssl", "select", "selectors",
-              "threading", "subprocess", "sqlite3", "signal", "http", "urllib"}
+              "threading", "subprocess", "sqlite3", "signal", "http", "urllib", "os",
+              "pathlib", "io", "tomllib", "importlib"}
 # otpy.testing drives that core with no loop at all, so it must not need trio either;
 # nor hypothesis, which only check_code_change imports (a test dependency).
 TESTING_MODULES = ["testing", "testing._ops", "testing._simulation", "testing._migration"]
@@ -126,3 +127,32 @@ def test_sans_io_folders_import_no_io(folder: str) -> None:
                      not node.level else [])
             found += [f"{path.name}: {n}" for n in names if n.partition(".")[0] in IO_MODULES]
     assert [] == found
+
+
+def test_pyproject_license_is_an_spdx_expression() -> None:
+    """The license is a PEP 639 SPDX string with a setuptools that reads it, so that
+    ``pip install`` prints no deprecation of the old ``{ text = ... }`` table."""
+    import tomllib
+
+    data = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text())
+    assert "Apache-2.0" == data["project"]["license"]
+    assert ["setuptools>=77"] == data["build-system"]["requires"]
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module ``path`` imports (relative imports as written, e.g. ``._serve``)."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append("." * node.level + (node.module or ""))
+    return names
+
+
+def test_the_cookie_is_read_without_trio_or_the_endpoints() -> None:
+    """``_cookie`` is plain file I/O, and the ``otpy`` command reads the cookie through
+    it rather than through the node's endpoint module."""
+    assert [] == [n for n in _imports(PACKAGE_DIR / "_cookie.py")
+                  if n.partition(".")[0] == "trio" or "_serve" in n]
+    assert [] == [n for n in _imports(PACKAGE_DIR / "_cli.py") if "_serve" in n]

@@ -20,13 +20,8 @@ arguments (as OTP's, in practice, always is).
 
 from __future__ import annotations
 
-import importlib.util
-import re
-import sys
-import tomllib
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from .._exceptions import Overrun, UpgradeFailed
 from .scheduler import BUSY, DEAD, TOUCHED, WATCHED
@@ -35,6 +30,12 @@ from .typecheck import check_state, checker
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
+
+
+class _PathLike(Protocol):
+    """``os.PathLike[str]``, spelled here so that the core does not import ``os``."""
+
+    def __fspath__(self) -> str: ...
 
 
 class Down(NamedTuple):
@@ -95,11 +96,14 @@ class Release:
 
     ``otpy.Release("2", [otpy.Update(CounterV1, CounterV2)])``, then
     ``await node.upgrade(release)``; or describe it in a TOML file and
-    ``otpy.Release.load(path)``."""
+    ``otpy.Release.load(path)``. ``digest`` names the content of a release loaded from
+    files (None for one made in Python): a vsn installed already can only be installed
+    again with the same code."""
 
-    __slots__ = ("description", "updates", "vsn")
+    __slots__ = ("description", "digest", "updates", "vsn")
 
-    def __init__(self, vsn: str, updates: Iterable[Update], *, description: str = "") -> None:
+    def __init__(self, vsn: str, updates: Iterable[Update], *, description: str = "",
+                 digest: str | None = None) -> None:
         if not isinstance(vsn, str) or not vsn:
             raise TypeError(f"Release vsn must be a non-empty string, got {vsn!r}")
         self.vsn = vsn
@@ -110,13 +114,14 @@ class Release:
         if not self.updates:
             raise TypeError(f"Release {vsn!r} has no updates")
         self.description = description
+        self.digest = digest
 
     def __repr__(self) -> str:
         return f"Release({self.vsn!r}, {self.updates!r})"
 
     @classmethod
-    def load(cls, path: str | Path) -> Release:
-        """Read a release file (TOML)::
+    def load(cls, path: str | _PathLike) -> Release:
+        """Read a release file (TOML) and import its code::
 
             vsn = "2"
             code = "."                    # where the new modules are, from this file
@@ -126,68 +131,21 @@ class Release:
             extra = 0                     # optional, passed to code_change
             from_vsn = "1"                # optional, with server =
 
-        New modules are imported under names of their own, so old and new code live
-        side by side. A file, module or class that cannot be loaded raises
-        :class:`otpy.UpgradeFailed` before anything is touched."""
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise UpgradeFailed(f"cannot read release file {str(path)!r}: {exc}") from exc
-        vsn = data.get("vsn")
-        if not isinstance(vsn, str) or not vsn:
-            raise UpgradeFailed(
-                f"release file {str(path)!r} needs a string 'vsn', e.g. vsn = \"2\"")
-        code = (path.parent / str(data.get("code", "."))).resolve()
-        raw = data.get("updates")
-        if not isinstance(raw, list) or not raw:
-            raise UpgradeFailed(
-                f"release file {str(path)!r} needs at least one [[updates]] table")
-        updates = []
-        for n, entry in enumerate(raw):
-            where = f"release file {str(path)!r}, updates[{n}]"
-            if not isinstance(entry, dict) or "new" not in entry or (
-                    ("target" in entry) == ("server" in entry)):
-                raise UpgradeFailed(
-                    f"{where}: give 'new' and exactly one of 'target' (\"module:Class\") "
-                    f"or 'server' (a server name)")
-            new_class = _import_class(code, str(entry["new"]), vsn, where)
-            target: str | ClassRef = (ClassRef(str(entry["target"])) if "target" in entry
-                                      else str(entry["server"]))
-            updates.append(Update(target, new_class, extra=entry.get("extra"),
-                                  from_vsn=entry.get("from_vsn")))
-        return cls(vsn, updates, description=str(data.get("description", "")))
+        The modules of the code directory are imported as one package of their own,
+        named after the digest of the release's content, so old and new code live side
+        by side, a changed file is loaded anew, and a module imports its siblings
+        (``import helpers``, ``from . import helpers``). A file, module or class that
+        cannot be loaded, a file that is not a regular file, or a release larger than
+        the documented bounds raises :class:`otpy.UpgradeFailed` before anything is
+        touched. This reads files and runs the modules' code: from async code, call it
+        in a thread (``await trio.to_thread.run_sync(otpy.Release.load, path)``)."""
+        from .._release_files import load_path  # the file I/O lives outside the core
 
-
-def _import_class(code: Path, ref: str, vsn: str, where: str) -> type[GenServer[Any]]:
-    module, sep, qualname = ref.partition(":")
-    if not sep or not module or not qualname:
-        raise UpgradeFailed(f"{where}: {ref!r} should name a class as \"module:Class\"")
-    file = code.joinpath(*module.split(".")).with_suffix(".py")
-    unique = "_otpy_release_" + re.sub(r"\W", "_", f"{vsn}__{module}")
-    try:
-        mod = sys.modules.get(unique)
-        if mod is None:
-            spec = importlib.util.spec_from_file_location(unique, file)
-            if spec is None or spec.loader is None:
-                raise ImportError(f"no module file {str(file)!r}")
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[unique] = mod
-            try:
-                spec.loader.exec_module(mod)
-            except BaseException:
-                del sys.modules[unique]
-                raise
-    except Exception as exc:
-        raise UpgradeFailed(f"{where}: module {module!r} failed to import from "
-                            f"{str(file)!r}: {type(exc).__name__}: {exc}") from exc
-    obj: Any = mod
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-    if not (isinstance(obj, type) and issubclass(obj, GenServer)):
-        raise UpgradeFailed(f"{where}: module {module!r} has no GenServer class {qualname!r}")
-    obj._otpy_origin = ref  # type: ignore[attr-defined]
-    return obj
+        release = load_path(path)
+        if cls is not Release:  # pragma: no cover - a subclass gets its own instance
+            release = cls(release.vsn, release.updates, description=release.description,
+                          digest=release.digest)
+        return release
 
 
 class ReleaseInfo(NamedTuple):
@@ -391,6 +349,15 @@ class Planner:
         self.handler.active = None
 
 
+def _installed_already(installed: Release, release: Release) -> str:
+    old, new = installed.digest, release.digest
+    if old is not None and new is not None and old != new:
+        return (f"release {release.vsn!r} is already installed with different code "
+                f"(installed: digest {old[:12]}, this one: {new[:12]}); give the "
+                f"changed release a new vsn")
+    return f"release {release.vsn!r} is already installed; give the new release a new vsn"
+
+
 class ReleaseHandler:
     """The release history of a node and the planning of upgrades against it."""
 
@@ -431,9 +398,9 @@ class ReleaseHandler:
         else:
             if not isinstance(release, Release):
                 raise TypeError(f"upgrade needs an otpy.Release, got {release!r}")
-            if any(r.release.vsn == release.vsn for r in self.history):
-                raise UpgradeFailed(f"release {release.vsn!r} is already installed; give "
-                                    f"the new release a new vsn")
+            for r in self.history:
+                if r.release.vsn == release.vsn:
+                    raise UpgradeFailed(_installed_already(r.release, release))
             planner = Planner(self, release, self._upgrade_moves(release), False)
         self.active = planner
         return planner

@@ -31,20 +31,18 @@ from __future__ import annotations
 
 import functools
 import os
-import secrets
-import stat
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
 import trio
 
+from .._cookie import read_cookie
 from .._core.names import Pid
-from .._core.release import Planner, Release
+from .._core.release import Planner
 from .._core.runtime import ADMIN_OPS, Runtime
 from .._core.server import WAITING, Caller
-from .._exceptions import BadRequest, OtpyError
+from .._exceptions import BadRequest
 from .._protocol.msgpack_rpc import (
     ENCODE_ERRORS,
     READ_SIZE,
@@ -60,61 +58,16 @@ from .._protocol.msgpack_rpc import (
     new_nonce,
     result_packer,
 )
+from .._release_files import ReleaseSource, load_in_thread
 from .limits import EndpointLimits
 
 Install = Callable[[Planner], Awaitable[dict[str, Any]]]
 
-COOKIE_ENV = "OTPY_COOKIE"
-COOKIE_FILE_ENV = "OTPY_COOKIE_FILE"
 AUTH_MAX_FRAME = 1024
 AUTH_TIMEOUT = 10.0
 DIRECT_IO = os.name == "posix"
 
 _log = structlog.get_logger("otpy")
-
-
-class CookieError(OtpyError):
-    """The node's cookie cannot be read or created, or its file is open to others."""
-
-
-def cookie_path() -> Path:
-    """Where the cookie file is: ``$OTPY_COOKIE_FILE``, else ``~/.otpy_cookie``."""
-    return Path(os.environ.get(COOKIE_FILE_ENV) or Path.home() / ".otpy_cookie")
-
-
-def read_cookie(*, create: bool = False) -> bytes:
-    """The node's secret: ``$OTPY_COOKIE``, else the cookie file (created with mode 0600
-    and a random cookie when ``create`` and it does not exist yet)."""
-    env = os.environ.get(COOKIE_ENV)
-    if env:
-        return env.encode()
-    path = cookie_path()
-    if create:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise CookieError(f"cannot create the cookie file {str(path)!r}: {exc}; set "
-                              f"{COOKIE_ENV} or point {COOKIE_FILE_ENV} at a writable "
-                              f"path") from exc
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32) + "\n")
-    try:
-        info = path.stat()
-        text = path.read_text().strip()
-    except OSError as exc:
-        raise CookieError(
-            f"no cookie: {COOKIE_ENV} is not set and the cookie file {str(path)!r} cannot "
-            f"be read ({exc.strerror or exc}); set {COOKIE_ENV}, or {COOKIE_FILE_ENV} to "
-            f"the node's cookie file") from exc
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise CookieError(f"the cookie file {str(path)!r} is accessible to others (mode "
-                          f"{stat.S_IMODE(info.st_mode):o}); run: chmod 600 {str(path)!r}")
-    if not text:
-        raise CookieError(f"the cookie file {str(path)!r} is empty")
-    return text.encode()
 
 
 def _address(params: tuple[Any, ...]) -> str | Pid:
@@ -508,12 +461,17 @@ class _Connection:
             self._reply(msgid, result)
 
     def _upgrade(self, msgid: int, params: tuple[Any, ...]) -> None:
-        if len(params) != 1 or not isinstance(params[0], str):
-            raise BadRequest(f"upgrade takes (release_file,), a path on the node's host; "
-                             f"got {params!r:.80}")
-        release = Release.load(params[0])
-        self.log.info("admin_release_loaded", release_file=params[0], vsn=release.vsn)
-        self._admin(msgid, "upgrade", (release,))
+        source = ReleaseSource.from_params(params)
+        self.log.info("admin_upgrade", **source.describe())
+        self._spawn(msgid, self._load_and_upgrade, source)
+
+    async def _load_and_upgrade(self, source: ReleaseSource) -> dict[str, Any]:
+        # Read and imported in a worker thread, within a timeout: never on the loop.
+        release = await load_in_thread(source)
+        self.log.info("release_loaded", vsn=release.vsn, digest=release.digest)
+        planner = self.rt.admin("upgrade", (release,))
+        assert self.install is not None
+        return await self.install(planner)
 
 
 class NoSuchMethod(Exception):
@@ -548,10 +506,16 @@ async def _handle(rt: Runtime, install: Install | None, cookie: bytes | None,
 async def _serve(rt: Runtime, install: Install | None, address: tuple[str, int],
                  cookie: bytes | None, limits: EndpointLimits, task_status: Any) -> None:
     host, port = address
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    endpoint = "admin" if cookie else "client"
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:  # say which endpoint, and where: "address already in use"...
+        raise OSError(exc.errno, f"the {endpoint} endpoint cannot listen on {host}:{port}: "
+                                 f"{exc.strerror or exc}; is another node (or program) "
+                                 f"using that port? Choose another, or port 0 for a free "
+                                 f"one") from exc
     bound = listeners[0].socket.getsockname()[:2]
-    _log.info("endpoint_listening", endpoint="admin" if cookie else "client",
-              address=f"{bound[0]}:{bound[1]}")
+    _log.info("endpoint_listening", endpoint=endpoint, address=f"{bound[0]}:{bound[1]}")
     task_status.started((bound[0], bound[1]))
     await trio.serve_listeners(functools.partial(_handle, rt, install, cookie, limits),
                                listeners)
