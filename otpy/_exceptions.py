@@ -18,6 +18,7 @@ the built-in exception a Python user would already catch for that situation::
     ├── SupervisorError (ValueError)          a bad child spec, id or supervisor call
     ├── UpgradeFailed                         a release upgrade changed nothing (why inside)
     ├── BadRequest (ValueError)               a request over the network had the wrong shape
+    ├── StoreError (OSError)                  the durable store cannot open, write or read back
     ├── RemoteError                           a node answered a client with an error
     │   └── RemoteError[kind]                 ... also the local error named kind, if any
     └── otpy.testing.SimulationError          a simulation cannot go on (RuntimeError)
@@ -158,6 +159,18 @@ class UpgradeFailed(OtpyError):
 class BadRequest(OtpyError, ValueError):
     """A request over the network did not have the shape its method takes (e.g. ``call``
     without a server name); the node answers ``["BadRequest", message]``."""
+
+
+class StoreError(OtpyError, OSError):
+    """The node's durable store cannot do what was asked: open (a read-only directory,
+    a store another process holds), record a state (a full disk, a state that cannot be
+    pickled or is larger than the store's bound), or give a stored state back (it
+    cannot be unpickled). ``path`` names the store; ``__cause__`` is the underlying
+    error, if any. Nothing was recorded by the call that raised it."""
+
+    def __init__(self, message: str, *, path: object = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class RemoteError(OtpyError):
