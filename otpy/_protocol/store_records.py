@@ -101,6 +101,9 @@ class Record(NamedTuple):
     end: int
 
 
+_new = tuple.__new__  # builds a Record without NamedTuple's Python-level __new__
+
+
 class Damage(NamedTuple):
     """The damaged tail of a segment: from ``offset`` to its end, ``dropped`` bytes that
     hold no record the decoder could trust, and why."""
@@ -209,8 +212,8 @@ class Decoder:
                 except UnicodeDecodeError:
                     return self._broke(buf, pos, "a record's key or vsn is not UTF-8", out)
                 self.next_seq = seq + 1
-                out.append(Record(kind, seq, key, vsn, buf[start + klen + vlen:end],
-                                  self._offset + end))
+                out.append(_new(Record, (kind, seq, key, vsn, buf[start + klen + vlen:end],
+                                         self._offset + end)))
                 self.records += 1
                 self.bytes += end - pos
                 pos = end

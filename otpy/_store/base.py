@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable, Hashable, Iterable, MutableMapping
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from .._exceptions import StoreError
 
@@ -24,10 +23,13 @@ SyncedCallback = Callable[[int, "StoreError | None"], None]
 """``callback(synced_seq, error)``, run on the loop thread (see :meth:`Store.on_synced`)."""
 
 
-@dataclass(frozen=True, slots=True)
-class StoredState:
-    """One key's stored state, as a store gives it back at start: the pickled last
-    whole state (``image``) and the pickled patches recorded after it, in order.
+class StoredState(NamedTuple):
+    """One key's stored state, as a store gives it back at start: ``key`` (the server's
+    name), ``vsn`` (the code version that recorded it), ``seq`` (its latest record),
+    ``image`` (the pickled last whole state), ``patches`` (pickled ``(set, removed)``
+    pairs recorded after it, oldest first), ``origin`` (the store's path, for messages)
+    and ``error`` (why it cannot be given back without reading it, e.g. it exceeds the
+    store's bound on a record; empty when all is well).
 
     Nothing is unpickled until :meth:`state` is called, so a state whose classes the
     running code no longer has fails only its own server's start, with a
@@ -42,20 +44,12 @@ class StoredState:
     """
 
     key: str
-    """The key the state was recorded under (the server's name)."""
     vsn: str
-    """The code version of the class that recorded it."""
     seq: int
-    """The sequence number of the key's latest record."""
     image: bytes
-    """The pickled last whole state."""
     patches: tuple[bytes, ...]
-    """Pickled ``(set, removed)`` pairs to apply on ``image``, oldest first."""
     origin: str
-    """Where it was read from (the store's path), for error messages."""
     error: str = ""
-    """Why the state cannot be given back, without reading it (e.g. it exceeds the
-    store's bound on a record); :meth:`state` raises it. Empty when all is well."""
 
     def state(self) -> Any:
         """Unpickle the image and apply the patches; raises :class:`~otpy.StoreError`

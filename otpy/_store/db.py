@@ -24,14 +24,13 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from .files import iter_chunks
-
 DB_NAME = "state.sqlite"
 FORMAT = 1
-CHUNK = 512  # rows per executemany: the compactor gives the GIL back between chunks
+CHUNK = 256  # rows per statement (at most 4 parameters a row, SQLite allows 32766)
 
 Entry = list[Any]  # [image | None, vsn | None, seq, patches | None]
 Index = dict[str, Entry]
+Row = tuple[Any, ...] | list[Any]  # (key, image, vsn, seq, patches | None)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -67,60 +66,65 @@ def read_meta(conn: sqlite3.Connection) -> tuple[int, int]:
     return int(meta.get("absorbed", 0)), int(meta.get("last_seq", 0))
 
 
-def read_entries(conn: sqlite3.Connection, max_record: int) -> tuple[dict[str, Entry],
-                                                                     dict[str, int]]:
-    """Every key's image and patches, as entries; and the keys whose image is larger than
-    ``max_record`` (left on disk, not read: the bound on what a store can make the node
-    hold), with their size."""
-    entries: dict[str, Entry] = {}
-    too_large: dict[str, int] = {}
-    intern: dict[str, str] = {}
-    rows = conn.execute(
-        "SELECT key, vsn, seq, CASE WHEN length(data) <= ? THEN data END, length(data) "
-        "FROM images", (max_record,))
-    for key, vsn, seq, data, size in rows:
-        if data is None:
-            too_large[key] = size
-            continue
-        entries[key] = [data, intern.setdefault(vsn, vsn), seq, None]
+def read_entries(conn: sqlite3.Connection, max_record: int
+                 ) -> tuple[dict[str, Row], dict[str, int], set[str]]:
+    """Every key's row ``(key, image, vsn, seq, patches | None)``, ``patches`` a list of
+    ``(seq, data)``; the keys whose image is larger than ``max_record`` (left on disk,
+    not read: the bound on what a store can make the node hold), with its size; and the
+    keys that have patch rows.
+
+    Rows stay the tuples SQLite made unless patches or the log change them: for 100k
+    keys, 100k fewer lists for the garbage collector to walk while the node starts."""
+    too_large = dict(conn.execute(
+        "SELECT key, length(data) FROM images WHERE length(data) > ?", (max_record,)))
+    entries: dict[str, Row] = {row[0]: row for row in conn.execute(
+        "SELECT key, data, vsn, seq, NULL FROM images WHERE length(data) <= ?",
+        (max_record,))}
+    patched: set[str] = set()
     for key, seq, data in conn.execute(
             "SELECT key, seq, data FROM patches ORDER BY key, seq"):
-        entry = entries.get(key)
-        if entry is None:
+        patched.add(key)
+        row = entries.get(key)
+        if row is None:
             continue  # a patch of a key whose image was too large, or never written
-        if entry[3] is None:
-            entry[3] = []
-        entry[3].append((seq, data))
-        entry[2] = max(entry[2], seq)
-    return entries, too_large
+        if type(row) is tuple:
+            entries[key] = row = [key, row[1], row[2], row[3], []]
+        assert isinstance(row, list)
+        row[4].append((seq, data))
+        row[3] = max(row[3], seq)
+    return entries, too_large, patched
 
 
-def merge(entries: dict[str, Entry], index: Index) -> None:
-    """Apply one segment's index onto ``entries`` in memory, as :func:`absorb` does in
-    SQLite."""
+def merge(entries: dict[str, Row], index: Index) -> None:
+    """Apply a segment's index onto the rows :func:`read_entries` gave, in memory, as
+    :func:`absorb` does in SQLite. The index's own lists are copied, never shared: the
+    compactor writes that index after this."""
     for key, (image, vsn, seq, patches) in index.items():
         if image is not None:
-            entries[key] = [image, vsn, seq, list(patches) if patches else None]
+            entries[key] = (key, image, vsn, seq, list(patches) if patches else None)
         elif vsn is None:
             entries.pop(key, None)
         else:
-            entry = entries.get(key)
-            if entry is None:
+            row = entries.get(key)
+            if row is None:
                 continue  # patches with no image before them: nothing to apply them to
-            if entry[3] is None:
-                entry[3] = []
-            entry[3].extend(patches)
-            entry[2] = seq
+            entries[key] = (key, row[1], row[2], seq, [*(row[4] or ()), *patches])
 
 
 def absorb(conn: sqlite3.Connection, indexes: list[Index], segment: int,
-           last_seq: int) -> None:
+           last_seq: int, patched: set[str]) -> None:
     """Commit the indexes of consecutive segments, oldest first, and mark the segments up
-    to ``segment`` (whose last record is ``last_seq``) absorbed, in one transaction."""
+    to ``segment`` (whose last record is ``last_seq``) absorbed, in one transaction.
+
+    ``patched`` holds the keys that have patch rows in SQLite (the compactor's own set,
+    first read at open): a key written whole has its patch rows deleted only if it has
+    any, sparing most rows a B-tree lookup. It is updated once the commit succeeded."""
+    added: set[str] = set()
+    cleared: set[str] = set()
     conn.execute("BEGIN IMMEDIATE")
     try:
         for index in indexes:
-            _write_index(conn, index)
+            _write_index(conn, index, patched, added, cleared)
         conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                          [("absorbed", segment), ("last_seq", last_seq)])
         conn.execute("COMMIT")
@@ -128,33 +132,61 @@ def absorb(conn: sqlite3.Connection, indexes: list[Index], segment: int,
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    patched -= cleared
+    patched |= added
 
 
-def _write_index(conn: sqlite3.Connection, index: Index) -> None:
+def _many(conn: sqlite3.Connection, head: str, width: int, rows: list[tuple[Any, ...]],
+          tail: str = "") -> None:
+    """Run ``head VALUES (?, ...), (?, ...) tail`` over ``rows``, CHUNK rows per
+    statement. One statement per chunk rather than executemany's one step per row: the
+    sqlite3 module gives the GIL back around each step, and each time it wants it back it
+    may wait for the loop thread (up to the interpreter's switch interval); a chunk is
+    one such wait for CHUNK rows."""
+    group = "(" + ", ".join("?" * width) + ")"
+    for i in range(0, len(rows), CHUNK):
+        chunk = rows[i:i + CHUNK]
+        conn.execute(f"{head} VALUES {', '.join([group] * len(chunk))} {tail}",
+                     [x for row in chunk for x in row])
+
+
+def _delete(conn: sqlite3.Connection, table: str, keys: list[str]) -> None:
+    for i in range(0, len(keys), CHUNK):
+        chunk = keys[i:i + CHUNK]
+        conn.execute(f"DELETE FROM {table} WHERE key IN ({', '.join('?' * len(chunk))})",
+                     chunk)
+
+
+def _write_index(conn: sqlite3.Connection, index: Index, patched: set[str],
+                 added: set[str], cleared: set[str]) -> None:
     images: list[tuple[Any, ...]] = []
-    cleared: list[tuple[Any, ...]] = []
-    deleted: list[tuple[Any, ...]] = []
+    unpatch: list[str] = []
+    deleted: list[str] = []
     patch_rows: list[tuple[Any, ...]] = []
     touched: list[tuple[Any, ...]] = []
     for key, (image, vsn, seq, patches) in index.items():
         if image is not None:
             images.append((key, vsn, seq, image))
-            cleared.append((key,))
+            if key in patched or key in added:
+                unpatch.append(key)
+                cleared.add(key)
+                added.discard(key)
         elif vsn is None:
-            deleted.append((key,))
+            deleted.append(key)
+            cleared.add(key)
+            added.discard(key)
             continue
         else:
             touched.append((seq, key))
         if patches:
             patch_rows += [(key, s, data) for s, data in patches]
-    for chunk in iter_chunks(deleted, CHUNK):
-        conn.executemany("DELETE FROM images WHERE key=?", chunk)
-        conn.executemany("DELETE FROM patches WHERE key=?", chunk)
-    for chunk in iter_chunks(cleared, CHUNK):
-        conn.executemany("DELETE FROM patches WHERE key=?", chunk)
-    for chunk in iter_chunks(images, CHUNK):
-        conn.executemany("INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?)", chunk)
-    for chunk in iter_chunks(touched, CHUNK):
-        conn.executemany("UPDATE images SET seq=? WHERE key=?", chunk)
-    for chunk in iter_chunks(patch_rows, CHUNK):
-        conn.executemany("INSERT OR REPLACE INTO patches VALUES (?, ?, ?)", chunk)
+            added.add(key)
+    _delete(conn, "images", deleted)
+    _delete(conn, "patches", deleted)
+    _delete(conn, "patches", unpatch)
+    _many(conn, "INSERT INTO images", 4, images,
+          "ON CONFLICT (key) DO UPDATE SET vsn = excluded.vsn, seq = excluded.seq, "
+          "data = excluded.data")
+    if touched:
+        conn.executemany("UPDATE images SET seq=? WHERE key=?", touched)
+    _many(conn, "INSERT OR REPLACE INTO patches", 3, patch_rows)

@@ -83,24 +83,24 @@ _fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
 
 class _Sealed:
-    """A segment the loop no longer writes, waiting for the compactor."""
+    """Segments the loop no longer writes, waiting for the compactor: their combined
+    index, the last of them, and the last seq in them."""
 
-    __slots__ = ("index", "last_seq", "number", "path", "records", "size")
+    __slots__ = ("index", "last_seq", "number", "paths", "records", "size")
 
-    def __init__(self, number: int, path: Path, index: db.Index, last_seq: int,
+    def __init__(self, paths: list[Path], number: int, index: db.Index, last_seq: int,
                  records: int, size: int) -> None:
+        self.paths = paths
         self.number = number
-        self.path = path
         self.index = index
         self.last_seq = last_seq
         self.records = records
         self.size = size
 
 
-def index_records(records: list[Record]) -> db.Index:
-    """A segment's index built from its decoded records (recovery's path; the loop
+def index_records(records: list[Record], index: db.Index) -> None:
+    """Add decoded records, in order, to a segment's index (recovery's path; the loop
     builds the same while writing)."""
-    index: db.Index = {}
     for kind, seq, key, vsn, payload, _ in records:
         if kind == PUT:
             index[key] = [payload, vsn, seq, None]
@@ -115,7 +115,9 @@ def index_records(records: list[Record]) -> db.Index:
                     entry[3] = []
                 entry[3].append((seq, payload))
                 entry[2] = seq
-    return index
+
+
+_new_tuple = tuple.__new__  # builds a NamedTuple without its Python-level __new__
 
 
 class SqliteStore:
@@ -248,7 +250,8 @@ class SqliteStore:
             conn = db.connect(self.path)
             try:
                 absorbed, last_seq = db.read_meta(conn)
-                entries, too_large = db.read_entries(conn, self._max_record)
+                entries, too_large, self._db_patched = db.read_entries(conn,
+                                                                       self._max_record)
             finally:
                 conn.close()
             from_db = len(entries) + len(too_large)
@@ -270,6 +273,11 @@ class SqliteStore:
                     raise self._open_error(exc) from exc
             else:
                 live.append((number, path))
+        # The segments left from before are replayed into one index, handed to the
+        # compactor as one batch: recovery does per record only what the loop did.
+        index: db.Index = {}
+        kept: list[Path] = []
+        size = 0
         dropped_segments: list[Path] = []
         for number, path in live:
             if damage is not None:
@@ -279,33 +287,36 @@ class SqliteStore:
                 records, dmg = read_segment(path, number, next_seq, self._max_record)
             except OSError as exc:
                 raise self._open_error(exc) from exc
-            index = index_records(records)
-            db.merge(entries, index)
+            index_records(records, index)
             replayed += len(records)
-            first = next_seq
             if records:
                 next_seq = records[-1].seq + 1
             if dmg is not None:
                 damage = (number, path, dmg)
                 if dmg.offset < HEADER_SIZE:
                     continue  # nothing of it is kept: it is set aside whole
-            self._sealed.append(_Sealed(number, path, index, next_seq - 1,
-                                        next_seq - first,
-                                        records[-1].end if records else HEADER_SIZE))
+            kept.append(path)
+            size += records[-1].end if records else HEADER_SIZE
+        db.merge(entries, index)
+        if kept:
+            self._sealed.append(_Sealed(kept, int(kept[-1].name[4:]), index,
+                                        next_seq - 1, replayed, size))
+            self._sealed_bytes += size
         if damage is not None:
-            self._set_aside(damage, dropped_segments)
-        for s in self._sealed:
-            self._sealed_bytes += s.size
+            self._set_aside(damage, dropped_segments, next_seq - 1)
 
         self._seq = next_seq - 1
         self._synced = self._seq
+        # What patch() needs to know of a key (its vsn, image size, patch bytes since)
+        # is learnt from its first put after open, not built here for every key: the
+        # first patch of a key after a restart writes its whole state once.
         self._track: dict[str, list[Any]] = {}
-        recovered = []
         origin = str(self.path)
-        for key, (image, vsn, seq, patches) in entries.items():
-            raw = tuple(p for _, p in patches) if patches else ()
-            recovered.append(StoredState(key, vsn, seq, image, raw, origin))
-            self._track[key] = [vsn, len(image), sum(map(len, raw))]
+        recovered = [
+            _new_tuple(StoredState, (key, vsn, seq, image,
+                                     tuple([p for _, p in patches]) if patches else (),
+                                     origin, ""))
+            for key, image, vsn, seq, patches in entries.values()]
         for key, size in too_large.items():
             recovered.append(StoredState(
                 key, "", 0, b"", (), origin,
@@ -329,7 +340,8 @@ class SqliteStore:
                       from_sqlite=from_db, log_records=replayed, log_segments=len(live),
                       seq=self._seq, seconds=round(time.perf_counter() - t0, 4))
 
-    def _set_aside(self, damage: tuple[int, Path, Damage], later: list[Path]) -> None:
+    def _set_aside(self, damage: tuple[int, Path, Damage], later: list[Path],
+                   kept_seq: int) -> None:
         _, path, dmg = damage
         kept: list[str] = []
         try:
@@ -343,7 +355,7 @@ class SqliteStore:
         self.log.warning(
             "store_tail_dropped", segment=path.name, offset=dmg.offset, reason=dmg.reason,
             dropped_bytes=dmg.dropped + later_bytes, later_segments=len(later),
-            kept_in=kept, kept_seq=self._sealed[-1].last_seq if self._sealed else None)
+            kept_in=kept, kept_seq=kept_seq)
 
     # -- recording (the loop thread) ------------------------------------------------
 
@@ -466,7 +478,7 @@ class SqliteStore:
         if self._group:
             if not self._sync_wanted:
                 self._sync_wanted = True
-                self._wake.set()
+                self._kick()
         else:
             if self._always:
                 try:
@@ -527,7 +539,7 @@ class SqliteStore:
                 self.log.error("store_rotation_failed", segment=number, error=str(exc))
                 return
         old_fd = self._fd
-        sealed = _Sealed(self._segment, segment_path(self.path, self._segment),
+        sealed = _Sealed([segment_path(self.path, self._segment)], self._segment,
                          self._index, self._seq, self._seq - self._first_seq + 1,
                          self._offset)
         # The old fd goes to the syncer before self._fd moves on, so that a sync round
@@ -558,6 +570,21 @@ class SqliteStore:
         ``call_soon(callback, synced_seq, error)`` once. Other modes never call it: a
         record is as durable as they promise when its call returns."""
         self._listener = (callback, call_soon)
+
+    def _kick(self) -> None:
+        """Wake the syncer once the loop has run what is runnable now: through
+        ``call_soon`` (the same that :meth:`on_synced` was given), whose callbacks run
+        after the current batch of tasks. So the puts of every writer that one sync
+        released go into the next sync together, instead of the first of them starting
+        a sync of one record while the others queue behind it."""
+        listener = self._listener
+        if listener is not None:
+            try:
+                listener[1](self._wake.set)
+                return
+            except Exception:  # the loop is gone: wake the syncer directly
+                pass
+        self._wake.set()
 
     def _notify(self, seq: int, error: StoreError | None) -> None:
         listener = self._listener
@@ -633,7 +660,7 @@ class SqliteStore:
                         if conn is None:
                             conn = db.connect(self.path)
                         db.absorb(conn, [s.index for s in batch], batch[-1].number,
-                                  batch[-1].last_seq)
+                                  batch[-1].last_seq, self._db_patched)
                     except Exception as exc:
                         if self._compaction_error is None:
                             self.log.error("store_compaction_failed",
@@ -645,13 +672,14 @@ class SqliteStore:
                     self._compaction_error = None
                     for sealed in batch:
                         self._sealed.popleft()
-                        try:
-                            sealed.path.unlink()
-                        except FileNotFoundError:
-                            pass
-                        except OSError as exc:  # absorbed all the same: skipped at open
-                            self.log.warning("store_segment_not_deleted",
-                                             segment=sealed.number, error=str(exc))
+                        for path in sealed.paths:
+                            try:
+                                path.unlink()
+                            except FileNotFoundError:
+                                pass
+                            except OSError as exc:  # absorbed all the same: skipped at open
+                                self.log.warning("store_segment_not_deleted",
+                                                 segment=path.name, error=str(exc))
                         self._absorbed_bytes += sealed.size
                         self._compacted_records += sealed.records
                     self._compactions += 1
@@ -680,7 +708,7 @@ class SqliteStore:
         promises), ``syncs`` and ``last_sync`` (a time.time(), or None), ``log_bytes``
         and ``log_segments`` (not yet compacted), ``compactions``,
         ``compacted_records``, ``last_compaction``, ``compaction_error``, ``db_bytes``
-        (after the last compaction), ``keys``, ``write_errors``, ``failure``."""
+        (after the last compaction), ``write_errors``, ``failure``."""
         return {
             "path": str(self.path),
             "fsync": self.fsync,
@@ -698,7 +726,6 @@ class SqliteStore:
             "last_compaction": self._last_compaction,
             "compaction_error": self._compaction_error,
             "db_bytes": self._db_bytes,
-            "keys": len(self._track),
             "write_errors": self._write_errors,
             "failure": str(self._failure) if self._failure else None,
         }

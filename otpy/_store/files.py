@@ -21,7 +21,6 @@ import fcntl
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from .._exceptions import StoreError
@@ -132,9 +131,3 @@ class DirectoryLock:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def iter_chunks(items: list[tuple[object, ...]], size: int) -> Iterator[list[tuple[object, ...]]]:
-    """``items`` in slices of ``size``."""
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
