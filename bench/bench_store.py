@@ -283,6 +283,10 @@ def main() -> None:
             add("store_put_always", always_put(d))
             rate, stats = trio.run(group_commit, d, WRITERS)
             add("store_group_64_rate", rate)
+            # The ceiling of 64 writers on this disk: 64 records per fdatasync, measured
+            # just before (the baseline "64 writes + 1 fdatasync").
+            add("store_group_64_vs_ceiling",
+                rate / (1e6 / figures["append_fdatasync_64"][-1]))
             group_stats.append(stats)
             rate1, _ = trio.run(group_commit, d, 1)
             add("store_group_1_rate", rate1)
@@ -314,6 +318,8 @@ def main() -> None:
     out("store_group_64_rate", "acks/s", "fsync='group', 64 trio writers each waiting "
         "for its sync (floor of issue #13: 20k/s)", lower=False,
         batches=[round(s["records"] / max(s["syncs"], 1), 1) for s in group_stats])
+    out("store_group_64_vs_ceiling", "x", "group rate / (1 / the per-record time of 64 "
+        "writes + 1 fdatasync), paired per round: 1.0 is the disk's ceiling", lower=False)
     out("store_group_1_rate", "acks/s", "fsync='group', one writer: 1 / sync latency",
         lower=False)
     keys = ("pickle", "frame", "write", "loop")

@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import structlog
 import trio
+from hypothesis import event, given, note, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 import otpy
@@ -566,3 +568,52 @@ def _quiet_structlog() -> Any:
     """Keep the store's info events off the test output (capture_logs still sees them)."""
     yield
     structlog.reset_defaults()
+
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("put"), st.sampled_from("abc"),
+              st.dictionaries(st.sampled_from("wxyz"), st.integers(0, 9), max_size=4)),
+    st.tuples(st.just("patch"), st.sampled_from("abc"),
+              st.lists(st.tuples(st.sampled_from("wxyz"), st.none() | st.integers(0, 9)),
+                       max_size=3)),
+    st.tuples(st.just("delete"), st.sampled_from("abc"), st.none()),
+    st.tuples(st.just("reopen"), st.booleans(), st.none()),
+), max_size=40)
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops)
+def test_any_history_reads_back_as_the_model_says(history: list[tuple[Any, ...]]) -> None:
+    """Puts, patches (sets and removals) and deletes, with reopens that compact or leave
+    the log (segments of 4 KiB, so both SQLite and the log hold parts): every reopen
+    gives back exactly the states a dict model holds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s"
+        model: dict[str, dict[str, int]] = {}
+        store = SqliteStore(path, segment_bytes=4096, snapshot_ratio=0.5)
+        for kind, key, arg in history:
+            if kind == "put":
+                model[key] = {**arg, "pad": "p" * 1000}  # patches are smaller than this
+                store.put(key, "1", model[key])
+            elif kind == "patch":
+                state = model.setdefault(key, {})
+                for entry, value in arg:
+                    if value is None:
+                        state.pop(entry, None)
+                    else:
+                        state[entry] = value
+                store.patch(key, "1", state, [entry for entry, _ in arg])
+            elif kind == "delete":
+                model.pop(key, None)
+                store.delete(key)
+            else:
+                store.close(compact=key)
+                store = SqliteStore(path, segment_bytes=4096, snapshot_ratio=0.5)
+                assert model == states_of(store)
+        stats = store.statistics()
+        store.close()
+        store = SqliteStore(path)
+        assert model == states_of(store)
+        store.close()
+        note(f"{stats}")
+        event(f"segments sealed: {stats['compactions'] + stats['log_segments'] > 1}")

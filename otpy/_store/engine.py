@@ -336,6 +336,8 @@ class SqliteStore:
         self._limit = self._segment_bytes
         self._first_seq = self._seq + 1
         self._index: db.Index = {}
+        self._db_bytes = sum(os.stat(p).st_size for p in (
+            self.path / db.DB_NAME, self.path / (db.DB_NAME + "-wal")) if p.exists())
         self.log.info("store_opened", fsync=self.fsync, keys=len(recovered),
                       from_sqlite=from_db, log_records=replayed, log_segments=len(live),
                       seq=self._seq, seconds=round(time.perf_counter() - t0, 4))
