@@ -486,6 +486,21 @@ def test_a_second_process_cannot_open_the_same_store(tmp_path: Path) -> None:
             f"(pid {os.getpid()})") in result.stdout
 
 
+def test_a_database_that_is_not_a_store_is_a_clear_error(tmp_path: Path) -> None:
+    """A ``state.sqlite`` that SQLite cannot read is refused at open, naming the file
+    and how to start afresh (the log may be recovered; a database cannot be guessed)."""
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "state.sqlite").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(otpy.StoreError, match="its state.sqlite is not a database this "
+                                              "otpy can read"):
+        SqliteStore(tmp_path / "s")
+    with SqliteStore(tmp_path / "t"):  # and the lock of the refused one was let go
+        pass
+    (tmp_path / "s" / "state.sqlite").unlink()
+    with SqliteStore(tmp_path / "s") as store:
+        assert [] == store.load()
+
+
 def test_an_unpicklable_state_is_refused_and_nothing_recorded(tmp_path: Path) -> None:
     """A state pickle cannot carry is a StoreError that says so; no seq is used up."""
     with SqliteStore(tmp_path / "s") as store:

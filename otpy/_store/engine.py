@@ -79,7 +79,7 @@ MAX_BATCH = 64  # sealed segments absorbed in one transaction, at most
 
 _dumps = pickle.dumps
 _write = os.write
-_fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+_FDATASYNC: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
 
 class _Sealed:
@@ -179,7 +179,7 @@ class SqliteStore:
         self._segment_bytes = segment_bytes
         self._max_record = max_record
         self._ratio = snapshot_ratio
-        self._sync = _fdatasync or globals()["_fdatasync"]
+        self._sync = _fdatasync or _FDATASYNC
         self.log = log if log is not None else structlog.get_logger("otpy.store").bind(
             store=str(self.path))
         self._closed = False
@@ -209,6 +209,7 @@ class SqliteStore:
         self._listener: tuple[SyncedCallback, Callable[..., object]] | None = None
         self._recovered: list[StoredState] | None = None
         self._fd = -1
+        self._dirfd = -1  # the syncer's, to make new segments' entries durable
 
         t0 = time.perf_counter()
         try:
@@ -221,8 +222,9 @@ class SqliteStore:
         try:
             self._open(t0)
         except BaseException:
-            if self._fd >= 0:
-                os.close(self._fd)
+            for fd in (self._fd, self._dirfd):
+                if fd >= 0:
+                    os.close(fd)
             self._lock.release()
             raise
         self._compactor = threading.Thread(target=self._compact_loop, daemon=True,
@@ -239,6 +241,12 @@ class SqliteStore:
     # -- opening and recovery -------------------------------------------------------
 
     def _open_error(self, exc: BaseException) -> StoreError:
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+                exc, sqlite3.OperationalError):
+            return StoreError(
+                f"cannot open the store {self.path}: its {db.DB_NAME} is not a database "
+                f"this otpy can read ({type(exc).__name__}: {exc}); move it away to "
+                f"start afresh, or give the node another store=PATH", path=self.path)
         return StoreError(
             f"cannot open the store {self.path}: {type(exc).__name__}: {exc}. A store "
             f"needs a directory this process can create and write (a read-only or full "
@@ -330,6 +338,8 @@ class SqliteStore:
             if self._group or self._always:
                 self._sync(self._fd)
                 fsync_dir(self.path)
+            if self._group:
+                self._dirfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise self._open_error(exc) from exc
         self._offset = HEADER_SIZE
@@ -600,7 +610,7 @@ class SqliteStore:
             self.log.debug("store_listener_dropped", error=repr(exc))
 
     def _sync_loop(self) -> None:
-        dirfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dirfd = self._dirfd
         try:
             while True:
                 if not self._stop_syncer:
