@@ -6,6 +6,7 @@ what ``fdatasync`` has covered."""
 from __future__ import annotations
 
 import ast
+import collections
 import os
 import pickle
 import random
@@ -103,6 +104,19 @@ def test_patches_rebuild_a_mapping_state(tmp_path: Path) -> None:
     states, store = reopen(tmp_path / "s")
     assert {"kv": state} == states
     store.close()
+
+
+def test_a_patch_never_changes_the_live_state(tmp_path: Path) -> None:
+    """Recording a patch reads the state and never writes it: a key named as changed
+    but absent from a defaultdict is recorded as removed, not inserted by the lookup."""
+    state: collections.defaultdict[str, int] = collections.defaultdict(int, a=1)
+    with SqliteStore(tmp_path / "s") as store:
+        store.put("kv", "1", state)
+        store.patch("kv", "1", state, ["gone"])
+    assert {"a": 1} == state
+    states, store = reopen(tmp_path / "s")
+    store.close()
+    assert {"kv": {"a": 1}} == states
 
 
 def test_a_patch_costs_the_change_not_the_state(tmp_path: Path) -> None:

@@ -83,9 +83,10 @@ def make_patch(state: Any, changed: Iterable[Hashable]) -> tuple[dict[Any, Any],
     set_: dict[Any, Any] = {}
     removed: list[Any] = []
     for k in changed:
-        try:
+        # ``in`` first: indexing a defaultdict would insert into the live state.
+        if k in state:
             set_[k] = state[k]
-        except KeyError:
+        else:
             removed.append(k)
     return set_, tuple(removed)
 
