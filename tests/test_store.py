@@ -505,8 +505,8 @@ def test_a_database_that_is_not_a_store_is_a_clear_error(tmp_path: Path) -> None
     and how to start afresh (the log may be recovered; a database cannot be guessed)."""
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "state.sqlite").write_bytes(b"this is not a database" * 100)
-    with pytest.raises(otpy.StoreError, match="its state.sqlite is not a database this "
-                                              "otpy can read"):
+    with pytest.raises(otpy.StoreError, match=r"its state\.sqlite is not a database this "
+                                              r"otpy can read"):
         SqliteStore(tmp_path / "s")
     with SqliteStore(tmp_path / "t"):  # and the lock of the refused one was let go
         pass
