@@ -45,6 +45,7 @@ from ._exceptions import ServerStopped as ServerStopped
 from ._exceptions import StartFailed as StartFailed
 from ._exceptions import StateTypeError as StateTypeError
 from ._exceptions import StepTimeout as StepTimeout
+from ._exceptions import StoreError as StoreError
 from ._exceptions import SupervisorError as SupervisorError
 from ._exceptions import UpgradeFailed as UpgradeFailed
 from ._exceptions import WouldBlock as WouldBlock
@@ -52,6 +53,9 @@ from ._node import Node as Node
 from ._open import open_node as open_node
 from ._open import run as run
 from ._serve.limits import EndpointLimits as EndpointLimits
+from ._store import SqliteStore as SqliteStore
+from ._store import Store as Store
+from ._store import StoredState as StoredState
 
 __all__ = [
     "AuthFailed",
@@ -85,10 +89,14 @@ __all__ = [
     "ServerCrashed",
     "ServerDown",
     "ServerStopped",
+    "SqliteStore",
     "StartFailed",
     "StateTypeError",
     "StepTimeout",
     "Stop",
+    "Store",
+    "StoreError",
+    "StoredState",
     "Strategy",
     "Supervisor",
     "SupervisorError",

@@ -19,6 +19,7 @@ the built-in exception a Python user would already catch for that situation::
     ├── UpgradeFailed                         a release upgrade changed nothing (why inside)
     ├── BadRequest (ValueError)               a request over the network had the wrong shape
     ├── CookieError (PermissionError)         the node's cookie cannot be read or is unsafe
+    ├── StoreError (OSError)                  the durable store cannot open, write or read back
     ├── RemoteError                           a node answered a client with an error
     │   └── RemoteError[kind]                 ... also the local error named kind, if any
     ├── ConnectionLost (ConnectionError)      a client's connection to a node closed
@@ -167,6 +168,18 @@ class CookieError(OtpyError, PermissionError):
     """The node's cookie cannot be read or created, or its file is not safe to trust: a
     symbolic link, not a regular file, another user's, open to others, empty or too
     large. The message says which, and how to fix it."""
+
+
+class StoreError(OtpyError, OSError):
+    """The node's durable store cannot do what was asked: open (a read-only directory,
+    a store another process holds), record a state (a full disk, a state that cannot be
+    pickled or is larger than the store's bound), or give a stored state back (it
+    cannot be unpickled). ``path`` names the store; ``__cause__`` is the underlying
+    error, if any. Nothing was recorded by the call that raised it."""
+
+    def __init__(self, message: str, *, path: object = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class RemoteError(OtpyError):
