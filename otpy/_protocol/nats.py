@@ -219,7 +219,7 @@ class Parser:
         """Bytes held now: an incomplete control line or message."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[Event]:
+    def feed(self, data: bytes | bytearray) -> list[Event]:
         """The events ``data`` completes. A :class:`Fatal` is always the last item; after
         it the parser refuses everything."""
         if self.broken:
