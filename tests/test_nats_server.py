@@ -74,7 +74,8 @@ JOIN = textwrap.dedent("""
     from pathlib import Path
     from otpy._cluster.server import _shared_blocking
     lease = _shared_blocking(Path(sys.argv[1]), 10.0, {})
-    print("JOINED", json.dumps({"port": lease.server.port, "started": lease.started_here}), flush=True)
+    joined = {"port": lease.server.port, "started": lease.started_here}
+    print("JOINED", json.dumps(joined), flush=True)
     sys.stdin.read()
     lease.release()
 """)
