@@ -134,6 +134,21 @@ def test_split_anywhere_gives_the_same_events() -> None:
     assert 0 == parser.buffered
 
 
+def test_large_payload_in_many_reads() -> None:
+    """A payload far larger than one read, arriving in small pieces (and followed by
+    more messages in its last piece), parses to the same message; while it is awaited
+    the parser holds only what arrived."""
+    payload = bytes(range(256)) * 400
+    data = (b"MSG big 1 %d\r\n" % len(payload)) + payload + b"\r\nPING\r\nMSG s 2 1\r\nx\r\n"
+    parser = Parser()
+    events: list[Event] = []
+    for i in range(0, len(data), 1000):
+        events += parser.feed(data[i:i + 1000])
+        assert parser.buffered <= min(i + 1000, len(data))
+    assert [Msg("big", 1, None, None, payload), PING, Msg("s", 2, None, None, b"x")] == events
+    assert 0 == parser.buffered
+
+
 # -- counting -----------------------------------------------------------------------------
 
 
@@ -307,7 +322,9 @@ headers_st = st.builds(
     st.sampled_from(["", "Idle Heartbeat"]),
 )
 msgs = st.builds(Msg, subjects, st.integers(0, 10**6), st.one_of(st.none(), subjects),
-                 st.one_of(st.none(), headers_st), st.binary(max_size=40))
+                 st.one_of(st.none(), headers_st),
+                 # Mostly small; sometimes larger than the parser keeps as a plain tail.
+                 st.one_of(st.binary(max_size=40), st.binary(min_size=4100, max_size=4500)))
 events_st = st.lists(st.one_of(
     msgs,
     st.sampled_from([PING, PONG, OK]),

@@ -754,7 +754,8 @@ class Client:
                 await stream.send_all(data)
                 self.bytes_out += len(data)
                 self._sending = 0
-                self._room.unpark_all()
+                if self._room:
+                    self._room.unpark_all()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._drop(f"writing to the server failed: {exc!r}")
 

@@ -182,6 +182,9 @@ def _short(data: bytes | bytearray, limit: int = 60) -> str:
 # -- the parser -------------------------------------------------------------------------
 
 
+_new_tuple = tuple.__new__
+
+
 class _Pending(NamedTuple):
     subject: str
     sid: int
@@ -194,9 +197,9 @@ class Parser:
     """A streaming parser of what a NATS server sends: :meth:`feed` it the bytes
     received, get back the events they complete, in order."""
 
-    __slots__ = ("_buf", "_pending", "broken", "bytes_in", "events_out",
-                 "last_feed_events", "max_control_line", "max_header_bytes",
-                 "max_headers", "max_payload", "reason")
+    __slots__ = ("_buf", "_chunks", "_chunks_len", "_pending", "broken", "bytes_in",
+                 "events_out", "last_feed_events", "max_control_line",
+                 "max_header_bytes", "max_headers", "max_payload", "reason")
 
     def __init__(self, *, max_control_line: int = DEFAULT_MAX_CONTROL_LINE,
                  max_payload: int = DEFAULT_MAX_PAYLOAD,
@@ -211,13 +214,19 @@ class Parser:
         self.bytes_in = 0
         self.events_out = 0
         self.last_feed_events = 0
-        self._buf = bytearray()
+        # What is held between feeds: the unparsed tail of the last feed (an incomplete
+        # control line, or the start of a message), or, while a message longer than
+        # what has arrived is awaited, its pieces, joined once it is complete (so a
+        # large payload arriving in many reads is copied once, not once per read).
+        self._buf = b""
+        self._chunks: list[bytes] = []
+        self._chunks_len = 0
         self._pending: _Pending | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes held now: an incomplete control line or message."""
-        return len(self._buf)
+        return len(self._buf) + self._chunks_len
 
     def feed(self, data: bytes | bytearray) -> list[Event]:
         """The events ``data`` completes. A :class:`Fatal` is always the last item; after
@@ -226,31 +235,49 @@ class Parser:
             self.last_feed_events = 1
             return [Fatal(f"the stream was already broken ({self.reason})")]
         self.bytes_in += len(data)
-        buf = self._buf
-        buf += data
+        if self._chunks:
+            self._chunks.append(bytes(data))
+            self._chunks_len += len(data)
+            pending = self._pending
+            if pending is not None and self._chunks_len < pending.total + 2:
+                self.last_feed_events = 0
+                return []
+            data = b"".join(self._chunks)
+            self._chunks = []
+            self._chunks_len = 0
+        elif self._buf:
+            data = self._buf + data
+        elif type(data) is not bytes:
+            data = bytes(data)
         out: list[Event] = []
         try:
-            pos = self._parse(buf, out)
+            pos = self._parse(data, out)
         except _Broken as exc:
             out.append(Fatal(str(exc)))
             self.broken = True
             self.reason = str(exc)
-            buf.clear()
+            self._buf = b""
             self._pending = None
         else:
-            if pos:
-                del buf[:pos]
+            rest = data[pos:] if pos < len(data) else b""
+            pending = self._pending
+            if pending is not None and len(rest) < pending.total + 2 and len(rest) > 4096:
+                self._buf = b""
+                self._chunks = [rest]
+                self._chunks_len = len(rest)
+            else:
+                self._buf = rest
         self.last_feed_events = len(out)
         self.events_out += len(out)
         return out
 
-    def _parse(self, buf: bytearray, out: list[Event]) -> int:
+    def _parse(self, buf: bytes, out: list[Event]) -> int:
         pos = 0
         n = len(buf)
         append = out.append
         max_line = self.max_control_line
+        pending = self._pending
         while True:
-            pending = self._pending
             if pending is not None:
                 end = pos + pending.total
                 if n < end + 2:
@@ -259,36 +286,36 @@ class Parser:
                     raise _Broken(f"a message of {pending.total} bytes is not followed by "
                                   f"CRLF (got {_short(buf[end:end + 2])}): the server's "
                                   f"byte count is wrong")
-                hsize = pending.header_size
+                hsize = pending[3]
                 if hsize:
                     headers: Headers | None = self._headers(buf, pos, pos + hsize)
-                    payload = bytes(buf[pos + hsize:end])
+                    payload = buf[pos + hsize:end]
                 else:
                     headers = None
-                    payload = bytes(buf[pos:end])
-                append(Msg(pending.subject, pending.sid, pending.reply, headers, payload))
-                self._pending = None
+                    payload = buf[pos:end]
+                append(_new_tuple(Msg, (pending[0], pending[1], pending[2], headers, payload)))
+                self._pending = pending = None
                 pos = end + 2
-                continue
             eol = buf.find(CRLF, pos, pos + max_line + 2)
             if eol < 0:
                 if n - pos > max_line:
                     raise _Broken(f"a control line longer than {max_line} bytes "
                                   f"(starts {_short(buf[pos:pos + 60])})")
                 return pos
-            line = bytes(buf[pos:eol])
+            line = buf[pos:eol]
             pos = eol + 2
             head = line[:4]
             if head == b"MSG ":
-                self._pending = self._msg_line(line, False)
+                self._pending = pending = self._msg_line(line, False)
             elif head == b"HMSG" and line[4:5] == b" ":
-                self._pending = self._msg_line(line, True)
+                self._pending = pending = self._msg_line(line, True)
             elif line == b"PING":
                 append(PING)
             elif line == b"PONG":
                 append(PONG)
             else:
                 self._other(line, out)
+                pending = self._pending
 
     def _other(self, line: bytes, out: list[Event]) -> None:
         op, _, rest = line.partition(b" ")
@@ -326,15 +353,12 @@ class Parser:
     def _msg_line(self, line: bytes, with_headers: bool) -> _Pending:
         args = line.split()
         # MSG subject sid [reply] size / HMSG subject sid [reply] hsize total
+        nargs = len(args)
         fixed = 5 if with_headers else 4
-        if len(args) == fixed:
-            reply = None
-        elif len(args) == fixed + 1:
-            try:
-                reply = args[3].decode()
-            except UnicodeDecodeError:
-                raise _Broken(f"a message's reply subject is not UTF-8: "
-                              f"{_short(args[3])}") from None
+        if nargs == fixed:
+            reply_b = None
+        elif nargs == fixed + 1:
+            reply_b = args[3]
         else:
             form = ("HMSG <subject> <sid> [reply-to] <#header bytes> <#total bytes>"
                     if with_headers else "MSG <subject> <sid> [reply-to] <#bytes>")
@@ -343,13 +367,11 @@ class Parser:
         if not sid_b.isdigit():
             raise _Broken(f"a message names subscription id {_short(sid_b)}; ours are "
                           f"decimal integers")
-        if with_headers:
-            hsize_b, total_b = args[-2], args[-1]
-        else:
-            hsize_b, total_b = b"0", args[-1]
-        if not (hsize_b.isdigit() and total_b.isdigit()):
+        total_b = args[-1]
+        if not (total_b.isdigit() and (not with_headers or args[-2].isdigit())):
             raise _Broken(f"a message's sizes must be decimal integers, got {_short(line)}")
-        hsize, total = int(hsize_b), int(total_b)
+        total = int(total_b)
+        hsize = int(args[-2]) if with_headers else 0
         if with_headers:
             if hsize < len(HEADER_VERSION) + 4 or hsize > total:
                 raise _Broken(f"HMSG declares a header block of {hsize} bytes in a message "
@@ -362,12 +384,16 @@ class Parser:
                           f"{self.max_payload} (the server's max_payload, capped by ours)")
         try:
             subject = args[1].decode()
+            reply = None if reply_b is None else reply_b.decode()
         except UnicodeDecodeError:
-            raise _Broken(f"a message's subject is not UTF-8: {_short(args[1])}") from None
-        return _Pending(subject, int(sid_b), reply, hsize, total)
+            raise _Broken(f"a message's subject or reply subject is not UTF-8: "
+                          f"{_short(line)}") from None
+        # tuple.__new__ is the C constructor: a NamedTuple's own __new__ is Python code,
+        # and this runs once per message.
+        return _new_tuple(_Pending, (subject, int(sid_b), reply, hsize, total))
 
-    def _headers(self, buf: bytearray, start: int, end: int) -> Headers:
-        block = bytes(buf[start:end])
+    def _headers(self, buf: bytes, start: int, end: int) -> Headers:
+        block = buf[start:end]
         if not block.endswith(b"\r\n\r\n"):
             raise _Broken(f"a header block must end with an empty line, got "
                           f"{_short(block[-20:])}")
