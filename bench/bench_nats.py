@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from _common import clock, emit, python_info, quiet_logging
+from _common import clock, emit, percentile, python_info, quiet_logging
 
 from otpy._cluster.nats_client import open_client
 from otpy._cluster.server import start_server_blocking
@@ -110,6 +110,28 @@ async def drive_trio(one: Callable[[], Awaitable[None]], concurrency: int) -> fl
         for i in range(concurrency):
             nursery.start_soon(worker, i)
     return (sum(counts) - (at_warm[0] if at_warm else 0)) / (clock() - warm_end)
+
+
+async def otpy_latency(url: str, direct_send: bool, n: int = 3000) -> list[float]:
+    """Sorted round-trip times (µs) of ``n`` sequential requests; both ends with or
+    without the immediate first send of a turn (``direct_send``)."""
+    async with trio.open_nursery() as nursery:
+        async def responder(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            async with open_client(url, direct_send=direct_send) as r:
+                r.subscribe(SUBJECT, lambda m: r.publish_nowait(m.reply, m.payload))  # type: ignore[arg-type]
+                await r.flush()
+                task_status.started()
+                await trio.sleep_forever()
+
+        await nursery.start(responder)
+        times = []
+        async with open_client(url, direct_send=direct_send) as requester:
+            for _ in range(n):
+                t = clock()
+                await requester.request(SUBJECT, PAYLOAD)
+                times.append((clock() - t) * 1e6)
+        nursery.cancel_scope.cancel()
+    return sorted(times)
 
 
 # -- the floor: minimal raw trio NATS and a plain TCP echo ------------------------------------
@@ -425,6 +447,19 @@ def main() -> None:
             emit(f"nats_{variant}_failed", 0, "-", error=error)
         for (variant, load), values in sorted(rates.items()):
             emit(f"nats_{variant}_{load}", max(values), "req/s", rounds=values)
+        lat: dict[bool, list[list[float]]] = {True: [], False: []}
+        for _ in range(ROUNDS):
+            for direct in (True, False):
+                lat[direct].append(trio.run(otpy_latency, server.url, direct))
+        for direct, runs in lat.items():
+            tag = "direct" if direct else "writer"
+            how = ("the first send of a turn made at once" if direct
+                   else "every send through the writer task")
+            for q, label in ((0.01, "p1"), (0.5, "p50"), (0.99, "p99")):
+                values = [percentile(r, q) for r in runs]
+                emit(f"nats_otpy_rtt_{tag}_{label}", statistics.median(values), "us",
+                     what=f"sequential round trip, {label}, median of rounds; {how}",
+                     rounds=values)
         for load, _, _ in loads:
             ours = rates.get(("otpy", load))
             for base in ("natspy", "natspy_trio", "bare", "socket"):

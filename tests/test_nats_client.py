@@ -231,21 +231,40 @@ async def test_iteration_ends_when_unsubscribed(nats_server: NatsServer) -> None
             assert [b"last"] == [m.payload async for m in sub]
 
 
+async def test_publishes_of_one_loop_turn_share_a_write(nats_server: NatsServer) -> None:
+    """100 publishes in one loop turn cost at most two socket writes: the first goes out
+    at once (the writer was idle), the other 99 together on the writer's next turn."""
+    got: list[bytes] = []
+    async with open_client(nats_server.url) as a:
+        a.subscribe("burst", lambda m: got.append(m.payload))
+        await a.flush()
+        before = a.stats()["writes"]
+        for i in range(100):
+            a.publish_nowait("burst", b"%d" % i)
+        with trio.fail_after(LIMIT):
+            while len(got) < 100:
+                await trio.sleep(0.001)
+        assert 2 >= a.stats()["writes"] - before
+    assert [b"%d" % i for i in range(100)] == got
+
+
 async def test_outgoing_buffer_is_bounded_with_back_pressure(nats_server: NatsServer
                                                              ) -> None:
-    """Publishes in one loop turn fill the outgoing buffer: past max_outgoing,
-    publish_nowait raises OutgoingFull; ``await publish`` waits for the writer."""
+    """Publishes in one loop turn fill the outgoing buffer (the first of the turn goes
+    out at once, the rest wait for the writer): past max_outgoing, publish_nowait
+    raises OutgoingFull; ``await publish`` waits for the writer."""
     got: list[bytes] = []
     async with open_client(nats_server.url, max_outgoing=1000) as a:
         a.subscribe("bp", lambda m: got.append(m.payload))
         await a.flush()
+        a.publish_nowait("bp", b"first")
         a.publish_nowait("bp", b"a" * 600)
         with pytest.raises(OutgoingFull, match="max_outgoing=1000"):
             a.publish_nowait("bp", b"b" * 600)
         await a.publish("bp", b"c" * 600)
         await a.flush()
         await a.flush()
-    assert [b"a" * 600, b"c" * 600] == got
+    assert [b"first", b"a" * 600, b"c" * 600] == got
 
 
 async def test_payload_over_max_payload_is_refused(tmp_path: Path) -> None:

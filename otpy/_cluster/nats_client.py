@@ -17,9 +17,11 @@ through a bounded queue). A callback must not block; an exception it raises is l
 (``nats_callback_failed``) and the next message is delivered. One read is at most
 ``READ_SIZE`` bytes, so one batch of callbacks is bounded by what fits in it.
 
-Writes: ``publish_nowait`` (and every other send) appends to one outgoing buffer and
-wakes the writer, which sends all of it in one write when the loop next turns: many
-publishes in one turn make one syscall. The buffer is bounded (``max_outgoing``):
+Writes: the first message of a loop turn, when the writer task is idle, is sent at
+once (a non-blocking send; a sequential request does not wait a loop turn for the
+writer); every other send appends to one outgoing buffer and wakes the writer, which
+sends all of it in one write when the loop next turns. So a burst of publishes in one
+turn costs at most two syscalls. The buffer is bounded (``max_outgoing``):
 ``publish_nowait`` raises :class:`OutgoingFull` past it, ``await publish(...)`` waits
 for room.
 
@@ -61,8 +63,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import os
 import random
 import secrets
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -326,7 +330,7 @@ class Client:
         max_payload: int = proto.DEFAULT_MAX_PAYLOAD,
         max_control_line: int = proto.DEFAULT_MAX_CONTROL_LINE,
         max_header_bytes: int = proto.DEFAULT_MAX_HEADER_BYTES,
-        max_headers: int = proto.DEFAULT_MAX_HEADERS,
+        max_headers: int = proto.DEFAULT_MAX_HEADERS, direct_send: bool = True,
         on_disconnect: Callable[[str], object] | None = None,
         on_reconnect: Callable[[], object] | None = None,
         on_close: Callable[[BaseException | None], object] | None = None,
@@ -348,6 +352,7 @@ class Client:
         self.max_reconnect_attempts = max_reconnect_attempts
         self.max_outgoing = max_outgoing
         self.max_requests = max_requests
+        self.direct_send = direct_send  # the immediate first send of a turn (plain TCP)
         self._limits = {"max_payload": max_payload, "max_control_line": max_control_line,
                         "max_header_bytes": max_header_bytes, "max_headers": max_headers}
         self._max_payload_cap = max_payload
@@ -372,6 +377,8 @@ class Client:
         self._out = bytearray()
         self._sending = 0
         self._writer_parked: trio.lowlevel.Task | None = None
+        self._direct: socket.socket | None = None
+        self._direct_ok = False
         self._room = trio.lowlevel.ParkingLot()
         self._pongs: deque[_Flush | None] = deque()
         self._pings_out = 0
@@ -388,7 +395,7 @@ class Client:
                              self._on_reply, 0, 0)
         self._subs[inbox.sid] = inbox
 
-        self.msgs_in = self.bytes_in = self.msgs_out = self.bytes_out = 0
+        self.msgs_in = self.bytes_in = self.msgs_out = self.bytes_out = self.writes = 0
         self.reconnects = 0
         self.late_replies = 0
         self.dropped_on_disconnect = 0
@@ -442,10 +449,12 @@ class Client:
         return len(self._out) + self._sending
 
     def stats(self) -> dict[str, int]:
-        """Counters: messages and bytes in and out, reconnects, replies that came after
-        their request ended, requests in flight, outgoing bytes, subscriptions."""
+        """Counters: messages and bytes in and out, socket writes, reconnects, replies
+        that came after their request ended, requests in flight, outgoing bytes,
+        subscriptions."""
         return {"msgs_in": self.msgs_in, "bytes_in": self.bytes_in,
                 "msgs_out": self.msgs_out, "bytes_out": self.bytes_out,
+                "writes": self.writes,
                 "reconnects": self.reconnects, "late_replies": self.late_replies,
                 "requests_in_flight": len(self._pending), "outgoing": self.outgoing,
                 "dropped_on_disconnect": self.dropped_on_disconnect,
@@ -466,7 +475,24 @@ class Client:
     # -- sending ----------------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
-        self._out += data
+        if self._direct_ok and not self._out:
+            # The first message of a loop turn, with the writer idle: send it now,
+            # without waiting for the writer's next turn (half a round trip of latency
+            # on a sequential request). The rest of this turn's messages are buffered,
+            # as the writer is woken to re-arm this only on its next turn.
+            self._direct_ok = False
+            self.writes += 1
+            try:
+                sent = self._direct.send(data)  # type: ignore[union-attr]
+            except OSError:  # would block, or broken: the writer takes it from here
+                sent = 0
+            self.bytes_out += sent
+            if sent < len(data):
+                data = data[sent:]
+            else:
+                data = b""
+        if data:
+            self._out += data
         task = self._writer_parked
         if task is not None:
             self._writer_parked = None
@@ -739,18 +765,27 @@ class Client:
 
     async def _writer(self, conn: _Conn) -> None:
         stream = conn.stream
+        if self.direct_send and isinstance(stream, trio.SocketStream):
+            # A second handle on the same socket for the synchronous first send of a
+            # turn (see _write); used only while this task is parked, never during its
+            # send_all, so the bytes keep their order.
+            self._direct = socket.socket(fileno=os.dup(stream.socket.fileno()))
         try:
             while True:
                 if not self._out:
                     self._writer_parked = trio.lowlevel.current_task()
+                    self._direct_ok = self._direct is not None
 
                     def abort(_: Any) -> trio.lowlevel.Abort:
                         self._writer_parked = None
+                        self._direct_ok = False
                         return trio.lowlevel.Abort.SUCCEEDED
                     await trio.lowlevel.wait_task_rescheduled(abort)
+                    self._direct_ok = False
                     continue
                 data, self._out = self._out, bytearray()
                 self._sending = len(data)
+                self.writes += 1
                 await stream.send_all(data)
                 self.bytes_out += len(data)
                 self._sending = 0
@@ -758,6 +793,11 @@ class Client:
                     self._room.unpark_all()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._drop(f"writing to the server failed: {exc!r}")
+        finally:
+            self._direct_ok = False
+            if self._direct is not None:
+                self._direct.close()
+                self._direct = None
 
     async def _pinger(self) -> None:
         while True:
