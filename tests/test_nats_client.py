@@ -496,3 +496,32 @@ async def test_hostile_err_closes_with_its_text() -> None:
     """A -ERR (not a permissions violation) drops the connection, naming it."""
     error, _ = await hostile(b"-ERR 'Unknown Protocol Operation'\r\n")
     assert "Unknown Protocol Operation" in str(error)
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+async def test_tls(tmp_path: Path) -> None:
+    """A server that requires TLS: a client trusting its CA connects and works; one
+    without TLS is refused with a message saying how to enable it."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    tls = (f'tls {{\n  cert_file: "{tmp_path / "cert.pem"}"\n'
+           f'  key_file: "{tmp_path / "key.pem"}"\n}}')
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    with running_server(tmp_path / "nats", extra_config=tls) as server:
+        async with open_client(server.url, tls=ctx) as a:
+            a.subscribe("svc.echo", echo(a))
+            await a.flush()
+            with trio.fail_after(LIMIT):
+                assert b"secret" == (await a.request("svc.echo", b"secret")).payload
+        with pytest.raises(ConnectError, match="requires TLS"):
+            async with open_client(server.url):
+                pass

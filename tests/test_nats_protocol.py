@@ -330,7 +330,7 @@ events_st = st.lists(st.one_of(
     st.sampled_from([PING, PONG, OK]),
     st.builds(Err, st.text(alphabet="abc ", max_size=10).map(str.strip)),
     st.builds(Info, st.dictionaries(tokens, st.integers(), max_size=2)),
-), max_size=12)
+), max_size=8)
 
 
 def event_bytes(event: Event) -> bytes:
@@ -343,7 +343,7 @@ def event_bytes(event: Event) -> bytes:
     return {PING: b"PING\r\n", PONG: b"PONG\r\n", OK: b"+OK\r\n"}[event]
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(events_st, st.data())
 def test_any_split_of_a_valid_stream_gives_its_events(events: list[Event],
                                                       data: st.DataObject) -> None:
@@ -365,7 +365,7 @@ PREFIXES = [b"", b"MSG a 1 ", b"HMSG a 1 ", b"INFO ", b"-ERR ", b"PING\r\n",
             b"HMSG a 1 12 12\r\nNATS/1.0"]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(PREFIXES), st.binary(max_size=200)),
                 min_size=1, max_size=10))
 def test_garbage_never_raises_and_memory_stays_bounded(feeds: list[tuple[bytes, bytes]]

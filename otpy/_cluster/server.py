@@ -256,8 +256,10 @@ def _spawn(*, port: int, workdir: Path | None, jetstream: bool, store_dir: Path 
     ports_dir.mkdir(exist_ok=True)
     argv = [binary, "-c", str(conf), "-a", HOST, "-p", str(port or -1),
             "--ports_file_dir", str(ports_dir), "-l", str(workdir / "nats-server.log")]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=detach)
+    # Before the log file is open (a config error, a port in use), it writes to stderr.
+    with open(workdir / "nats-server.stderr", "wb") as stderr:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=stderr, start_new_session=detach)
     log.debug("nats_server_spawned", pid=proc.pid, argv=argv)
     return proc, workdir
 
@@ -268,8 +270,9 @@ def _ready_port(proc: subprocess.Popen[bytes], workdir: Path, port: int) -> int 
     code = proc.poll()
     if code is not None:
         tail = ""
-        with contextlib.suppress(OSError):
-            tail = (workdir / "nats-server.log").read_text()[-2000:]
+        for name in ("nats-server.stderr", "nats-server.log"):
+            with contextlib.suppress(OSError):
+                tail += (workdir / name).read_text()[-2000:]
         raise NatsServerError(f"nats-server (pid {proc.pid}) exited with {code} while "
                               f"starting; its log ends:\n{tail}")
     # nats-server names it <executable name>_<pid>.ports
@@ -279,7 +282,7 @@ def _ready_port(proc: subprocess.Popen[bytes], workdir: Path, port: int) -> int 
     except (OSError, ValueError):
         return None
     for url in info.get("nats", []):
-        m = re.match(r"nats://[^:]+:(\d+)$", url)
+        m = re.match(r"(?:nats|tls)://[^:]+:(\d+)$", url)
         if m and (not port or int(m[1]) == port):
             return int(m[1])
     return None
