@@ -525,3 +525,25 @@ async def test_tls(tmp_path: Path) -> None:
         with pytest.raises(ConnectError, match="requires TLS"):
             async with open_client(server.url):
                 pass
+
+
+async def test_hostile_server_that_never_answers_pings(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """A server that keeps sending (so the connection never looks silent) but never
+    answers a PING: the queue of PINGs awaiting a PONG is bounded, and past the bound
+    the connection is dropped, saying why."""
+    from otpy._cluster import nats_client
+
+    monkeypatch.setattr(nats_client, "MAX_UNANSWERED_PINGS", 3)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await handshake(stream)
+        while True:
+            await stream.send_all(b"+OK\r\n")
+            await trio.sleep(0.005)
+
+    async with fake_server(handler) as url:
+        async with open_client(url, reconnect=False, ping_interval=0.01) as a:
+            with trio.fail_after(LIMIT):
+                error = await a.wait_closed()
+    assert "3 PINGs unanswered" in str(error)

@@ -93,6 +93,7 @@ log = structlog.get_logger("otpy.cluster.nats")
 READ_SIZE = 64 * 1024
 DEFAULT_TIMEOUT = 5.0
 TIMER_GRANULARITY = 0.01
+MAX_UNANSWERED_PINGS = 64
 LANG = "python-otpy"
 VERSION = "0.1.0"
 
@@ -380,8 +381,9 @@ class Client:
         self._direct: socket.socket | None = None
         self._direct_ok = False
         self._room = trio.lowlevel.ParkingLot()
-        self._pongs: deque[_Flush | None] = deque()
-        self._pings_out = 0
+        self._pongs: deque[_Flush | None] = deque()  # PONG waiters; None: the pinger's
+        self._pings_out = 0  # PINGs sent since anything was received
+        self._pings_unanswered = 0  # the pinger's PINGs in _pongs
 
         self._sids = itertools.count(1)
         self._subs: dict[int, Subscription] = {}
@@ -718,6 +720,8 @@ class Client:
                     waiter = self._pongs.popleft()
                     if waiter is not None:
                         waiter.event.set()
+                    else:
+                        self._pings_unanswered -= 1
             elif type(ev) is Info:
                 self._on_info(ev.options)
             elif type(ev) is Err:
@@ -806,7 +810,13 @@ class Client:
                 self._drop(f"stale connection: nothing received through {self._pings_out} "
                            f"PINGs sent {self.ping_interval} s apart")
                 return
+            if self._pings_unanswered >= MAX_UNANSWERED_PINGS:
+                # Data keeps coming (so _pings_out resets) but PONGs never do: a broken
+                # server, which must not make the PONG queue grow without bound.
+                self._drop(f"the server left {self._pings_unanswered} PINGs unanswered")
+                return
             self._pings_out += 1
+            self._pings_unanswered += 1
             self._pongs.append(None)
             self._write(proto.PING_BYTES)
 
@@ -952,13 +962,18 @@ class Client:
         after :meth:`connect`."""
         if self._conn is None:
             raise RuntimeError("call `await client.connect()` before running it")
-        with trio.CancelScope() as runner:
-            self._runner_scope = runner
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._timer)
-                task_status.started()
-                await self._supervise()
-                nursery.cancel_scope.cancel()
+        try:
+            with trio.CancelScope() as runner:
+                self._runner_scope = runner
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._timer)
+                    task_status.started()
+                    await self._supervise()
+                    nursery.cancel_scope.cancel()
+        finally:
+            if self.state != CLOSED:  # cancelled from outside: still fail what waits
+                self._closing = True
+                self._finish(None)
 
     async def _supervise(self) -> None:
         conn: _Conn | None = self._conn
@@ -997,6 +1012,7 @@ class Client:
         for waiter in pending.values():
             waiter(error)
         pongs, self._pongs = self._pongs, deque()
+        self._pings_unanswered = 0
         for flush in pongs:
             if flush is not None:
                 flush.error = error
