@@ -21,8 +21,9 @@ time), each in two shapes: ``local`` (responder and requester on one loop, one p
 and ``split`` (the responder in a process of its own, as a remote node would be; for
 ``natspy_trio`` the responder is plain nats-py: only the caller is bridged).
 
-Each variant runs ``ROUNDS`` rounds, interleaved; a figure is the best round and each
-ratio pairs the two figures of one round (the median of the rounds is reported
+Each measurement runs in a fresh process (no variant inherits another's heap or
+event-loop policy). Each variant runs ``ROUNDS`` rounds, interleaved; a figure is the
+best round and each ratio pairs the two figures of one round (the median of the rounds is reported
 too). The machine is small and shared: read ranges, not digits.
 
     python bench/bench_nats.py               # JSON lines, about 90 s
@@ -411,6 +412,20 @@ def measure(variant: str, url: str, port: int, concurrency: int, local: bool) ->
         proc.wait(10)
 
 
+def measure_apart(variant: str, url: str, port: int, concurrency: int, local: bool
+                  ) -> float:
+    """:func:`measure` in a fresh process, so that no variant inherits another's heap,
+    garbage or event-loop policy (trio-asyncio installs one)."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--one", variant, url, str(port), str(concurrency),
+         "local" if local else "split"], capture_output=True, text=True, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RATE "):
+            return float(line[5:])
+    raise RuntimeError(f"{variant} failed (exit {proc.returncode}): "
+                       f"{proc.stderr.strip().splitlines()[-1:] or proc.stdout[-200:]}")
+
+
 def main() -> None:
     quiet_logging()
     emit("nats_info", 0, "-", what="request/reply echo, both ends on one loop, loopback",
@@ -437,7 +452,7 @@ def main() -> None:
                     if variant in failed or (variant == "socket" and not local):
                         continue
                     try:
-                        rate = measure(variant, server.url, server.port, conc, local)
+                        rate = measure_apart(variant, server.url, server.port, conc, local)
                     except Exception as exc:  # a bridge that does not work here is a result
                         failed[variant] = f"{type(exc).__name__}: {exc}"
                         traceback.print_exc(file=sys.stderr)
@@ -475,24 +490,48 @@ def main() -> None:
 
 
 def profile() -> None:
-    """cProfile of otpy's sequential request/reply, top functions by own time."""
+    """Where a sequential request's time goes in otpy's client: the responder runs in a
+    process of its own; the requester's process is measured for CPU per request
+    (without the profiler) and then profiled (cProfile, top functions by own time)."""
     quiet_logging()
     server = start_server_blocking(jetstream=False)
+    proc = subprocess.Popen([sys.executable, __file__, "--respond", "otpy", server.url,
+                             str(server.port)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
     try:
+        assert proc.stdout is not None
+        while proc.stdout.readline().strip() != "READY":
+            pass
+        for conc in (1, CONCURRENCY):
+            cpu0, wall0 = time.process_time(), clock()
+            rate = trio.run(run_otpy, server.url, conc, False)
+            cpu, wall = time.process_time() - cpu0, clock() - wall0
+            requests = rate * SECONDS  # those counted; the warm-up ran too
+            emit(f"nats_profile_cpu_per_request_c{conc}", cpu / wall * 1e6 / rate, "us",
+                 what="requester process CPU per request (responder elsewhere)",
+                 rate=rate, cpu_share=cpu / wall, requests=requests)
         prof = cProfile.Profile()
         prof.enable()
-        rate = trio.run(run_otpy, server.url, 1, True)
+        rate = trio.run(run_otpy, server.url, 1, False)
         prof.disable()
     finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(10)
         server.stop()
     print(f"otpy sequential under cProfile: {rate:.0f} req/s", file=sys.stderr)
-    pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--respond"]:
         quiet_logging()
         respond(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    elif sys.argv[1:2] == ["--one"]:
+        quiet_logging()
+        _, _, variant, url, port, conc, shape = sys.argv
+        rate = measure(variant, url, int(port), int(conc), shape == "local")
+        print(f"RATE {rate}", flush=True)
     elif "--profile" in sys.argv:
         profile()
     else:
