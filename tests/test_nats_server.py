@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,9 @@ def test_handle_for_a_pid_we_did_not_start(tmp_path: Path) -> None:
     handle = NatsServer(proc.pid, 0, tmp_path)
     try:
         assert handle.alive()
+        deadline = time.monotonic() + 5  # Popen may return before the exec is done
+        while not server_mod._is_nats_server(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.001)
         assert server_mod._is_nats_server(proc.pid)
     finally:
         handle.stop()

@@ -212,23 +212,27 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie has exited; only its parent can reap it
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    # A zombie has exited (only its parent can reap it); but the leader of a
+    # multi-threaded process (nats-server is Go) shows as a zombie while its other
+    # threads still exit and its sockets are still open: dead only when alone.
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
     except OSError:
         return True
+    zombie = fields.get("State", "").strip().startswith("Z")
+    return not (zombie and fields.get("Threads", "1").strip() in ("0", "1"))
 
 
 def _is_nats_server(pid: int) -> bool:
     """Whether ``pid`` is a live nats-server (guards against a reused pid)."""
     if not _pid_alive(pid):
         return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv0 = f.read().split(b"\0", 1)[0]
+    try:  # the executable's name (comm: set by exec itself, unlike cmdline)
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().strip().startswith(BINARY.encode())
     except OSError:
         return False
-    return os.path.basename(argv0).startswith(BINARY.encode())
 
 
 def _spawn(*, port: int, workdir: Path | None, jetstream: bool, store_dir: Path | None,
