@@ -29,6 +29,23 @@ too). The machine is small and shared: read ranges, not digits.
     python bench/bench_nats.py               # JSON lines, about 90 s
     python bench/bench_nats.py --profile     # where otpy's request/reply time goes
 
+Measured here (2 cores shared with other jobs, load average 4-6; two runs, each
+measurement in a fresh process, best of 3 rounds; ranges across the runs):
+
+    requests/s            otpy      nats-py     nats-py via trio-asyncio
+    sequential, split     3.7-3.8k  2.1-3.0k    1.3-1.6k
+    sequential, local     4.2-5.5k  1.6-3.0k    0.65-0.69k
+    64 in flight, split   33.0-33.2k  15.0-16.8k  2.1-4.4k
+    64 in flight, local   13.1-18.8k  12.8-13.9k  2.4-3.1k
+
+    sequential round trip p50 156-182 µs (p1 117-122 µs); through the writer task
+    instead of sending the first message of a turn at once: p50 201-218 µs.
+
+The choice: the sans-io client. Bridged, nats-py is 2-15x slower than this client
+(every request crosses from trio to asyncio and back), and neither nats-py form
+calls a synchronous callback per message from its reader, which is what the
+cluster layer needs.
+
 nats-py and trio-asyncio are in the optional ``bench`` extra
 (``pip install -e '.[bench]'``); without them their variants are reported as missing.
 """
