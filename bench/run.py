@@ -173,6 +173,17 @@ def table(r: dict[str, dict[str, Any]]) -> list[Row]:
         if pairs:
             rows.append(("  ... each round's pair", " ".join(f"{p:.2f}" for p in pairs),
                          "(info)", "", "", ""))
+    for load, what, natspy, erl in (("seq", "sequential", "2.5-2.7k/s", "10.8-12k/s"),
+                                    ("c64", "64 in flight", "29-35k/s", "42k/s")):
+        for shape in ("local", "split"):
+            row(f"NATS req/reply, {what}, {shape}", f"nats_otpy_{load}_{shape}", rate,
+                f"> nats-py ({natspy} quoted)", None, erl)
+            row("  ... / nats-py (same run)", f"nats_otpy_vs_natspy_{load}_{shape}", ratio,
+                "(report)", None)
+            row("  ... / nats-py via trio-asyncio", f"nats_otpy_vs_natspy_trio_{load}_{shape}",
+                ratio, "(report)", None)
+    row("  NATS round trip p50 (sequential)", "nats_otpy_rtt_direct_p50", usec, "(report)",
+        None)
     row("step watchdog: node.call on/off", "watchdog_call_ratio", ratio, "(info: ~1.0)",
         None)
     row("  ... node.cast on/off", "watchdog_cast_ratio", ratio, "(info: ~1.0)", None)
@@ -236,6 +247,7 @@ def main() -> None:
     results += run_group("bench_watchdog.py")
     results += run_group("bench_wire.py")
     results += run_group("bench_release_load.py")
+    results += run_group("bench_nats.py")
     by = {x["bench"]: x for x in results}
     results.append(emit("sup_total_us_1000000",
                         by["sup_start_us_1000000"]["value"] + by["sup_spec_us_1000000"]["value"],

