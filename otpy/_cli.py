@@ -6,8 +6,10 @@
     otpy state NAME
     otpy stats [NAME]               counters of the node, or of server NAME (mailbox,
                                     refused messages, restarts, ...)
-    otpy call NAME REQUEST          REQUEST is JSON ('"incr"', '["store", "x", 1]');
-                                    a bare word that is not JSON is sent as a string
+    otpy call NAME REQUEST          REQUEST is JSON ('"incr"', '["store", "x", 1]'):
+                                    arrays are sent as tuples, {"$bytes": base64} as
+                                    bytes; the reply is printed as JSON by the same rule
+                                    (otpy._protocol.json_rules) as the HTTP endpoint's
     otpy upgrade RELEASE_FILE
     otpy downgrade
     otpy releases
@@ -32,7 +34,8 @@ import trio
 
 from ._client import Client, connect_admin
 from ._exceptions import AuthFailed, CallTimeout, ConnectionLost, RemoteError
-from ._serve.rpc import CookieError, read_cookie
+from ._protocol.json_rules import Undecodable, Unencodable, decode_json, encode_json
+from ._serve.cookie import CookieError, read_cookie
 
 DEFAULT_NODE = "127.0.0.1:4370"
 EX_ERROR, EX_USAGE, EX_UNAVAILABLE, EX_NOPERM = 1, 2, 69, 77
@@ -49,15 +52,6 @@ def _address(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise _Fail(f"--node must be HOST:PORT, e.g. 127.0.0.1:4370; got {text!r}", EX_USAGE)
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _tuples(value: Any) -> Any:
-    """JSON arrays become tuples, as arrays decode on the wire."""
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    return value
 
 
 def _show(value: Any) -> str:
@@ -89,8 +83,18 @@ async def _tree(admin: Client, sup: str, prefix: str, out: list[str]) -> None:
             await _tree(admin, child["id"], prefix + ("    " if last else "│   "), out)
 
 
+def _request(text: str) -> Any:
+    """REQUEST as ``handle_call`` will receive it: JSON by the HTTP endpoint's rule."""
+    try:
+        return decode_json(text)
+    except Undecodable as exc:
+        raise _Fail(f"REQUEST must be JSON: {exc}. A string is quoted in JSON: otpy call "
+                    f"NAME '\"{text[:40]}\"'", EX_USAGE) from None
+
+
 async def _run(args: argparse.Namespace) -> int:
     host, port = _address(args.node)
+    request = _request(args.request) if args.command == "call" else None
     try:
         cookie = read_cookie()
     except CookieError as exc:
@@ -110,12 +114,12 @@ async def _run(args: argparse.Namespace) -> int:
                 for key, value in stats.items():
                     print(f"{key}: {_show(value)}")
             elif cmd == "call":
+                reply = await admin.request("call", args.name, request,
+                                            timeout=args.timeout)
                 try:
-                    request = _tuples(json.loads(args.request))
-                except json.JSONDecodeError:
-                    request = args.request
-                print(_show(await admin.request("call", args.name, request,
-                                                timeout=args.timeout)))
+                    print(encode_json(reply).decode())
+                except Unencodable:  # the admin endpoint sent what msgpack carries
+                    print(_show(reply))
             elif cmd == "upgrade":
                 path = os.path.abspath(args.release_file)
                 report = await admin.request("upgrade", path, timeout=args.timeout)
@@ -166,7 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p = sub.add_parser("call", parents=[common], help="call server NAME with REQUEST (JSON)")
     p.add_argument("name")
-    p.add_argument("request", help="JSON; arrays are sent as tuples")
+    p.add_argument("request", help="JSON, e.g. '\"incr\"' or '[\"add\", 1]'; arrays are "
+                                   "sent as tuples")
     p = sub.add_parser("upgrade", parents=[common], help="install a release file (TOML)")
     p.add_argument("release_file")
     sub.add_parser("downgrade", parents=[common], help="go back to the release before")

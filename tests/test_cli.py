@@ -30,9 +30,19 @@ NODE_SCRIPT = textwrap.dedent(
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
 
+    class Types(otpy.GenServer[None]):
+        def init(self, arg):
+            return None
+
+        def handle_call(self, request, caller, state):
+            return otpy.Reply(
+                (type(request).__name__, request, type(request[1]).__name__,
+                 type(request[2]).__name__), state)
+
     async def main():
         root = otpy.Supervisor([
             otpy.Child("c0", Counter),
+            otpy.Child("echo", Types),
             otpy.Supervisor([otpy.Child("c1", Counter)], name="sub"),
         ])
         async with otpy.open_node(root, admin=("127.0.0.1", 0)) as node:
@@ -48,7 +58,8 @@ NODE_SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def node_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """A node in a subprocess: counters c0 (count 3) and sub/c1, admin on a free port."""
+    """A node in a subprocess: counters c0 (count 3) and sub/c1, echo (which replies with
+    the types of what it got), admin on a free port."""
     script = tmp_path_factory.mktemp("node") / "node.py"
     script.write_text(NODE_SCRIPT)
     env = {**os.environ, "OTPY_COOKIE": COOKIE}
@@ -88,7 +99,7 @@ def test_cli_drives_an_upgrade_and_a_downgrade_of_a_live_node(
     assert "sub  supervisor  running" in tree and "c1  worker  running  vsn 1" in tree
     assert "3" == run("call", "c0", '"count"').strip()
     assert "3" == run("state", "c0").strip()
-    assert {"servers: 2", "supervisors: 2", "refused: 0"} <= set(run("stats").splitlines())
+    assert {"servers: 3", "supervisors: 2", "refused: 0"} <= set(run("stats").splitlines())
     assert {"mailbox: 0", "max_mailbox: 100000", "refused: 0", "vsn: \"1\""} <= set(
         run("stats", "c0").splitlines())
     assert "release 2 installed: 2 servers (c0, c1)" == run(
@@ -96,7 +107,7 @@ def test_cli_drives_an_upgrade_and_a_downgrade_of_a_live_node(
     assert [3, 3] == json.loads(run("state", "c0"))
     assert "c0  worker  running  vsn 2" in run("tree")
     assert "2  servers:" in run("releases")
-    assert '"ok"' == run("call", "c0", "reset").strip()
+    assert '"ok"' == run("call", "c0", '"reset"').strip()
     assert [3, 0] == json.loads(run("state", "c0"))
     assert "release 2 taken back: 2 servers (c0, c1)" == run("downgrade").strip()
     assert "0" == run("state", "c0").strip()
@@ -151,6 +162,28 @@ def test_cli_bad_node_address_is_a_usage_error(capsys: pytest.CaptureFixture[str
     code, _, err = otpy_cmd("tree", "--node", "localhost", capsys=capsys,
                             monkeypatch=monkeypatch)
     assert 2 == code and "HOST:PORT" in err
+
+
+def test_cli_call_with_a_request_that_is_not_json_is_a_usage_error(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``otpy call NAME 'bad json'`` sends nothing: exit 2, and how to quote a string
+    (it used to send the text as a string, silently)."""
+    code, out, err = otpy_cmd("call", "c0", "bad json", "--node", "127.0.0.1:1",
+                              capsys=capsys, monkeypatch=monkeypatch)
+    assert (2, "") == (code, out)
+    assert "REQUEST must be JSON" in err and "'\"bad json\"'" in err
+
+
+def test_cli_call_sends_json_by_the_shared_rule(node_port: int,
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arrays arrive as tuples and ``{"$bytes": ...}`` as bytes, and the reply prints by
+    the same rule (bytes as ``{"$bytes": base64}``), as over HTTP."""
+    code, out, err = otpy_cmd("call", "echo", '["x", [1], {"$bytes": "aGk="}]', "--node",
+                              f"127.0.0.1:{node_port}", capsys=capsys,
+                              monkeypatch=monkeypatch)
+    assert (0, "") == (code, err)
+    assert '["tuple",["x",[1],{"$bytes":"aGk="}],"tuple","bytes"]' == out.strip()
 
 
 def test_console_script_is_installed(node_port: int) -> None:
