@@ -47,6 +47,7 @@ from ._exceptions import WouldBlock as WouldBlock
 from ._node import Node as Node
 from ._open import open_node as open_node
 from ._open import run as run
+from ._serve.http_server import HttpLimits as HttpLimits
 from ._serve.limits import EndpointLimits as EndpointLimits
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "Down",
     "EndpointLimits",
     "GenServer",
+    "HttpLimits",
     "Ignore",
     "MailboxFull",
     "NoReply",
