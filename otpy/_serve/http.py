@@ -111,7 +111,7 @@ _HTML_HEADERS = (
     ("content-security-policy",
      "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
     ("x-content-type-options", "nosniff"),
-    ("referrer-policy", "no-referrer"),
+    ("referrer-policy", "same-origin"),  # no-referrer would make Origin "null" too
     ("cache-control", "no-store"),
 )
 _STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
