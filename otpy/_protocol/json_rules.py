@@ -121,7 +121,8 @@ def decode_json(data: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH,
     """The request in the JSON text ``data``, as ``handle_call`` receives it (arrays as
     tuples, ``{"$bytes": base64}`` as bytes). Raises :class:`Undecodable`."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    if _upper_bound(raw) > max_objects and \
+    # Every value takes at least one byte of its own, so a short body needs no count.
+    if len(raw) > max_objects and _upper_bound(raw) > max_objects and \
             _upper_bound(_without_strings(raw)) > 2 * max_objects:
         raise Undecodable("TooManyObjects",
                           f"the request holds more than {max_objects} values (array elements, "
@@ -135,31 +136,41 @@ def decode_json(data: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH,
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, the digit limit
         raise Undecodable("BadJson", f"the request is not JSON ({exc}); send a JSON value, "
                           f"e.g. [\"add\", 1] or \"incr\"") from None
-    count = 1
+    if type(value) is list or type(value) is dict:
+        return _Walk(max_depth, max_objects).walk(value, 1)
+    return value
 
-    def walk(obj: Any, depth: int) -> Any:
-        nonlocal count
-        if depth > max_depth:
+
+class _Walk:
+    """JSON's lists to tuples and ``$bytes`` objects to bytes, counting values and
+    levels as it goes."""
+
+    __slots__ = ("count", "max_depth", "max_objects")
+
+    def __init__(self, max_depth: int, max_objects: int) -> None:
+        self.count = 1
+        self.max_depth = max_depth
+        self.max_objects = max_objects
+
+    def walk(self, obj: Any, depth: int) -> Any:
+        if depth > self.max_depth:
             raise Undecodable("TooDeep", f"the request nests arrays/objects more than "
-                              f"{max_depth} levels deep")
+                              f"{self.max_depth} levels deep")
+        walk = self.walk
         if type(obj) is list:
-            count += len(obj)
-            if count > max_objects:
-                raise _too_many(max_objects)
+            self.count += len(obj)
+            if self.count > self.max_objects:
+                raise _too_many(self.max_objects)
             return tuple([walk(x, depth + 1) if type(x) is list or type(x) is dict else x
                           for x in obj])
         # a dict
-        count += 2 * len(obj)
-        if count > max_objects:
-            raise _too_many(max_objects)
+        self.count += 2 * len(obj)
+        if self.count > self.max_objects:
+            raise _too_many(self.max_objects)
         if len(obj) == 1 and BYTES_KEY in obj:
             return _bytes_of(obj[BYTES_KEY])
         return {k: walk(v, depth + 1) if type(v) is list or type(v) is dict else v
                 for k, v in obj.items()}
-
-    if type(value) is list or type(value) is dict:
-        return walk(value, 1)
-    return value
 
 
 def _too_many(max_objects: int) -> Undecodable:
