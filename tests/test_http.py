@@ -749,3 +749,79 @@ async def test_drain_cuts_what_is_not_done_within_the_grace(
             assert [] == client.done
         await returned.wait()
         assert 2.0 == pytest.approx(trio.current_time() - start, abs=0.01)
+
+
+EMFILE_NODE = """
+import functools, json, resource, sys
+import structlog, trio
+import otpy
+from otpy._serve.http import HttpLimits, serve_http
+
+structlog.configure(processors=[structlog.processors.JSONRenderer()])
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+
+class Echo(otpy.GenServer[None]):
+    def init(self, arg):
+        return None
+
+    def handle_call(self, request, caller, state):
+        return otpy.Reply(request, state)
+
+
+async def main():
+    async with otpy.open_node(otpy.Supervisor([otpy.Child("echo", Echo)])) as node, \\
+            trio.open_nursery() as nursery:
+        _, port = await nursery.start(functools.partial(
+            serve_http, node, ("127.0.0.1", 0), cookie=b"x",
+            limits=HttpLimits(max_connections=1000)))
+        print("PORT", port, flush=True)
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+async def test_running_out_of_descriptors_is_logged_and_survived(
+        tmp_path: Any) -> None:
+    """A node limited to 64 descriptors, flooded with 100 connections: accept() fails
+    with EMFILE, which is logged (AcceptFailed), not fatal; once the flood leaves, new
+    clients are served again."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "node.py"
+    script.write_text(EMFILE_NODE)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        port = 0
+        for _ in range(50):
+            line = await trio.to_thread.run_sync(proc.stdout.readline)
+            if line.startswith("PORT "):
+                port = int(line.split()[1])
+                break
+        assert port
+        flood = []
+        for _ in range(100):
+            flood.append(await trio.open_tcp_stream("127.0.0.1", port))
+        await trio.sleep(0.5)
+        for stream in flood:
+            await stream.aclose()
+        served = False
+        for _ in range(100):  # until the node has seen the flood go
+            with trio.move_on_after(1):
+                served = await healthy(port)
+            if served:
+                break
+            await trio.sleep(0.05)
+        assert served
+    finally:
+        proc.kill()
+        out, _ = await trio.to_thread.run_sync(proc.communicate)
+    events = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    refused = [e for e in events if e.get("event") == "http_request_refused"]
+    assert "AcceptFailed" in {e["kind"] for e in refused}
+    assert "Too many open files" in next(e["reason"] for e in refused
+                                         if e["kind"] == "AcceptFailed")
