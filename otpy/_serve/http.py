@@ -429,6 +429,8 @@ def _not_allowed(request: Request, methods: Iterable[str]) -> Response:
 
 
 def _server_name(raw: str) -> str:
+    if raw.isascii() and "%" not in raw and raw:  # nearly always: nothing to decode
+        return raw
     try:
         name = unquote_to_bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
