@@ -201,7 +201,7 @@ def serve_otpy(call: bool) -> None:
                 return
             root = otpy.Supervisor([otpy.Child("echo", Echo)])
             async with otpy.open_node(root) as node:
-                _, port = await nursery.start(partial(serve_http, node, address,
+                _, port = await nursery.start(partial(serve_http, node._rt, address,
                                                       limits=limits, cookie=b"bench"))
                 print(port, flush=True)
                 await trio.sleep_forever()

@@ -77,7 +77,7 @@ async def test_the_dashboard_opens_only_with_the_nodes_cookie(chromium: Any) -> 
     root = otpy.Supervisor([otpy.Child("c1", Counter), otpy.Child("c2", Counter)])
     async with otpy.open_node(root) as node, trio.open_nursery() as nursery:
         host, port = await nursery.start(functools.partial(
-            serve_http, node, ("127.0.0.1", 0), cookie=COOKIE))
+            serve_http, node._rt, ("127.0.0.1", 0), cookie=COOKIE))
         base = f"http://{host}:{port}"
 
         await in_thread(log_in, chromium, base, "not-the-cookie")

@@ -106,7 +106,7 @@ async def http_node(limits: HttpLimits | None = None,
     """A node with the test tree and its HTTP endpoint on a free port."""
     async with otpy.open_node(tree()) as node, trio.open_nursery() as nursery:
         _, port = await nursery.start(functools.partial(
-            serve_http, node, ("127.0.0.1", 0), limits=limits, cookie=COOKIE,
+            serve_http, node._rt, ("127.0.0.1", 0), limits=limits, cookie=COOKIE,
             shutdown=shutdown))
         yield node, port
         nursery.cancel_scope.cancel()
@@ -707,7 +707,7 @@ async def test_drain_finishes_a_call_in_progress_and_refuses_new_connections(
 
     root = otpy.Supervisor([otpy.Child("slow", Slow)])
     async with otpy.open_node(root) as node, trio.open_nursery() as nursery:
-        router = NodeRouter(node, HttpLimits(), stats, COOKIE)
+        router = NodeRouter(node._rt, HttpLimits(), stats, COOKIE)
         _, port = await nursery.start(functools.partial(
             serve_router, router, ("127.0.0.1", 0), shutdown=shutdown, stats=stats))
         async with connect(port) as busy, connect(port) as idle:
@@ -735,7 +735,7 @@ async def test_drain_cuts_what_is_not_done_within_the_grace(
         returned = trio.Event()
 
         async def serve(task_status: Any) -> None:
-            await serve_http(node, ("127.0.0.1", 0), limits=limits, cookie=COOKIE,
+            await serve_http(node._rt, ("127.0.0.1", 0), limits=limits, cookie=COOKIE,
                              shutdown=shutdown, task_status=task_status)
             returned.set()
 
@@ -773,7 +773,7 @@ async def main():
     async with otpy.open_node(otpy.Supervisor([otpy.Child("echo", Echo)])) as node, \\
             trio.open_nursery() as nursery:
         _, port = await nursery.start(functools.partial(
-            serve_http, node, ("127.0.0.1", 0), cookie=b"x",
+            serve_http, node._rt, ("127.0.0.1", 0), cookie=b"x",
             limits=HttpLimits(max_connections=1000)))
         print("PORT", port, flush=True)
         await trio.sleep_forever()
@@ -825,3 +825,26 @@ async def test_running_out_of_descriptors_is_logged_and_survived(
     assert "AcceptFailed" in {e["kind"] for e in refused}
     assert "Too many open files" in next(e["reason"] for e in refused
                                          if e["kind"] == "AcceptFailed")
+
+
+async def test_a_call_to_an_idle_server_is_answered_without_waiting() -> None:
+    """Through start_call, an idle server's reply is the response at once (no task, no
+    await); a suspended server's is an awaitable, answered once it resumes."""
+    from otpy._protocol.http1 import RequestParser
+
+    def request(body: bytes) -> Request:
+        [req] = RequestParser().feed(raw("POST", "/call/echo", body))
+        assert isinstance(req, Request)
+        return req
+
+    async with otpy.open_node(tree()) as node:
+        router = NodeRouter(node._rt, HttpLimits(), HttpStats(), COOKIE)
+        now = router.route(request(b"1"))
+        assert isinstance(now, Response)
+        assert (200, b'["int",1]') == (now.status, now.body)
+        node.suspend("echo")
+        later = router.route(request(b"2"))
+        assert not isinstance(later, Response)
+        node.resume("echo")
+        answered = await later  # type: ignore[misc]
+        assert (200, b'["int",2]') == (answered.status, answered.body)

@@ -8,7 +8,8 @@ Routes (``NodeRouter``)::
                          ?timeout=SECONDS and ?vsn=VSN; answer: the reply, 200
     POST /cast/{name}    body: the message; answer 202, empty
     GET  /healthz        200 while the loop answers
-    GET  /readyz         200 once the tree is started, 503 while the endpoint drains
+    GET  /readyz         200 once the tree is started; 503 while a release installs, and
+                         while the endpoint drains
     GET  /metrics        Prometheus' text format (prometheus-client)
     GET  /               the dashboard, for holders of the node's cookie; else a login
     POST /login          form field ``cookie``: sets an HttpOnly, SameSite=Strict session
@@ -29,6 +30,12 @@ Errors are statuses with a JSON body ``{"error": kind, "message": ...}``: 404
 ``TooManyConnections``). A reply that cannot be encoded is a 500 ``UnencodableReply``
 naming its type.
 
+Calls are delivered through the core's one call path, ``Runtime.start_call``, with a
+caller (``_HttpCaller``) whose reply or error becomes the response as soon as it comes:
+a call to an idle server is answered within its own step, with no task and no wait; a
+call that has to wait parks the connection's own task (responses stay in request
+order), and the core's timer gives up on it after its timeout.
+
 The login: ``POST /login`` with the node's cookie makes a session (a random token in an
 HttpOnly, SameSite=Strict cookie, 8 hours, at most 64 at once); a form posted with an
 ``Origin`` other than the node's own is refused (403). Pages carry a strict
@@ -47,9 +54,11 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
+import outcome
 import structlog
 import trio
 
+from .._core.server import WAITING, Caller
 from .._exceptions import (
     BadRequest,
     CallTimeout,
@@ -79,7 +88,7 @@ from .http_server import Router as Router
 from .http_server import serve_router as serve_router
 
 if TYPE_CHECKING:
-    from .._node import Node
+    from .._core.runtime import Runtime
 
 SESSION_SECONDS = 8 * 3600.0
 MAX_SESSIONS = 64
@@ -88,7 +97,7 @@ SESSION_COOKIE = "otpy_session"
 _log = structlog.get_logger("otpy")
 
 
-async def serve_http(node: Node, address: tuple[str, int], *,
+async def serve_http(rt: Runtime, address: tuple[str, int], *,
                      limits: HttpLimits | None = None, cookie: bytes | None = None,
                      shutdown: trio.Event | None = None,
                      task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -99,7 +108,7 @@ async def serve_http(node: Node, address: tuple[str, int], *,
     limits = limits or HttpLimits()
     secret = cookie if cookie is not None else read_cookie(create=True)
     stats = HttpStats()
-    router = NodeRouter(node, limits, stats, secret)
+    router = NodeRouter(rt, limits, stats, secret)
     await serve_router(router, address, limits=limits, shutdown=shutdown, stats=stats,
                        task_status=task_status)
 
@@ -155,19 +164,19 @@ class NodeRouter:
     """The routes of a node's HTTP endpoint (see the module docstring).
 
     A request reaches a server through ``_deliver_call`` and ``_deliver_cast`` only:
-    today by the node's public API (``await node.call``, ``node.cast``); the core's
-    ``start_call`` with a caller that answers the connection will take their place."""
+    the core's ``start_call`` with a caller (``_HttpCaller``) whose answer becomes the
+    response, and ``Runtime.cast``."""
 
-    def __init__(self, node: Node, limits: HttpLimits, stats: HttpStats,
+    def __init__(self, rt: Runtime, limits: HttpLimits, stats: HttpStats,
                  cookie: bytes) -> None:
-        self.node = node
+        self.rt = rt
         self.limits = limits
         self.stats = stats
         self.cookie = cookie
         self.sessions: dict[str, float] = {}  # token -> expiry (trio time)
         self.static = _static_files()
         self.log = _log.bind(endpoint="http")
-        self.metrics = _Metrics(node, stats, limits.metrics_top_k)
+        self.metrics = _Metrics(rt, stats, limits.metrics_top_k)
         get = ("GET", "HEAD")
         self.fixed: dict[str, tuple[tuple[str, ...], Callable[[Request], Any]]] = {
             "/healthz": (get, self._healthz),
@@ -225,23 +234,27 @@ class NodeRouter:
 
     # The seam: how a request reaches a server, and how its outcome is answered.
 
-    async def _deliver_call(self, name: str, request: Any, timeout: float,
-                            vsn: str | None, msgpack_out: bool) -> Response:
-        try:
-            reply = await self.node.call(name, request, timeout=timeout, vsn=vsn)
-        except Exception as exc:
-            return self.error_response(exc)
-        return self.reply_response(reply, msgpack_out)
+    def _deliver_call(self, name: str, request: Any, timeout: float, vsn: str | None,
+                      msgpack_out: bool) -> Response | Awaitable[Response]:
+        """Through the core's one call path: an idle server answers within this step,
+        and the response is ready with no task and no wait; otherwise the connection's
+        own task waits for it (the core's timer gives up after ``timeout``)."""
+        caller = _HttpCaller(self, msgpack_out)
+        self.rt.start_call(name, request, caller, vsn=vsn, timeout=timeout)
+        if caller.response is not None:
+            return caller.response
+        return caller.wait()
 
     def _deliver_cast(self, name: str, message: Any) -> Response:
         try:
-            self.node.cast(name, message)
+            self.rt.cast(name, message)
         except Exception as exc:
             return self.error_response(exc)
         return Response(202, b"", None)
 
     def reply_response(self, reply: Any, msgpack_out: bool) -> Response:
-        """A call's reply as a 200, or a 500 that says why it cannot be encoded."""
+        """A call's reply as a 200, or a 500 that says why it cannot be encoded. Never
+        raises: it runs inside the step that answered."""
         try:
             if msgpack_out:
                 return Response(200, encode_msgpack(reply), MSGPACK_CONTENT_TYPE)
@@ -249,8 +262,13 @@ class NodeRouter:
         except Unencodable as exc:
             self.log.warning("http_reply_unencodable", error=str(exc))
             return Response.error(500, "UnencodableReply", str(exc))
+        except Exception as exc:  # e.g. a model_dump that raises
+            self.log.warning("http_reply_unencodable", error=repr(exc))
+            return Response.error(500, "UnencodableReply",
+                                  f"the reply could not be encoded ({type(exc).__name__}: "
+                                  f"{exc}); reply with plain values")
 
-    def error_response(self, exc: Exception) -> Response:
+    def error_response(self, exc: BaseException) -> Response:
         """A call's or cast's error as its status: otpy's errors by kind (no
         traceback leaves the node), anything else a 500 logged here."""
         if isinstance(exc, OtpyError):
@@ -319,8 +337,10 @@ class NodeRouter:
     def _readyz(self, request: Request) -> Response:
         if self.stats.draining:
             return Response.error(503, "Draining", "the node is shutting down")
-        if not self.node.statistics()["supervisors"]:
+        if not self.rt.statistics()["supervisors"]:
             return Response.error(503, "NotStarted", "the supervision tree is not running")
+        if self.rt.installing:
+            return Response.error(503, "Upgrading", "a release is being installed")
         return Response(200, b'{"status":"ready"}')
 
     async def _metrics(self, request: Request) -> Response:
@@ -347,8 +367,8 @@ class NodeRouter:
     def _dashboard(self, request: Request) -> Response:
         if self._session(request) is None:
             return self._page("login.html", error="")
-        stats = self.node.statistics()
-        names = sorted(self.node.servers()[:1000])[:20]
+        stats = self.rt.statistics()
+        names = sorted(self.rt.servers()[:1000])[:20]
         return self._page("dashboard.html", servers=str(stats["servers"]),
                           supervisors=str(stats["supervisors"]), names=", ".join(names))
 
@@ -421,6 +441,52 @@ class NodeRouter:
         return Response(200, body, content_type, (("x-content-type-options", "nosniff"),))
 
 
+class _HttpCaller(Caller):
+    """A call made over HTTP: its reply or error becomes the response, made as soon as
+    it comes (inside the step that answered). Answered within ``start_call``, the
+    response is simply there; else the connection's task parks in :meth:`wait` until
+    it comes (or the core's deadline fails the call)."""
+
+    __slots__ = ("msgpack_out", "response", "router", "task")
+
+    def __init__(self, router: NodeRouter, msgpack_out: bool) -> None:
+        self._status = WAITING
+        self.router = router
+        self.msgpack_out = msgpack_out
+        self.response: Response | None = None
+        self.task: Any = None
+
+    def _resolve(self, value: Any) -> None:
+        self._done(self.router.reply_response(value, self.msgpack_out))
+
+    def _reject(self, exc: BaseException) -> None:
+        self._done(self.router.error_response(exc))
+
+    def _done(self, response: Response) -> None:
+        task = self.task
+        if task is None:
+            self.response = response
+        else:
+            self.task = None
+            trio.lowlevel.reschedule(task, outcome.Value(response))
+
+    async def wait(self) -> Response:
+        """Park the calling (connection's) task until the response is made; cancelled
+        (the connection closes, the endpoint's drain ends), the call is given up and a
+        late reply dropped."""
+        if self.response is not None:  # made between start_call and this wait
+            await trio.lowlevel.checkpoint()
+            return self.response
+        self.task = trio.lowlevel.current_task()
+        response: Response = await trio.lowlevel.wait_task_rescheduled(self._abort)
+        return response
+
+    def _abort(self, raise_cancel: Any) -> trio.lowlevel.Abort:
+        self._give_up()
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
 def _not_allowed(request: Request, methods: Iterable[str]) -> Response:
     allowed = ", ".join(methods)
     return Response.error(405, "MethodNotAllowed",
@@ -449,11 +515,11 @@ class _Metrics:
     content_type = "text/plain; version=0.0.4; charset=utf-8"
     chunk = 1000  # servers looked at between two yields to the loop
 
-    def __init__(self, node: Node, stats: HttpStats, top_k: int) -> None:
+    def __init__(self, rt: Runtime, stats: HttpStats, top_k: int) -> None:
         from prometheus_client import CollectorRegistry
         from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-        self.node = node
+        self.rt = rt
         self.stats = stats
         self.top_k = top_k
         self.content_type = CONTENT_TYPE_LATEST
@@ -464,15 +530,15 @@ class _Metrics:
     async def render(self) -> bytes:
         from prometheus_client.exposition import generate_latest
 
-        node = self.node
+        rt = self.rt
         await trio.lowlevel.checkpoint()
-        totals = node.statistics()
+        totals = rt.statistics()
         top: list[tuple[int, int, int, str]] = []
-        for i, name in enumerate(node.servers()):
+        for i, name in enumerate(rt.servers()):
             if i % self.chunk == self.chunk - 1:
                 await trio.lowlevel.checkpoint()
             try:
-                s = node.statistics(name)
+                s = rt.statistics(name)
             except NoSuchServer:  # stopped meanwhile
                 continue
             if s["mailbox"] or s["refused"]:
