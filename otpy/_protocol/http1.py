@@ -121,9 +121,10 @@ class RequestParser:
         assert (request.method, request.path) == ("GET", "/healthz")
     """
 
-    __slots__ = ("_body", "_continue", "_count", "_fed", "_headers", "_in_head", "_out",
-                 "_parser", "_refusal", "_rest", "_url", "in_progress", "max_batch",
-                 "max_body", "max_head", "max_headers")
+    __slots__ = ("_body", "_connection", "_continue", "_count", "_expect", "_fed",
+                 "_headers", "_in_head", "_length", "_out", "_parser", "_refusal", "_rest",
+                 "_size", "_url", "in_progress", "max_batch", "max_body", "max_head",
+                 "max_headers")
 
     def __init__(self, *, max_head: int = DEFAULT_MAX_HEAD,
                  max_headers: int = DEFAULT_MAX_HEADERS, max_body: int = DEFAULT_MAX_BODY,
@@ -136,6 +137,10 @@ class RequestParser:
         self._in_head = False  # ... and its head is not complete
         self._fed = 0  # bytes fed of the request in progress (see _step)
         self._count = 0  # headers of the request in progress
+        self._size = 0  # ... and their bytes (names, values, 4 for the separators)
+        self._length: bytes | None = None  # its Content-Length, Expect, Connection
+        self._expect: bytes | None = None
+        self._connection: bytes | None = None
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._body = bytearray()
@@ -207,17 +212,10 @@ class RequestParser:
             self._out.append(self._refusal)
             return False
         try:
-            rest = chunk
-            while rest:
-                try:
-                    self._parser.feed_data(rest)
-                    break
-                except httptools.HttpParserUpgrade as exc:
-                    # A request to switch protocols (WebSocket, h2c, CONNECT) is served
-                    # as a plain request, as RFC 9110 lets a server do: the client waits
-                    # for a 101 that never comes, then goes on in HTTP/1.1. llhttp
-                    # stopped right after it; the rest of the chunk is fed on.
-                    rest = rest[exc.args[0]:]
+            try:
+                self._parser.feed_data(chunk)
+            except httptools.HttpParserUpgrade as exc:
+                self._upgraded(chunk, exc.args[0])
         except httptools.HttpParserError as exc:
             # Our own refusals, raised in the callbacks below, come out of llhttp as a
             # callback error; anything else is llhttp's own verdict.
@@ -243,6 +241,19 @@ class RequestParser:
             return False
         return True
 
+    def _upgraded(self, chunk: bytes | memoryview, offset: int) -> None:
+        """A request to switch protocols (WebSocket, h2c, CONNECT) is served as a plain
+        request, as RFC 9110 lets a server do: the client waits for a 101 that never
+        comes, then goes on in HTTP/1.1. llhttp stopped right after it: the rest of the
+        chunk is fed on."""
+        rest = chunk[offset:]
+        while rest:
+            try:
+                self._parser.feed_data(rest)
+                return
+            except httptools.HttpParserUpgrade as exc:
+                rest = rest[exc.args[0]:]
+
     def _refuse(self, status: int, kind: str, message: str) -> None:
         if self._refusal is None:  # the first reason found is the one given
             self._refusal = Refusal(status, kind, message)
@@ -253,16 +264,22 @@ class RequestParser:
 
     # -- llhttp's callbacks (through httptools); raising in one stops llhttp ---------
 
-    def on_message_begin(self) -> None:
+    def _begin(self) -> None:
+        # Called from on_url, the first callback of every request (its target is never
+        # empty): one Python callback less per request than on_message_begin.
         self.in_progress = True
         self._in_head = True
         self._fed = 0
         self._count = 0
+        self._size = 0
         self._url = b""
         self._headers = []
         self._continue = 0
+        self._length = self._expect = self._connection = None
 
     def on_url(self, url: bytes) -> None:
+        if not self._in_head:
+            self._begin()
         self._url += url
         if len(self._url) > self.max_head:
             self._stop(431, "HeadTooLarge", self._head_message())
@@ -272,24 +289,27 @@ class RequestParser:
         if self._count > self.max_headers:
             self._stop(431, "TooManyHeaders", f"the request has more than "
                        f"{self.max_headers} headers; send fewer")
-        self._headers.append((name.lower(), value))
+        self._size += len(name) + len(value) + 4
+        name = name.lower()
+        self._headers.append((name, value))
+        if name == b"content-length":
+            self._length = value
+        elif name == b"expect":
+            self._expect = value
+        elif name == b"connection":
+            self._connection = value
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._fed = 0
-        head = len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._headers)
-        if head > self.max_head:
+        if len(self._url) + self._size > self.max_head:
             self._stop(431, "HeadTooLarge", self._head_message())
-        length = expect = None
-        for name, value in self._headers:
-            if name == b"content-length":
-                length = value
-            elif name == b"expect":
-                expect = value
+        length = self._length
         # llhttp has checked that a Content-Length is a number
         if length is not None and int(length) > self.max_body:
             self._stop(413, "BodyTooLarge", f"the body is {int(length)} bytes; the limit "
                        f"is {self.max_body} bytes")
+        expect = self._expect
         if expect is not None and expect.lower() == b"100-continue":
             self._continue = 1
 
@@ -305,10 +325,16 @@ class RequestParser:
         path, _, query = url.partition("?")
         method = parser.get_method()
         body = self._body
+        keep_alive = parser.should_keep_alive()
+        # An HTTP/1.0 client keeps alive only when it says so: only then does its
+        # version matter (the response must say keep-alive too).
+        connection = self._connection
+        http10 = (keep_alive and connection is not None and
+                  connection.lower() == b"keep-alive" and
+                  parser.get_http_version() == "1.0")
         self._out.append(Request(
             _METHODS.get(method) or method.decode("latin-1"), path, query, self._headers,
-            bytes(body) if body else b"", parser.should_keep_alive(),
-            parser.get_http_version() == "1.0"))
+            bytes(body) if body else b"", keep_alive, http10))
         self.in_progress = False
         self._in_head = False
         self._continue = 0

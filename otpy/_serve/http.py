@@ -155,9 +155,20 @@ def _static_files() -> dict[str, tuple[bytes, str]]:
 
 
 def _is_msgpack(content_type: bytes | None) -> bool:
-    if not content_type:
-        return False
+    if content_type is None or b"msgpack" not in content_type.lower():
+        return False  # nearly always: decided without splitting
     return content_type.split(b";", 1)[0].strip().lower() in _MSGPACK_TYPES
+
+
+def _headers_of(request: Request) -> tuple[bytes | None, bytes | None]:
+    """The request's Content-Type and Accept, in one pass over its headers."""
+    content_type = accept = None
+    for key, value in request.headers:
+        if key == b"content-type":
+            content_type = value
+        elif key == b"accept":
+            accept = value
+    return content_type, accept
 
 
 class NodeRouter:
@@ -214,20 +225,22 @@ class NodeRouter:
     # -- calls and casts -----------------------------------------------------------
 
     def _call(self, request: Request, raw_name: str) -> Response | Awaitable[Response]:
+        content_type, accept = _headers_of(request)
         try:
             name = _server_name(raw_name)
             timeout, vsn = self._options(request.query, call=True)
-            body, msgpack_in = self._decode(request)
+            msgpack_in = _is_msgpack(content_type)
+            body = self._decode(request, msgpack_in)
         except BadRequest as exc:
             return self._bad(exc)
-        msgpack_out = msgpack_in or _is_msgpack(request.header(b"accept"))
-        return self._deliver_call(name, body, timeout, vsn, msgpack_out)
+        return self._deliver_call(name, body, timeout, vsn,
+                                  msgpack_in or _is_msgpack(accept))
 
     def _cast(self, request: Request, raw_name: str) -> Response:
         try:
             name = _server_name(raw_name)
             self._options(request.query, call=False)
-            body, _ = self._decode(request)
+            body = self._decode(request, _is_msgpack(request.header(b"content-type")))
         except BadRequest as exc:
             return self._bad(exc)
         return self._deliver_cast(name, body)
@@ -281,18 +294,17 @@ class NodeRouter:
                               f"the node failed to serve this call ({type(exc).__name__}); "
                               f"its log says why")
 
-    def _decode(self, request: Request) -> tuple[Any, bool]:
+    def _decode(self, request: Request, msgpack_in: bool) -> Any:
         body = request.body
         if not body:
             raise BadRequest("the body is empty; send the request as JSON (e.g. "
                              "'[\"add\", 1]' or '\"incr\"') or as msgpack with "
                              "Content-Type: application/msgpack")
         limits = self.limits
-        if _is_msgpack(request.header(b"content-type")):
+        if msgpack_in:
             return decode_msgpack(body, max_depth=limits.max_depth,
-                                  max_objects=limits.max_objects), True
-        return decode_json(body, max_depth=limits.max_depth,
-                           max_objects=limits.max_objects), False
+                                  max_objects=limits.max_objects)
+        return decode_json(body, max_depth=limits.max_depth, max_objects=limits.max_objects)
 
     def _options(self, query: str, *, call: bool) -> tuple[float, str | None]:
         timeout = self.limits.call_timeout
