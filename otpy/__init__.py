@@ -47,8 +47,8 @@ from ._exceptions import WouldBlock as WouldBlock
 from ._node import Node as Node
 from ._open import open_node as open_node
 from ._open import run as run
-from ._serve.http_server import HttpLimits as HttpLimits
 from ._serve.limits import EndpointLimits as EndpointLimits
+from ._serve.limits import HttpLimits as HttpLimits
 
 __all__ = [
     "AuthFailed",
