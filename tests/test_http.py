@@ -846,5 +846,30 @@ async def test_a_call_to_an_idle_server_is_answered_without_waiting() -> None:
         later = router.route(request(b"2"))
         assert not isinstance(later, Response)
         node.resume("echo")
-        answered = await later  # type: ignore[misc]
+        answered = await later
         assert (200, b'["int",2]') == (answered.status, answered.body)
+
+
+async def test_readyz_is_503_while_a_release_installs_or_the_endpoint_drains() -> None:
+    """Not ready while a release is being installed (a planner is active) and while the
+    endpoint drains; ready otherwise."""
+    from otpy._protocol.http1 import RequestParser
+
+    [get] = RequestParser().feed(raw("GET", "/readyz"))
+    assert isinstance(get, Request)
+
+    def ready(router: NodeRouter) -> tuple[int, str]:
+        response = router.route(get)
+        assert isinstance(response, Response)
+        return response.status, json.loads(response.body).get("error", "")
+
+    async with otpy.open_node(tree()) as node:
+        stats = HttpStats()
+        router = NodeRouter(node._rt, HttpLimits(), stats, COOKIE)
+        assert (200, "") == ready(router)
+        planner = node._rt.planner(otpy.Release("2", [otpy.Update(Echo, Small)]))
+        assert (503, "Upgrading") == ready(router)
+        planner.abort()
+        assert (200, "") == ready(router)
+        stats.draining = True
+        assert (503, "Draining") == ready(router)
