@@ -275,7 +275,8 @@ class _Connection:
                 except Exception as exc:
                     response = server.failed(msg, exc)
                     close = not msg.keep_alive
-                    data = encode(response, close=close, http10=msg.http10)
+                    data = encode(response, head=msg.method == "HEAD", close=close,
+                                  http10=msg.http10)
                 out += data
                 status = response.status
                 responses[status] = responses.get(status, 0) + 1
