@@ -179,9 +179,13 @@ def table(r: dict[str, dict[str, Any]]) -> list[Row]:
         row("  ... uvicorn bare 200, same run", f"http_uvicorn_c{conns}", rate, "-", None)
         row("  ... call / uvicorn bare", f"http_otpy_call_c{conns}_vs_uvicorn", ratio,
             ">= 0.50x (aim 1x)", lambda v: v >= 0.5)
+        row("  ... server CPU per call", f"http_otpy_call_c{conns}_cpu_us", usec, "(info)",
+            None)
+        row("  ... uvicorn's CPU per bare 200", f"http_uvicorn_c{conns}_cpu_us", usec,
+            "(info)", None)
         for stack in ("otpy_bare", "trio_httptools", "trio_h11", "hypercorn_trio"):
-            row(f"  ... {stack} bare / uvicorn", f"http_{stack}_c{conns}_vs_uvicorn", ratio,
-                "(info)", None)
+            row(f"  ... {stack} (bare 200) / uvicorn", f"http_{stack}_c{conns}_vs_uvicorn",
+                ratio, "(info)", None)
     row("http: JSON share of a call", "http_json_share", lambda v: f"{v * 100:.1f} %",
         "(info)", None)
     row("step watchdog: node.call on/off", "watchdog_call_ratio", ratio, "(info: ~1.0)",
