@@ -184,6 +184,21 @@ def table(r: dict[str, dict[str, Any]]) -> list[Row]:
                 ratio, "(report)", None)
     row("  NATS round trip p50 (sequential)", "nats_otpy_rtt_direct_p50", usec, "(report)",
         None)
+    for conns in ("1", "16"):
+        row(f"http: POST /call, {conns} keep-alive conn.", f"http_otpy_call_c{conns}", rate,
+            "(report)", None)
+        row("  ... uvicorn bare 200, same run", f"http_uvicorn_c{conns}", rate, "-", None)
+        row("  ... call / uvicorn bare", f"http_otpy_call_c{conns}_vs_uvicorn", ratio,
+            ">= 0.50x (aim 1x)", lambda v: v >= 0.5)
+        row("  ... server CPU per call", f"http_otpy_call_c{conns}_cpu_us", usec, "(info)",
+            None)
+        row("  ... uvicorn's CPU per bare 200", f"http_uvicorn_c{conns}_cpu_us", usec,
+            "(info)", None)
+        for stack in ("otpy_bare", "trio_httptools", "trio_h11", "hypercorn_trio"):
+            row(f"  ... {stack} (bare 200) / uvicorn", f"http_{stack}_c{conns}_vs_uvicorn",
+                ratio, "(info)", None)
+    row("http: JSON share of a call", "http_json_share", lambda v: f"{v * 100:.1f} %",
+        "(info)", None)
     row("step watchdog: node.call on/off", "watchdog_call_ratio", ratio, "(info: ~1.0)",
         None)
     row("  ... node.cast on/off", "watchdog_cast_ratio", ratio, "(info: ~1.0)", None)
@@ -214,8 +229,10 @@ def print_table(rows: list[Row]) -> None:
     print(line)
     print(f"* {ERLANG} and {TRIOTP} columns are QUOTED from issues #2 and #3 (measured on "
           f"this machine when the issues were filed), NOT measured by this run.")
-    print("  Targets from issues #2 and #3 (upgrades: #4, wire: #5); '(>= 1M/s)' on "
-          "queued casts is the plain cast target, shown for comparison only.")
+    print("  Targets from issues #2 and #3 (upgrades: #4, wire: #5, http: #14); '(>= 1M/s)' "
+          "on queued casts is the plain cast target, shown for comparison only.")
+    print("  http rows: wrk -t1 against a server in its own process (2 cores: one each), "
+          "best of 3 interleaved rounds; the call is a full POST /call with a JSON body.")
     print(f"  Logging: {LOGGING_NOTE}.")
     print("  Rates: best of the interleaved rounds; node.call/checkpoint: best over best "
           "(and the median of per-round pairs).")
@@ -248,6 +265,7 @@ def main() -> None:
     results += run_group("bench_wire.py")
     results += run_group("bench_release_load.py")
     results += run_group("bench_nats.py")
+    results += run_group("bench_http.py")
     by = {x["bench"]: x for x in results}
     results.append(emit("sup_total_us_1000000",
                         by["sup_start_us_1000000"]["value"] + by["sup_spec_us_1000000"]["value"],

@@ -53,6 +53,7 @@ from ._node import Node as Node
 from ._open import open_node as open_node
 from ._open import run as run
 from ._serve.limits import EndpointLimits as EndpointLimits
+from ._serve.limits import HttpLimits as HttpLimits
 from ._store import SqliteStore as SqliteStore
 from ._store import Store as Store
 from ._store import StoredState as StoredState
@@ -72,6 +73,7 @@ __all__ = [
     "Down",
     "EndpointLimits",
     "GenServer",
+    "HttpLimits",
     "Ignore",
     "MailboxFull",
     "MonitorRef",

@@ -7,7 +7,9 @@
     otpy stats [NAME]               counters of the node, or of server NAME (mailbox,
                                     refused messages, restarts, ...)
     otpy call NAME REQUEST          REQUEST is JSON ('"incr"', '["store", "x", 1]'):
-                                    a string is written with its quotes
+                                    arrays are sent as tuples, {"$bytes": base64} as
+                                    bytes; the reply is printed as JSON by the same rule
+                                    (otpy._protocol.json_rules) as the HTTP endpoint's
     otpy upgrade RELEASE_FILE       the release file and the modules of its code
                                     directory are sent to the node (see below)
     otpy upgrade --node-path PATH   PATH is a release file on the node's host
@@ -50,6 +52,7 @@ from ._exceptions import (
     RemoteError,
     UpgradeFailed,
 )
+from ._protocol.json_rules import Undecodable, Unencodable, decode_json, encode_json
 from ._protocol.release_bundle import encode_bundle
 from ._release_files import read_bundle
 
@@ -68,15 +71,6 @@ def _address(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise _Fail(f"--node must be HOST:PORT, e.g. 127.0.0.1:4370; got {text!r}", EX_USAGE)
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _tuples(value: Any) -> Any:
-    """JSON arrays become tuples, as arrays decode on the wire."""
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    return value
 
 
 def _show(value: Any) -> str:
@@ -108,13 +102,13 @@ async def _tree(admin: Client, sup: str, prefix: str, out: list[str]) -> None:
             await _tree(admin, child["id"], prefix + ("    " if last else "│   "), out)
 
 
-def _json_request(text: str) -> Any:
+def _request(text: str) -> Any:
+    """REQUEST as ``handle_call`` will receive it: JSON by the HTTP endpoint's rule."""
     try:
-        return _tuples(json.loads(text))
-    except json.JSONDecodeError as exc:
-        raise _Fail(f"REQUEST is not JSON: {exc}, in {text!r:.80}; write a string with "
-                    f"its quotes ('\"incr\"') and an array as '[\"store\", \"x\", 1]'",
-                    EX_USAGE) from None
+        return decode_json(text)
+    except Undecodable as exc:
+        raise _Fail(f"REQUEST must be JSON: {exc}. A string is quoted in JSON: otpy call "
+                    f"NAME '\"{text[:40]}\"'", EX_USAGE) from None
 
 
 def _release(args: argparse.Namespace) -> bytes | str:
@@ -131,7 +125,7 @@ def _release(args: argparse.Namespace) -> bytes | str:
 async def _run(args: argparse.Namespace) -> int:
     host, port = _address(args.node)
     # What can be checked on this side is, before any node is contacted.
-    request = _json_request(args.request) if args.command == "call" else None
+    request = _request(args.request) if args.command == "call" else None
     release = _release(args) if args.command == "upgrade" else None
     try:
         cookie = read_cookie()
@@ -152,8 +146,12 @@ async def _run(args: argparse.Namespace) -> int:
                 for key, value in stats.items():
                     print(f"{key}: {_show(value)}")
             elif cmd == "call":
-                print(_show(await admin.request("call", args.name, request,
-                                                timeout=args.timeout)))
+                reply = await admin.request("call", args.name, request,
+                                            timeout=args.timeout)
+                try:
+                    print(encode_json(reply).decode())
+                except Unencodable:  # the admin endpoint sent what msgpack carries
+                    print(_show(reply))
             elif cmd == "upgrade":
                 report = await admin.request("upgrade", release, timeout=args.timeout)
                 print(f"release {report['release']} installed: {_servers(report['servers'])}")
@@ -211,7 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p = sub.add_parser("call", parents=[common], help="call server NAME with REQUEST (JSON)")
     p.add_argument("name")
-    p.add_argument("request", help="JSON; arrays are sent as tuples")
+    p.add_argument("request", help="JSON, e.g. '\"incr\"' or '[\"add\", 1]'; arrays are "
+                                   "sent as tuples")
     p = sub.add_parser("upgrade", parents=[common],
                        help="install a release: its file (TOML) and the modules of its "
                             "code directory are sent to the node")

@@ -38,9 +38,19 @@ NODE_SCRIPT = textwrap.dedent(
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
 
+    class Types(otpy.GenServer[None]):
+        def init(self, arg):
+            return None
+
+        def handle_call(self, request, caller, state):
+            return otpy.Reply(
+                (type(request).__name__, request, type(request[1]).__name__,
+                 type(request[2]).__name__), state)
+
     async def main():
         root = otpy.Supervisor([
             otpy.Child("c0", Counter),
+            otpy.Child("echo", Types),
             otpy.Supervisor([otpy.Child("c1", Counter)], name="sub"),
         ])
         async with otpy.open_node(root, admin=("127.0.0.1", 0)) as node:
@@ -57,7 +67,8 @@ NODE_SCRIPT = textwrap.dedent(
 @contextmanager
 def running_node(directory: Path) -> Iterator[int]:
     """A node in a subprocess (working directory ``directory``): counters c0 (count 3)
-    and sub/c1, admin on a free port; stopped by its pid."""
+    and sub/c1, echo (which replies with the types of what it got), admin on a free
+    port; stopped by its pid."""
     script = directory / "node.py"
     script.write_text(NODE_SCRIPT)
     env = {**os.environ, "OTPY_COOKIE": COOKIE}
@@ -112,7 +123,7 @@ def test_cli_drives_an_upgrade_and_a_downgrade_of_a_live_node(
     assert "sub  supervisor  running" in tree and "c1  worker  running  vsn 1" in tree
     assert "3" == run("call", "c0", '"count"').strip()
     assert "3" == run("state", "c0").strip()
-    assert {"servers: 2", "supervisors: 2", "refused: 0"} <= set(run("stats").splitlines())
+    assert {"servers: 3", "supervisors: 2", "refused: 0"} <= set(run("stats").splitlines())
     assert {"mailbox: 0", "max_mailbox: 100000", "refused: 0", "vsn: \"1\""} <= set(
         run("stats", "c0").splitlines())
     assert "release 2 installed: 2 servers (c0, c1)" == run(
@@ -175,6 +186,28 @@ def test_cli_bad_node_address_is_a_usage_error(capsys: pytest.CaptureFixture[str
     code, _, err = otpy_cmd("tree", "--node", "localhost", capsys=capsys,
                             monkeypatch=monkeypatch)
     assert 2 == code and "HOST:PORT" in err
+
+
+def test_cli_call_with_a_request_that_is_not_json_is_a_usage_error(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``otpy call NAME 'bad json'`` sends nothing: exit 2, and how to quote a string
+    (it used to send the text as a string, silently)."""
+    code, out, err = otpy_cmd("call", "c0", "bad json", "--node", "127.0.0.1:1",
+                              capsys=capsys, monkeypatch=monkeypatch)
+    assert (2, "") == (code, out)
+    assert "REQUEST must be JSON" in err and "'\"bad json\"'" in err
+
+
+def test_cli_call_sends_json_by_the_shared_rule(node_port: int,
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arrays arrive as tuples and ``{"$bytes": ...}`` as bytes, and the reply prints by
+    the same rule (bytes as ``{"$bytes": base64}``), as over HTTP."""
+    code, out, err = otpy_cmd("call", "echo", '["x", [1], {"$bytes": "aGk="}]', "--node",
+                              f"127.0.0.1:{node_port}", capsys=capsys,
+                              monkeypatch=monkeypatch)
+    assert (0, "") == (code, err)
+    assert '["tuple",["x",[1],{"$bytes":"aGk="}],"tuple","bytes"]' == out.strip()
 
 
 def test_console_script_is_installed(node_port: int) -> None:
@@ -272,16 +305,6 @@ async def test_cli_port_that_accepts_but_never_answers_exits_69(
     assert 69 == info.value.code
     assert f"127.0.0.1:{port}" in str(info.value)
     assert "no challenge" in str(info.value)
-
-
-def test_cli_call_with_a_request_that_is_not_json_is_a_usage_error(
-        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """``otpy call NAME 'bad json'`` exits 2 naming the JSON problem, before any node
-    is contacted (it used to send the text as a string)."""
-    code, out, err = otpy_cmd("call", "c0", "bad json", "--node", "127.0.0.1:1",
-                              capsys=capsys, monkeypatch=monkeypatch)
-    assert (2, "") == (code, out)
-    assert "not JSON" in err and "line 1 column 1" in err
 
 
 def test_cli_releases_says_when_there_are_none(

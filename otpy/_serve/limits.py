@@ -1,9 +1,12 @@
-"""The bounds every connection of a node's endpoints keeps (``otpy.EndpointLimits``)."""
+"""The bounds every connection of a node's endpoints keeps (``otpy.EndpointLimits`` for
+MessagePack-RPC, ``otpy.HttpLimits`` for HTTP)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from .._protocol import json_rules
 from .._protocol.msgpack_rpc import DEFAULT_MAX_DEPTH, DEFAULT_MAX_FRAME
 
 
@@ -65,3 +68,83 @@ class EndpointLimits:
         if not timeout > 0:
             raise ValueError(f"EndpointLimits(call_timeout=...) must be more than 0 "
                              f"seconds, got {timeout!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HttpLimits:
+    """The bounds of a node's HTTP endpoint, so that no client can make the node
+    buffer, or wait, without limit.
+
+    ::
+
+        limits = otpy.HttpLimits(max_body=64 * 1024, max_connections=100)
+
+    Limits
+    ------
+    ``max_head`` (bytes, default 16 KiB): the request line and headers; past it, 431.
+    ``max_headers`` (default 64): headers in one request; past it, 431.
+    ``max_body`` (bytes, default 1 MiB): a request's body; past it, 413, refused from
+    its ``Content-Length`` before any of it is read.
+    ``max_objects`` (default 65536) and ``max_depth`` (default 32): values in a decoded
+    request body and their nesting; past them, 413 ``TooManyObjects`` and 400
+    ``TooDeep``.
+    ``max_connections`` (default 256): connections served at once. One past it is
+    accepted, answered 503 ``TooManyConnections`` with ``Retry-After`` and closed: a
+    client learns why at once, rather than waiting unanswered in the listen queue, and
+    the node holds its descriptor only for that answer.
+    ``max_pipelined`` (default 64): requests of one connection parsed and not yet
+    answered; past it the connection parses no further until they are answered.
+    ``max_send_buffer`` (bytes, default 1 MiB): responses made and not yet taken by the
+    client; past it the connection stops serving until the client reads.
+    ``read_timeout`` (seconds, default 10): a request must arrive whole (line, headers,
+    body) within this time of its first byte; else 408 and the connection closes.
+    ``idle_timeout`` (seconds, default 15): a keep-alive connection with no request in
+    progress is closed after this time.
+    ``write_timeout`` (seconds, default 10): a client must take the responses pending
+    for it within this time; else the connection closes.
+    ``call_timeout`` (seconds, default 5.0): a call's timeout when the request names
+    none; ``max_call_timeout`` (default 60): the largest ``?timeout=`` accepted.
+    ``drain_grace`` (seconds, default 5): on shutdown, how long requests in progress
+    may take to finish before their connections are closed.
+    ``metrics_top_k`` (default 20): servers with per-server series in ``/metrics``
+    (those with the longest mailboxes), so that cardinality stays bounded.
+    """
+
+    max_head: int = 16 * 1024
+    max_headers: int = 64
+    max_body: int = 1 << 20
+    max_objects: int = json_rules.DEFAULT_MAX_OBJECTS
+    max_depth: int = json_rules.DEFAULT_MAX_DEPTH
+    max_connections: int = 256
+    max_pipelined: int = 64
+    max_send_buffer: int = 1 << 20
+    read_timeout: float = 10.0
+    idle_timeout: float = 15.0
+    write_timeout: float = 10.0
+    call_timeout: float = 5.0
+    max_call_timeout: float = 60.0
+    drain_grace: float = 5.0
+    metrics_top_k: int = 20
+
+    def __post_init__(self) -> None:
+        for field in ("max_head", "max_headers", "max_body", "max_objects", "max_depth",
+                      "max_connections", "max_pipelined", "max_send_buffer",
+                      "metrics_top_k"):
+            value = getattr(self, field)
+            if type(value) is not int:
+                raise TypeError(f"HttpLimits({field}=...) takes an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"HttpLimits({field}=...) must be at least 1, got "
+                                 f"{value!r}")
+        for field in ("read_timeout", "idle_timeout", "write_timeout", "call_timeout",
+                      "max_call_timeout", "drain_grace"):
+            value = getattr(self, field)
+            if type(value) is not float and type(value) is not int:
+                raise TypeError(f"HttpLimits({field}=...) takes seconds as a float, got "
+                                f"{value!r}")
+            if not 0 < value < math.inf:
+                raise ValueError(f"HttpLimits({field}=...) must be more than 0 seconds "
+                                 f"and finite, got {value!r}")
+        if self.call_timeout > self.max_call_timeout:
+            raise ValueError(f"HttpLimits(call_timeout={self.call_timeout!r}) exceeds "
+                             f"max_call_timeout={self.max_call_timeout!r}")
