@@ -279,6 +279,42 @@ async def test_restart_after_upgrade_starts_new_class_and_downgrade_puts_old_bac
         assert "1" == node.vsn_of("c0")
 
 
+@pytest.mark.parametrize("strategy", ["rest_for_one", "one_for_all"])
+async def test_a_subtree_restart_starts_the_installed_release(strategy: str) -> None:
+    """A crash that makes a parent restart the supervisor of an upgraded server brings
+    that server back on the new class (as in OTP), and the downgrade still applies."""
+    sub = otpy.Supervisor([otpy.Child("deep", CounterV1)], name="sub")
+    root = otpy.Supervisor([otpy.Child("first", Crashy), sub], strategy=strategy)
+    async with otpy.open_node(root) as node:
+        await node.upgrade(otpy.Release("2", [otpy.Update(CounterV1, CounterV2)]))
+        with pytest.raises(otpy.ServerCrashed):
+            await node.call("first", "bogus")  # restarts first, then sub and deep
+        assert 1 == next(c.restarts for c in node.which_children() if c.id == "sub")
+        assert "2" == node.vsn_of("deep")
+        assert "2" == node.which_children("sub")[0].vsn
+        await node.downgrade()
+        assert "1" == node.vsn_of("deep")
+
+
+async def test_restart_child_and_start_child_start_the_installed_release() -> None:
+    """restart_child of an upgraded child, and start_child of a spec naming the class a
+    release replaced, start the new class; a name-targeted update follows only that
+    name, and delete_child forgets it."""
+    root = otpy.Supervisor([otpy.Child("a", CounterV1), otpy.Child("b", CounterV1)])
+    async with otpy.open_node(root) as node:
+        await node.upgrade(otpy.Release("2", [otpy.Update(CounterV1, CounterV2)]))
+        await node.terminate_child("root", "a")
+        await node.restart_child("root", "a")
+        assert "2" == node.vsn_of("a")
+        await node.start_child("root", otpy.Child("c", CounterV1))
+        assert "2" == node.vsn_of("c")
+        await node.upgrade(otpy.Release("3", [otpy.Update("b", CounterV3, from_vsn="2")]))
+        await node.terminate_child("root", "b")
+        await node.delete_child("root", "b")
+        await node.start_child("root", otpy.Child("b", CounterV1))
+        assert "2" == node.vsn_of("b")  # the class upgrade of release 2 still applies
+
+
 class WireV1(otpy.GenServer[int]):
     """Version 1 protocol: "incr" -> "ok"."""
 

@@ -157,11 +157,12 @@ class ReleaseInfo(NamedTuple):
 
 
 class _Move:
-    __slots__ = ("error", "extra", "from_cls", "name", "new_state", "old_vsn", "proc",
-                 "to_cls")
+    __slots__ = ("by_class", "error", "extra", "from_cls", "name", "new_state", "old_vsn",
+                 "proc", "to_cls")
 
     def __init__(self, proc: GenServer[Any], to_cls: type[GenServer[Any]], old_vsn: Any,
-                 extra: Any) -> None:
+                 extra: Any, *, by_class: bool = False) -> None:
+        self.by_class = by_class  # its update targets a class: later starts of it too
         self.proc = proc
         self.name = proc._otpy_name
         self.from_cls = type(proc)
@@ -175,6 +176,8 @@ class _Move:
 class _Record(NamedTuple):
     release: Release
     moves: list[tuple[str, type[GenServer[Any]], type[GenServer[Any]], Any]]
+    # The classes it upgraded for later starts, with what they started as before it.
+    classes: list[tuple[type[GenServer[Any]], type[GenServer[Any]] | None]]
 
 
 class Migration:
@@ -287,9 +290,9 @@ class Migration:
             if spec.max_mailbox is None:
                 proc._otpy_max_mailbox = to_cls.max_mailbox
             if to_cls is spec.server_class:
-                proc._otpy_sup.class_override.pop(m.name, None)
+                self.sched.class_by_name.pop(m.name, None)
             else:
-                proc._otpy_sup.class_override[m.name] = to_cls
+                self.sched.class_by_name[m.name] = (spec.server_class, to_cls)
             yield proc, m.new_state
 
     def abort(self) -> None:
@@ -418,7 +421,8 @@ class ReleaseHandler:
                     continue
                 assert proc is not None
                 seen.add(proc._otpy_name)
-                yield _Move(proc, upd.new_class, type(proc).vsn, upd.extra)
+                yield _Move(proc, upd.new_class, type(proc).vsn, upd.extra,
+                            by_class=not isinstance(upd.target, str))
 
     def _targets(self, upd: Update) -> Iterator[tuple[GenServer[Any] | None, str | None]]:
         procs = self.sched.procs
@@ -490,8 +494,19 @@ class ReleaseHandler:
 
     def committed(self, migration: Migration) -> None:
         self.active = None
+        upgrades = self.sched.class_upgrades
         if migration.downgrade:
-            self.history.pop()
-        else:
-            self.history.append(_Record(migration.release, [
-                (m.name, m.from_cls, m.to_cls, m.extra) for m in migration.moves]))
+            # The classes this release upgraded start as they did before it again.
+            for cls, before in reversed(self.history.pop().classes):
+                if before is None:
+                    upgrades.pop(cls, None)
+                else:
+                    upgrades[cls] = before
+            return
+        classes: list[tuple[type[GenServer[Any]], type[GenServer[Any]] | None]] = []
+        for m in migration.moves:
+            if m.by_class and all(m.from_cls is not c for c, _ in classes):
+                classes.append((m.from_cls, upgrades.get(m.from_cls)))
+                upgrades[m.from_cls] = m.to_cls
+        self.history.append(_Record(migration.release, [
+            (m.name, m.from_cls, m.to_cls, m.extra) for m in migration.moves], classes))

@@ -202,6 +202,11 @@ class Scheduler:
         # Called after each commit of an OBSERVED server's state (see commit).
         self.on_commit: Callable[[GenServer[Any]], None] | None = None
         self.stopping = False
+        # The code the installed releases run, for every start of a child (a restart, a
+        # subtree's restart, restart_child, start_child): by name, for a child whose
+        # spec names the given class; and class by class, for updates of a class.
+        self.class_by_name: dict[str, tuple[type[GenServer[Any]], type[GenServer[Any]]]] = {}
+        self.class_upgrades: dict[type[GenServer[Any]], type[GenServer[Any]]] = {}
 
     # -- addresses -------------------------------------------------------------------
 
@@ -919,6 +924,20 @@ class Scheduler:
             self.enqueue(proc, (INFO, message, None), force=True)
 
     # -- starting and stopping servers ------------------------------------------------
+
+    def code_for(self, spec: Child) -> type[GenServer[Any]]:
+        """The class a child starts with: its spec's, as the installed releases left it
+        (as in OTP, a release changes the child spec itself)."""
+        entry = self.class_by_name.get(spec.id)
+        if entry is not None and entry[0] is spec.server_class:
+            return entry[1]
+        cls = spec.server_class
+        for _ in range(len(self.class_upgrades)):
+            newer = self.class_upgrades.get(cls)
+            if newer is None:
+                break
+            cls = newer
+        return cls
 
     @runs_callbacks("proc")
     def start_server(

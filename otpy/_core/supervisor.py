@@ -201,8 +201,8 @@ def check_unique_names(spec: Supervisor, taken: Any) -> None:
 class SupervisorRuntime:
     """A running supervisor: its children in start order and its restart history."""
 
-    __slots__ = ("alive", "child_restarts", "class_override", "links", "name", "parent",
-                 "pending", "pid", "sched", "spec", "specs", "window")
+    __slots__ = ("alive", "child_restarts", "links", "name", "parent", "pending", "pid",
+                 "sched", "spec", "specs", "window")
 
     def __init__(self, spec: Supervisor, sched: Scheduler, parent: SupervisorRuntime | None):
         self.spec = spec
@@ -212,8 +212,6 @@ class SupervisorRuntime:
         self.specs: dict[str, Child | Supervisor] = {}
         self.window: deque[float] = deque()
         self.child_restarts: dict[str, int] = {}
-        # The class a worker restarts with, where a release changed it.
-        self.class_override: dict[str, type[GenServer[Any]]] = {}
         self.pending: set[str] = set()  # ids whose restart failed and will be retried
         self.alive = False
         self.pid: Pid | None = None  # made when first asked for (whereis, a monitor)
@@ -257,7 +255,7 @@ class SupervisorRuntime:
             sub = SupervisorRuntime(child, self.sched, self)
             sub.start()
             return True
-        cls = self.class_override.get(child.id, child.server_class)
+        cls = self.sched.code_for(child)
         proc = self.sched.start_server(cls, child, self, restarts)
         if proc is None and child.restart is Restart.TEMPORARY:
             del self.specs[child.id]
@@ -414,7 +412,7 @@ class SupervisorRuntime:
         else:
             kind = "worker"
             vsn = (type(thing) if thing is not None else
-                   self.class_override.get(id, spec.server_class)).vsn
+                   self.sched.code_for(spec)).vsn
         status = ("running" if thing is not None else
                   "restarting" if id in self.pending else "not running")
         return ChildInfo(id, kind, status, vsn, self.child_restarts.get(id, 0))
@@ -483,4 +481,4 @@ class SupervisorRuntime:
         self.pending.discard(id)
         del self.specs[id]
         self.child_restarts.pop(id, None)
-        self.class_override.pop(id, None)
+        self.sched.class_by_name.pop(id, None)
