@@ -132,6 +132,9 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self.target: FrameType | None = None  # the overrunning callback, while signalled
         self.fired: FrameType | None = None  # the callback just interrupted
+        # Interruptions of each callback still on the stack: one that is interrupted
+        # again (it swallowed the first, or its cleanup overran too) is ended for good.
+        self.strikes: dict[FrameType, int] = {}
         self.budget = 0.0
 
     def start(self) -> bool:
@@ -175,9 +178,11 @@ class Watchdog:
             fired, self.fired = self.fired, None
             if fired is not None and fired in since:
                 # Interrupted and unwinding: its finally blocks get a budget of their own
-                # before they are cut short too.
+                # before they are cut short too (then it is ended, see _on_signal).
                 since[fired] = now
+                self.strikes[fired] = self.strikes.get(fired, 0) + 1
             del fired
+            self.strikes = {f: n for f, n in self.strikes.items() if f in since}
             self.target = self._culprit(frames, since, now)
             if self.target is not None:
                 # Signalled again each interval until the handler finds the node thread
@@ -220,7 +225,44 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
             continue  # in a server it called inline, or the callback ended: try again
         dog.target = None
         dog.fired = target
-        raise Overrun(_timeout(callback, frame, dog.budget))
+        error = _timeout(callback, frame, dog.budget)
+        if dog.strikes.get(target, 0):
+            _end(target, frame, error)
+        raise Overrun(error)
+
+
+def _end(callback: FrameType, frame: FrameType | None, error: StepTimeout) -> None:
+    """End a callback that goes on after its interruption (a bare ``except:`` retry
+    loop swallowed it, or its cleanup overran): from now on every line it runs, and
+    every function it calls, raises the interruption again, so it leaves its own
+    frame at the first line no handler of its covers. Tracing stops, and any tracer of
+    the application's (a debugger, coverage) is put back, as the callback returns.
+
+    This costs nothing until it is needed: a step that keeps within its budget is never
+    traced."""
+    previous = sys.gettrace()
+
+    def tracer(f: FrameType, event: str, arg: Any) -> Any:
+        if f is callback and event == "return":
+            sys.settrace(previous)  # the callback is over: the runner handles the crash
+            return None
+        if _internal(f.f_code):
+            return None  # otpy's own frames (the signal handler) run untouched
+        if event in ("call", "line"):
+            raise Overrun(error)
+        return tracer
+
+    # The frames already running, from the interrupted one out to the callback, take
+    # the tracer too; new frames get it from settrace.
+    f = frame
+    while f is not None:
+        if not _internal(f.f_code):
+            f.f_trace = tracer
+            f.f_trace_lines = True
+        if f is callback:
+            break
+        f = f.f_back
+    sys.settrace(tracer)
 
 
 def _timeout(callback: FrameType, frame: FrameType | None, budget: float) -> StepTimeout:

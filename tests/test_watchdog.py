@@ -310,3 +310,88 @@ async def test_an_applications_handler_of_the_signal_is_left_alone(
         signal.signal(SIGNAL, previous)
     [event] = [e for e in logs if e["event"] == "watchdog_unavailable"]
     assert "will not replace" in event["reason"]
+
+
+class Swallower(otpy.GenServer[int]):
+    """Loops that catch everything, the interruption included: the kinds a careless
+    retry loop takes."""
+
+    vsn = "1"
+    step_timeout = BUDGET
+
+    def init(self, arg: Any) -> int:
+        return 0
+
+    def handle_call(self, request: Any, caller: otpy.Caller, state: int) -> Any:
+        if request == "bare":
+            while True:
+                try:
+                    sum(range(100))
+                except:  # noqa: E722 - the point of the test
+                    pass
+        if request == "base":
+            while True:
+                try:
+                    time.sleep(0.01)
+                except BaseException:
+                    continue
+        if request == "nested":
+            while True:
+                try:
+                    try:
+                        sum(range(100))
+                    finally:
+                        sum(range(10))
+                except BaseException:
+                    pass
+        return otpy.Reply(state, state)
+
+
+@pytest.mark.parametrize("request_", ["bare", "base", "nested"])
+async def test_a_callback_that_swallows_the_interruption_is_ended(request_: str) -> None:
+    """A callback that catches the interruption and goes on (a bare ``except:`` retry
+    loop) is ended all the same within about two budgets: it crashes with StepTimeout
+    and restarts, instead of stalling the node for ever."""
+    root = otpy.Supervisor([otpy.Child("s", Swallower)], max_restarts=10)
+    async with otpy.open_node(root) as node:
+        started = time.monotonic()
+        with pytest.raises(otpy.ServerCrashed) as info:
+            await node.call("s", request_)
+        assert isinstance(info.value.__cause__, otpy.StepTimeout)
+        assert time.monotonic() - started < 20 * BUDGET  # bounded: not for ever
+        assert 0 == await node.call("s", "count")  # restarted, and serving
+
+
+class SlowAdapter(otpy.GenServer[int]):
+    """Its versioned-client hooks block: any client reaches them through vsn=."""
+
+    vsn = "2"
+    step_timeout = BUDGET
+
+    def init(self, arg: Any) -> int:
+        return 0
+
+    def handle_call(self, request: Any, caller: otpy.Caller, state: int) -> Any:
+        return otpy.Reply(request, state)
+
+    def upgrade_request(self, client_vsn: str, request: Any) -> Any:
+        if request == "slow request":
+            time.sleep(30)
+        return request
+
+    def downgrade_reply(self, client_vsn: str, reply: Any) -> Any:
+        if reply == "slow reply":
+            time.sleep(30)
+        return reply
+
+
+@pytest.mark.parametrize("request_", ["slow request", "slow reply"])
+async def test_versioned_client_hooks_are_watched(request_: str) -> None:
+    """upgrade_request and downgrade_reply run under the server's step_timeout too."""
+    root = otpy.Supervisor([otpy.Child("a", SlowAdapter)], max_restarts=10)
+    async with otpy.open_node(root) as node:
+        started = time.monotonic()
+        with pytest.raises(otpy.StepTimeout):
+            await node.call("a", request_, vsn="1")
+        assert time.monotonic() - started < 20 * BUDGET
+        assert "fine" == await node.call("a", "fine", vsn="1")
