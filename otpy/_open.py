@@ -9,11 +9,16 @@ transports do not import the node and the node does not import them.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar
 
+import structlog
 import trio
 
 from ._core.supervisor import Supervisor
@@ -22,6 +27,8 @@ from ._serve.limits import EndpointLimits
 from ._serve.rpc import serve_admin, serve_client
 
 T = TypeVar("T")
+
+_log = structlog.get_logger("otpy")
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -102,15 +109,61 @@ def run(
     root: Supervisor, main: Callable[[Node], Awaitable[T]] | None = None, **options: Any,
 ) -> T | None:
     """Run a node from synchronous code: start ``root``, run ``await main(node)`` (or
-    serve until interrupted when ``main`` is None), shut down, return main's result.
+    serve until stopped when ``main`` is None), shut down, return main's result.
     ``options`` are the keyword options of :func:`open_node` (``listen``, ``admin``,
-    ``limits``, ``node_name``, ...)."""
+    ``limits``, ``node_name``, ...).
+
+    Stopping
+        SIGTERM (what docker, systemd and Kubernetes send) and SIGINT (Ctrl-C) stop the
+        node in order: the body is cancelled, the tree shuts down as when ``main``
+        returns (every ``terminate`` runs, the servers' tasks get their ``shutdown``
+        grace), one ``node_stopping`` event names the signal, and ``run`` returns None:
+        the program goes on, and exits with status 0 if that was its end. A second
+        signal while the node stops ends the process at once with status 128 + the
+        signal number (143 for SIGTERM, 130 for SIGINT), after a ``node_forced_exit``
+        event. (Run off the main thread, where Python cannot handle signals, ``run``
+        leaves them alone.)"""
 
     async def _amain() -> T | None:
-        async with open_node(root, **options) as node:
-            if main is None:
-                await trio.sleep_forever()
-                return None
-            return await main(node)
+        if threading.current_thread() is not threading.main_thread():
+            return await _serve(root, main, options, trio.CancelScope())
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as watcher:
+                body = trio.CancelScope()
+                watcher.start_soon(_stop_on_signal, signals, body)
+                try:
+                    return await _serve(root, main, options, body)
+                finally:
+                    watcher.cancel_scope.cancel()
 
     return trio.run(_amain)
+
+
+async def _serve(root: Supervisor, main: Callable[[Node], Awaitable[T]] | None,
+                 options: dict[str, Any], body: trio.CancelScope) -> T | None:
+    async with open_node(root, **options) as node:
+        with body:
+            if main is None:
+                await trio.sleep_forever()
+            return await main(node)
+    return None
+
+
+async def _stop_on_signal(signals: Any, body: trio.CancelScope) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        _log.info("node_stopping", signal=name)
+        # From now on a signal ends the process at once, even while the tree's stop
+        # runs synchronously (a Python signal handler runs between two bytecodes).
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, _force_exit)
+        body.cancel()
+        return
+
+
+def _force_exit(signum: int, frame: Any) -> None:
+    _log.warning("node_forced_exit", signal=signal.Signals(signum).name,
+                 status=128 + signum)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
