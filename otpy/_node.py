@@ -106,6 +106,7 @@ class Node:
         self._body: trio.CancelScope | None = None
         self.name = node_name
         """This node's name: what its pids carry, and what ``"server@node"`` names."""
+        self._cluster: Any = None  # its ClusterNode, while the node is in a cluster
         self.address: tuple[str, int] | None = None
         """The bound ``(host, port)`` of the client endpoint (``listen=``), else None."""
         self.admin_address: tuple[str, int] | None = None
@@ -201,9 +202,23 @@ class Node:
         return self._rt.count_children(sup)
 
     async def start_child(self, sup: str, child: Child | Supervisor) -> ChildInfo:
-        """Add ``child`` to supervisor ``sup`` and start it."""
+        """Add ``child`` to supervisor ``sup`` and start it (a child with
+        ``scope="cluster"`` is registered cluster-wide first: StartFailed if another
+        node runs that name)."""
         await trio.lowlevel.checkpoint()
+        if self._cluster is not None:
+            from ._cluster.node import cluster_specs
+
+            for name in cluster_specs(child if isinstance(child, Supervisor) else
+                                      Supervisor([child], name=f"{child.id}.spec")):
+                await self._cluster.register(name)
         return self._rt.start_child(sup, child)
+
+    def cluster_info(self) -> dict[str, Any] | None:
+        """The cluster as this node sees it (its name, this node, the members and
+        whether each answers, and which node runs each cluster-scoped name), or None
+        when the node is in no cluster."""
+        return None if self._cluster is None else self._cluster.info()
 
     async def terminate_child(self, sup: str, id: str) -> None:
         """Stop child ``id`` (its spec stays, except for a temporary child)."""

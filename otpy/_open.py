@@ -14,13 +14,14 @@ import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from functools import partial
 from typing import Any, TypeVar
 
 import structlog
 import trio
 
+from ._cluster.join import default_node_name, open_cluster
 from ._core.supervisor import Supervisor
 from ._node import DEFAULT_NODE_NAME, Node
 from ._serve.limits import EndpointLimits
@@ -46,7 +47,8 @@ def _unwrap(exc: BaseException) -> BaseException:
 async def open_node(
     root: Supervisor, *, listen: tuple[str, int] | None = None,
     admin: tuple[str, int] | None = None, limits: EndpointLimits | None = None,
-    node_name: str = DEFAULT_NODE_NAME,
+    node_name: str | None = None, cluster: str | bool | None = None,
+    cluster_name: str = "otpy",
 ) -> AsyncIterator[Node]:
     """Start the supervision tree ``root`` on the current trio loop.
 
@@ -65,16 +67,27 @@ async def open_node(
     port; the bound addresses are ``node.address`` and ``node.admin_address``).
     ``limits=otpy.EndpointLimits(...)`` bounds each of their connections (frame size,
     nesting, requests in flight, unsent replies, call timeout). ``node_name`` is the
-    name the node's pids carry (default ``"nonode"``)."""
+    name the node's pids carry (default ``"nonode"``, or ``<host>-<pid>`` in a
+    cluster).
+
+    ``cluster=True`` joins the cluster ``cluster_name`` through this machine's shared
+    nats-server (started by the first node that needs it); ``cluster="nats://host:port"``
+    through that server. Names stay local unless a child has ``scope="cluster"``; a
+    call by name reaches a local server first, else the cluster-registered one;
+    ``"name@node"`` reaches one node's server, and pids route to their node. See
+    docs/cluster.md."""
     if limits is not None and not isinstance(limits, EndpointLimits):
         raise TypeError(f"open_node(limits=...) takes an otpy.EndpointLimits, got "
                         f"{limits!r}; e.g. limits=otpy.EndpointLimits(max_frame=65536)")
+    if node_name is None:
+        node_name = default_node_name() if cluster else DEFAULT_NODE_NAME
     node = Node(root, node_name=node_name)
     sched = node._sched
     try:
         async with trio.open_nursery() as system:
             system.start_soon(node._dispatch)
-            async with trio.open_nursery() as tasks:
+            async with _cluster(node, root, cluster, cluster_name), \
+                    trio.open_nursery() as tasks:
                 node._tasks = tasks
                 node._start_tree()
                 try:
@@ -103,6 +116,24 @@ async def open_node(
         raise bare from bare.__cause__
     if sched.fatal is not None:
         raise sched.fatal
+
+
+def _cluster(node: Node, root: Supervisor, cluster: str | bool | None,
+             cluster_name: str) -> AbstractAsyncContextManager[Any]:
+    """The node's membership of its cluster, around its tree (none without one)."""
+    if cluster is None or cluster is False:
+        return nullcontext()
+
+    @asynccontextmanager
+    async def joined() -> AsyncIterator[Any]:
+        async with open_cluster(node._rt, cluster, cluster_name, root) as membership:
+            node._cluster = membership
+            try:
+                yield membership
+            finally:
+                node._cluster = None
+
+    return joined()
 
 
 def run(

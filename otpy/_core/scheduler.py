@@ -30,7 +30,7 @@ import itertools
 import reprlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._exceptions import (
     CallTimeout,
@@ -44,7 +44,7 @@ from .._exceptions import (
     WouldBlock,
 )
 from .events import Events
-from .monitors import CANCELLED, FIRED, Links, MonitorRef, ServerDown
+from .monitors import ACTIVE, CANCELLED, FIRED, Links, MonitorRef, ServerDown
 from .names import Pid, split_remote
 from .server import (
     ANSWERED,
@@ -120,6 +120,26 @@ def short_repr(value: Any) -> str:
 
 def describe(kind: int, payload: Any) -> str:
     return f"{_KIND[kind]} {short_repr(payload)}"
+
+
+class Remote(Protocol):
+    """Where addresses that name nothing on this node go: a cluster (``otpy._cluster``)
+    plugs in here, so that the one resolver and the one call path stay the core's.
+    Each method says whether it took the address (False: it names nothing anywhere);
+    ``explain`` says why an address names nothing (None: nothing to add)."""
+
+    def start_call(self, address: Any, request: Any, caller: Caller, vsn: str | None,
+                   timeout: float | None) -> bool: ...
+
+    def send(self, kind: int, address: Any, message: Any) -> bool: ...
+
+    def monitor(self, watcher: GenServer[Any], address: Any) -> MonitorRef | None: ...
+
+    def demonitor(self, ref: MonitorRef) -> bool: ...
+
+    def explain(self, address: Any) -> str | None: ...
+
+    def serves(self, address: Any) -> bool: ...
 
 
 class _Versioned(Caller):
@@ -199,6 +219,8 @@ class Scheduler:
         self.root: SupervisorRuntime | None = None
         self.fatal: BaseException | None = None
         self.on_fatal: Callable[[BaseException], None] = lambda exc: None
+        # The cluster, when the node is in one: addresses that name nothing here.
+        self.remote: Remote | None = None
         # Called after each commit of an OBSERVED server's state (see commit).
         self.on_commit: Callable[[GenServer[Any]], None] | None = None
         self.stopping = False
@@ -295,6 +317,10 @@ class Scheduler:
         """The NoSuchServer error for an address that names no running server. Cheap
         enough to answer a burst of bad requests with: the did-you-mean suggestion is
         made only for a small node."""
+        if self.remote is not None:
+            why = self.remote.explain(address)
+            if why is not None:
+                return NoSuchServer(address, why)
         if type(address) is Pid:
             return NoSuchServer(address, self._gone(address))
         parts = split_remote(address) if isinstance(address, str) else None
@@ -337,9 +363,13 @@ class Scheduler:
         ServerDown to its handle_info when that incarnation stops (at once, with
         reason "noproc", if nothing runs it)."""
         thing = self.resolve_any(target)
+        if thing is None and self.remote is not None:  # it makes its ref with new_ref
+            remote_ref = self.remote.monitor(watcher, target)
+            if remote_ref is not None:
+                return remote_ref
         if thing is None and type(target) is Pid and target.node != self.node:
             raise NoSuchServer(target, self._gone(target))
-        ref = MonitorRef(self.node, next(self._refs), watcher, thing)
+        ref = self.new_ref(watcher, thing)
         if thing is None:
             ref._state = FIRED
             self.enqueue(watcher, (INFO, ServerDown(ref, target, "noproc"), None), force=True)
@@ -348,6 +378,10 @@ class Scheduler:
         links.watching[ref] = thing
         _links(thing).watchers[ref] = watcher
         return ref
+
+    def new_ref(self, watcher: Any, target: Any) -> MonitorRef:
+        """A fresh monitor ref of this node, of ``watcher`` on ``target``."""
+        return MonitorRef(self.node, next(self._refs), watcher, target)
 
     def demonitor(self, watcher: GenServer[Any], ref: Any) -> bool:
         """Stop the monitor ``ref`` of ``watcher``: True if it was active, False if it
@@ -367,15 +401,49 @@ class Scheduler:
         return True
 
     def _unlink(self, ref: MonitorRef) -> None:
-        watching = ref._watcher._otpy_links
+        watching = getattr(ref._watcher, "_otpy_links", None)  # None: a remote watcher
         if watching is not None:
             watching.watching.pop(ref, None)
         target = ref._target
+        ref._target = None
+        if getattr(target, "remote_node", None) is not None:  # a server of another node
+            if self.remote is not None:
+                self.remote.demonitor(ref)
+            return
         links = target._otpy_links if isinstance(target, GenServer) else getattr(
             target, "links", None)
         if links is not None:
             links.watchers.pop(ref, None)
+
+    def add_watcher(self, thing: GenServer[Any] | SupervisorRuntime, ref: MonitorRef,
+                    watcher: Any) -> None:
+        """Link a monitor of ``thing`` whose watcher is elsewhere (a server of another
+        node, represented by an object with ``down(ref, pid, reason)``)."""
+        _links(thing).watchers[ref] = watcher
+
+    def remove_watcher(self, ref: MonitorRef) -> None:
+        """Undo :meth:`add_watcher` (the remote watcher demonitored)."""
+        ref._state = CANCELLED
+        self._unlink(ref)
+
+    def watch_remote(self, watcher: GenServer[Any], ref: MonitorRef) -> None:
+        """Record that ``watcher`` holds ``ref``, a monitor of a server of another node
+        (``ref._target`` has ``remote_node``), so that it ends with the watcher."""
+        _links(watcher).watching[ref] = ref._target
+
+    def deliver_down(self, ref: MonitorRef, pid: Any, reason: Any) -> None:
+        """A monitor of a server of another node fired: one ServerDown to its watcher,
+        if the monitor is still active."""
+        if ref._state != ACTIVE:
+            return
+        ref._state = FIRED
+        watcher = ref._watcher
+        links = watcher._otpy_links
+        if links is not None:
+            links.watching.pop(ref, None)
         ref._target = None
+        if not watcher._otpy_flags & DEAD:
+            self.enqueue(watcher, (INFO, ServerDown(ref, pid, reason), None), force=True)
 
     def _down(self, thing: GenServer[Any] | SupervisorRuntime, reason: Any) -> None:
         """An incarnation stops: each monitor on it fires once; its own monitors end."""
@@ -386,10 +454,13 @@ class Scheduler:
         watchers, links.watchers = links.watchers, {}
         for ref, watcher in watchers.items():
             ref._state = FIRED
+            ref._target = None
+            if not isinstance(watcher, GenServer):  # a server of another node watches
+                watcher.down(ref, pid, reason)
+                continue
             mine = watcher._otpy_links
             if mine is not None:
                 mine.watching.pop(ref, None)
-            ref._target = None
             if not watcher._otpy_flags & DEAD:
                 self.enqueue(watcher, (INFO, ServerDown(ref, pid, reason), None), force=True)
         for ref in list(links.watching):
@@ -561,7 +632,10 @@ class Scheduler:
                 caller._fail(exc)
                 return
             if proc is None:
-                caller._fail(self.no_such(address))
+                remote = self.remote
+                if remote is None or not remote.start_call(address, request, caller, vsn,
+                                                           timeout):
+                    caller._fail(self.no_such(address))
                 return
         if vsn is not None:
             try:
@@ -629,6 +703,11 @@ class Scheduler:
         if proc is None:
             proc = self.resolve(address)
         if proc is None:
+            if self.remote is not None and self.remote.serves(address):
+                raise WouldBlock(
+                    f"{short_repr(address)} is served by another node, which cannot answer "
+                    f"within this step; cast to it, or call it from a task (start_task) "
+                    f"or with 'await node.call'")
             raise self.no_such(address)
         if proc._otpy_flags:
             if proc._otpy_flags & NOT_STEPPABLE:
@@ -825,28 +904,31 @@ class Scheduler:
 
     def cast(self, address: Any, message: Any) -> None:
         """Queue a cast (from inside a step: never stepped inline)."""
-        proc = self._target_of(address)
+        proc = self._target_of(CAST, address, message)
         if proc is not None:
             self.enqueue(proc, (CAST, message, None))
 
     def send(self, address: Any, message: Any) -> None:
         """Queue a message for ``handle_info`` (from inside a step)."""
-        proc = self._target_of(address)
+        proc = self._target_of(INFO, address, message)
         if proc is not None:
             self.enqueue(proc, (INFO, message, None))
 
-    def _target_of(self, address: Any) -> GenServer[Any] | None:
-        """Where a cast or send goes: None for a pid of this node whose incarnation is
-        gone (the message is dropped, as in Erlang); NoSuchServer for a name that
-        nothing runs."""
+    def _target_of(self, kind: int, address: Any, message: Any) -> GenServer[Any] | None:
+        """Where a cast or send goes: the server, or None when the message went to
+        another node, or was dropped for a pid of this node whose incarnation is gone
+        (as in Erlang); NoSuchServer for a name that nothing runs anywhere."""
         try:  # a name: resolve's first case, inlined (an unhashable address
             proc = self.procs.get(address)  # is resolve's to refuse, below)
         except TypeError:
             proc = None
         if proc is None:
             proc = self.resolve(address)
-        if proc is None and not (type(address) is Pid and address.node == self.node):
-            raise self.no_such(address)
+            if proc is None:
+                if self.remote is not None and self.remote.send(kind, address, message):
+                    return None
+                if not (type(address) is Pid and address.node == self.node):
+                    raise self.no_such(address)
         return proc
 
     def cast_now(self, kind: int, address: Any, message: Any) -> None:
@@ -856,10 +938,9 @@ class Scheduler:
         except TypeError:
             proc = None
         if proc is None:
-            proc = self.resolve(address)
-        if proc is None:
-            self._target_of(address)  # raises, unless a gone pid: dropped
-            return
+            proc = self._target_of(kind, address, message)
+            if proc is None:
+                return
         flags = proc._otpy_flags
         if (flags and flags & NOT_IDLE) or proc._otpy_mbox is not None:
             self.enqueue(proc, (kind, message, None))
@@ -893,6 +974,9 @@ class Scheduler:
                 if proc is not None:
                     # Timers are never refused for a full mailbox: they were asked for.
                     self.enqueue(proc, (INFO, item.message, None), force=True)
+                    fired += 1
+                elif self.remote is not None and self.remote.send(INFO, item.name,
+                                                                  item.message):
                     fired += 1
             else:
                 self.call_timed_out(item, address, timeout)  # type: ignore[arg-type]

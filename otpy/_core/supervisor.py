@@ -74,9 +74,11 @@ class Child:
     ``"permanent"`` (default), ``"transient"`` or ``"temporary"``; ``shutdown`` is how
     many seconds the server's own tasks get to finish after an orderly stop.
     ``step_timeout`` and ``max_mailbox``, when given, override the server class's
-    attributes of the same names for this child."""
+    attributes of the same names for this child. ``scope="cluster"`` registers the name
+    cluster-wide when the node is in a cluster (once: a second start anywhere fails),
+    so that a call by name reaches it from any node."""
 
-    __slots__ = ("arg", "id", "max_mailbox", "restart", "server_class", "shutdown",
+    __slots__ = ("arg", "id", "max_mailbox", "restart", "scope", "server_class", "shutdown",
                  "step_timeout")
 
     def __init__(
@@ -89,6 +91,7 @@ class Child:
         shutdown: float = 5.0,
         step_timeout: float | None = None,
         max_mailbox: int | None = None,
+        scope: str = "local",
     ) -> None:
         self.id = _check_id(id, "Child id")
         self.server_class = check_server_class(server_class, f"Child {id!r} server_class")
@@ -106,6 +109,10 @@ class Child:
             max_mailbox = check_max_mailbox(max_mailbox, f"Child {id!r} max_mailbox",
                                             SupervisorError)
         self.max_mailbox = max_mailbox
+        if scope not in ("local", "cluster"):
+            raise SupervisorError(f"Child {id!r} scope must be 'local' or 'cluster', got "
+                                  f"{scope!r}")
+        self.scope = scope
 
     def __repr__(self) -> str:
         return (f"Child({self.id!r}, {self.server_class.__qualname__}, arg={self.arg!r}, "

@@ -1,0 +1,684 @@
+"""One node's part in a cluster on NATS: names, calls, casts and monitors across nodes.
+
+The core resolves every address on its own node first; what names nothing there goes to
+this module (it is the core's ``Remote``), which routes it over NATS:
+
+- **Subjects.** Each node subscribes to ``otpy.<cluster>.node.<node>``: calls, casts
+  and monitors of ``"name@node"`` and of its pids, and the other nodes' probes. A
+  server started with ``scope="cluster"`` also gets ``otpy.<cluster>.name.<name>``,
+  which any node reaches by name alone. A NATS request is a call, a publish a cast,
+  and NATS's "no responders" is the call's :class:`otpy.NoSuchServer`, at once.
+- **Registration.** Cluster-scoped names live in the JetStream KV bucket
+  ``otpy-<cluster>-names``, written by compare-and-swap: a name is registered once;
+  a second start anywhere fails naming the node that runs it. Every node watches the
+  bucket, so it knows where each name runs without asking. Members are in
+  ``otpy-<cluster>-nodes`` (a node name is used once at a time).
+- **Delivery.** A message that arrives is delivered through the core's one call path
+  (``Runtime.start_call`` with a caller that publishes the reply), never routed on:
+  a target arrives as ``name@<this node>`` or a pid of this node.
+- **Failure.** Each node probes the others every ``probe_interval`` (50 ms). A node
+  whose process died stops answering at once (NATS drops its subscriptions: the probe
+  gets "no responders"); one cut off silently stops answering within
+  ``cut_after``. Either way, the calls in flight to it fail with
+  :class:`otpy.ServerStopped` (reason ``"noconnection"``), and every monitor of its
+  servers delivers ``ServerDown(..., "noconnection")``. When this node loses NATS, all
+  the others are down to it.
+
+What must stay true: nothing that arrives can crash the node (a malformed payload, a
+message of another cluster: dropped with a ``cluster_message_dropped`` event, rate
+limited); a request is answered at most once; a call's caller gets exactly one
+answer; the core's local paths pay nothing for the cluster (it is consulted only when
+an address names nothing local).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+import structlog
+import trio
+
+from .._core.monitors import MonitorRef
+from .._core.names import Pid, split_remote
+from .._core.runtime import Runtime
+from .._core.scheduler import CAST, INFO, Scheduler
+from .._core.server import WAITING, Caller, GenServer
+from .._exceptions import (
+    CallTimeout,
+    MailboxFull,
+    NoSuchServer,
+    OtpyError,
+    ServerStopped,
+    StartFailed,
+    remote_error,
+)
+from .._protocol import cluster as wire
+from .jetstream import JetStream, KeyExists, KeyValue, KvChange, WrongRevision
+from .nats_client import Client, Msg, NatsError, NoResponders, RequestTimeout
+
+log = structlog.get_logger("otpy")
+
+PROBE_INTERVAL = 0.05
+CUT_AFTER = 5.0
+LEASE = 10.0
+# A remote call with no timeout still needs one on the wire: a day.
+NO_TIMEOUT = 86_400.0
+_TOKEN = re.compile(r"[A-Za-z0-9_\-]+")
+_DROP_LOG_INTERVAL = 10.0
+
+
+def token(name: str) -> str:
+    """``name`` as one NATS subject token and one KV key: itself when it is made of
+    letters, digits, ``_`` and ``-``; else ``=`` and its UTF-8 bytes in hex."""
+    if _TOKEN.fullmatch(name):
+        return name
+    return "=" + name.encode().hex()
+
+
+class ClusterError(OtpyError):
+    """This node cannot take its place in the cluster (its name is used by a live node,
+    NATS cannot be reached, JetStream is off)."""
+
+
+class _Remote:
+    """What a monitor of a server of another node points at (the core's
+    ``ref._target``): the node, and the address as the watcher named it."""
+
+    __slots__ = ("address", "remote_node")
+
+    def __init__(self, node: str, address: Any) -> None:
+        self.remote_node = node
+        self.address = address
+
+
+class _RemoteWatcher:
+    """A monitor held by a server of another node: its ServerDown goes there."""
+
+    __slots__ = ("cluster", "node")
+
+    def __init__(self, cluster: ClusterNode, node: str) -> None:
+        self.cluster = cluster
+        self.node = node
+
+    def down(self, ref: MonitorRef, pid: Any, reason: Any) -> None:
+        self.cluster._remote_watchers.pop((self.node, ref.id), None)
+        self.cluster._publish(self.node, wire.Down(ref.id, pid, reason))
+
+
+class _NatsCaller(Caller):
+    """The caller of a call that came over NATS: publishes the reply."""
+
+    __slots__ = ("cluster", "subject")
+
+    def __init__(self, cluster: ClusterNode, subject: str) -> None:
+        self._status = WAITING
+        self.cluster = cluster
+        self.subject = subject  # the caller's reply subject
+
+    def _resolve(self, value: Any) -> None:
+        try:
+            payload = wire.encode_reply(value)
+        except wire.Unsendable as exc:
+            payload = wire.encode_error("Unsendable", f"the reply {exc}")
+        self.cluster._answer(self.subject, payload)
+
+    def _reject(self, exc: BaseException) -> None:
+        kind = type(exc).__name__
+        self.cluster._answer(self.subject, wire.encode_error(kind, str(exc) or kind))
+
+
+class _Call:
+    """A call this node made to another: answered once, by the reply or by its node's
+    death, whichever comes first."""
+
+    __slots__ = ("address", "caller", "cluster", "node", "timeout")
+
+    def __init__(self, cluster: ClusterNode, caller: Caller, node: str, address: Any,
+                 timeout: float | None) -> None:
+        self.cluster = cluster
+        self.caller = caller
+        self.node = node
+        self.address = address
+        self.timeout = timeout
+
+    def __call__(self, result: Msg | NatsError) -> None:
+        calls = self.cluster._calls.get(self.node)
+        if calls is not None:
+            calls.discard(self)
+        caller = self.caller
+        if caller._status != WAITING:
+            return
+        if isinstance(result, Msg):
+            ok, value = wire.decode_reply(result.payload)
+            if ok:
+                caller.reply(value)
+            else:
+                caller._fail(remote_error(*value))
+        elif isinstance(result, NoResponders):
+            caller._fail(NoSuchServer(self.address, f"nothing in cluster "
+                                                    f"{self.cluster.cluster!r} serves it"))
+        elif isinstance(result, RequestTimeout):
+            caller._fail(CallTimeout(
+                f"server {self.address!r} did not reply within {self.timeout:g} s; the "
+                f"request may still be served, its reply will be dropped. Pass a larger "
+                f"timeout= if it is expected to take longer"))
+        else:
+            self.fail_noconnection(f"the connection to the cluster failed ({result})")
+
+    def fail_noconnection(self, why: str) -> None:
+        self.caller._fail(ServerStopped(
+            f"server {self.address!r} on node {self.node!r} cannot answer: {why}; the "
+            f"request may or may not have been served", name=self.address,
+            reason="noconnection"))
+
+
+class ClusterNode:
+    """A node's membership of a cluster (see the module doc); the core's Remote."""
+
+    def __init__(self, rt: Runtime, client: Client, *, cluster: str,
+                 probe_interval: float = PROBE_INTERVAL, cut_after: float = CUT_AFTER,
+                 lease: float = LEASE) -> None:
+        self.rt = rt
+        self.sched: Scheduler = rt.sched
+        self.client = client
+        self.js = JetStream(client)
+        self.cluster = cluster
+        self.node = self.sched.node
+        self.creation = self.sched.creation
+        self.probe_interval = probe_interval
+        self.cut_after = cut_after
+        self.lease = lease
+        self.prefix = f"otpy.{token(cluster)}"
+        self.members: dict[str, str] = {}  # node -> "up" | "down"
+        self.names: dict[str, str] = {}  # cluster-scoped name -> node that runs it
+        self._names_kv: KeyValue | None = None
+        self._nodes_kv: KeyValue | None = None
+        self._owned: dict[str, tuple[int, Any]] = {}  # our names: KV revision, sub
+        self._member_rev = 0
+        self._calls: dict[str, set[_Call]] = {}  # node -> calls in flight to it
+        self._watching: dict[int, MonitorRef] = {}  # our monitors of remote servers
+        self._remote_watchers: dict[tuple[str, int], MonitorRef] = {}
+        self._probing: dict[str, float] = {}  # node -> when its probe went out
+        self._last_answer: dict[str, float] = {}
+        self._dropped = 0
+        self._dropped_logged = 0.0
+        self._node_sub: Any = None
+        self._nursery: trio.Nursery | None = None
+
+    # -- subjects --------------------------------------------------------------------
+
+    def node_subject(self, node: str) -> str:
+        return f"{self.prefix}.node.{token(node)}"
+
+    def name_subject(self, name: str) -> str:
+        return f"{self.prefix}.name.{token(name)}"
+
+    # -- joining and leaving ---------------------------------------------------------
+
+    async def join(self) -> None:
+        """Take this node's name in the cluster, subscribe, and learn the names and the
+        members (ClusterError if a live node has the name)."""
+        kv_prefix = f"otpy-{token(self.cluster).replace('=', '_')}"
+        try:
+            self._nodes_kv = await self.js.key_value(f"{kv_prefix}-nodes")
+            self._names_kv = await self.js.key_value(f"{kv_prefix}-names")
+        except NatsError as exc:
+            raise ClusterError(f"cluster {self.cluster!r} needs JetStream on its NATS "
+                               f"server (nats-server -js): {exc}") from exc
+        self._node_sub = self.client.subscribe(self.node_subject(self.node),
+                                               self._on_message)
+        await self.client.flush()
+        await self._claim_node_name()
+        self.sched.remote = self
+        self.client.add_listener(on_disconnect=self._on_disconnect,
+                                 on_reconnect=self._on_reconnect)
+        log.info("cluster_joined", cluster=self.cluster, node=self.node)
+
+    async def _claim_node_name(self) -> None:
+        assert self._nodes_kv is not None
+        value = msgpack.packb((self.node, self.creation))
+        key = token(self.node)
+        try:
+            self._member_rev = await self._nodes_kv.create(key, value)
+            return
+        except KeyExists as exc:
+            existing = exc.existing
+        if existing is not None:
+            _node, creation = _unpack_pair(existing.value)
+            if creation != self.creation and await self._alive(self.node):
+                raise ClusterError(
+                    f"a node named {self.node!r} is already in cluster {self.cluster!r}; "
+                    f"give this node another node_name")
+            self._member_rev = await self._nodes_kv.update(key, value, existing.revision)
+
+    async def _alive(self, node: str) -> bool:
+        """Whether ``node`` answers a probe now (this node's own subject is excluded by
+        asking with a payload only another node answers)."""
+        try:
+            await self.client.request(self.node_subject(node),
+                                      wire.encode(self.cluster, wire.Ping()), timeout=1.0)
+        except NoResponders:
+            return False
+        except NatsError:
+            return True  # a timeout: it may be alive; do not take its name
+        return True
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Watch the names and the members and probe the other nodes, until cancelled."""
+        assert self._names_kv is not None and self._nodes_kv is not None
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self._watch, self._names_kv, self._name_changed)
+            await nursery.start(self._watch, self._nodes_kv, self._member_changed)
+            nursery.start_soon(self._probe)
+            task_status.started()
+
+    async def _watch(self, kv: KeyValue, callback: Callable[[KvChange], object],
+                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with kv.watch(callback=callback) as watcher:
+            await watcher.ready.wait()
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def leave(self) -> None:
+        """Give up this node's names and its place (an orderly exit)."""
+        self.sched.remote = None
+        for name in list(self._owned):
+            await self.unregister(name)
+        if self._nodes_kv is not None and self._member_rev:
+            try:
+                await self._nodes_kv.delete(token(self.node), last_revision=self._member_rev)
+            except NatsError:
+                pass
+        log.info("cluster_left", cluster=self.cluster, node=self.node)
+
+    # -- names -----------------------------------------------------------------------
+
+    async def register(self, name: str) -> None:
+        """Register ``name`` cluster-wide for this node, once (StartFailed naming the
+        node that has it, if a live one does), and subscribe to its subject."""
+        assert self._names_kv is not None
+        key, value = token(name), msgpack.packb((self.node, self.creation))
+        try:
+            rev = await self._names_kv.create(key, value)
+        except KeyExists as exc:
+            existing = exc.existing
+            if existing is None:
+                raise
+            node, _creation = _unpack_pair(existing.value)
+            if node != self.node and await self._alive(node):
+                raise StartFailed(
+                    f"the cluster-scoped name {name!r} is registered by node {node!r} of "
+                    f"cluster {self.cluster!r}; it runs once in the cluster",
+                    child=name, reason="already_started") from None
+            try:
+                rev = await self._names_kv.update(key, value, existing.revision)
+            except WrongRevision:
+                raise StartFailed(f"node {node!r} and this node raced to register "
+                                  f"{name!r}; the other won", child=name,
+                                  reason="already_started") from None
+        sub = self.client.subscribe(self.name_subject(name), self._on_message)
+        self._owned[name] = (rev, sub)
+        self.names[name] = self.node
+        await self.client.flush()
+        log.info("cluster_name_registered", name=name, node=self.node)
+
+    async def unregister(self, name: str) -> None:
+        owned = self._owned.pop(name, None)
+        if owned is None:
+            return
+        rev, sub = owned
+        sub.unsubscribe()
+        if self.names.get(name) == self.node:
+            del self.names[name]
+        if self._names_kv is not None:
+            try:
+                await self._names_kv.delete(token(name), last_revision=rev)
+            except NatsError:
+                pass
+
+    def _name_changed(self, change: KvChange) -> None:
+        name = _untoken(change.key)
+        if change.operation == "PUT":
+            try:
+                node, _creation = _unpack_pair(change.value)
+            except ValueError:
+                return
+            self.names[name] = node
+            if node != self.node and name in self._owned:
+                # Another node took the name (after a partition, say): ours goes.
+                log.warning("cluster_name_lost", name=name, to=node)
+                self._owned.pop(name)[1].unsubscribe()
+        else:
+            self.names.pop(name, None)
+
+    def _member_changed(self, change: KvChange) -> None:
+        node = _untoken(change.key)
+        if node == self.node:
+            return
+        if change.operation == "PUT":
+            self.members[node] = "up"
+        elif node in self.members:
+            self._node_down(node, "it left the cluster")
+            self.members.pop(node, None)
+
+    # -- the core's Remote -----------------------------------------------------------
+
+    def _route(self, address: Any) -> tuple[str, str, Any] | None:
+        """(node, subject, target as that node reads it) for an address this node does
+        not serve, or None when nothing in the cluster serves it."""
+        if type(address) is str:
+            parts = split_remote(address)
+            if parts is not None:
+                name, node = parts
+                if node == self.node or node not in self.members:
+                    return None
+                return node, self.node_subject(node), f"{name}@{node}"
+            owner = self.names.get(address)
+            if owner is None or owner == self.node:
+                return None
+            return owner, self.name_subject(address), f"{address}@{owner}"
+        if type(address) is Pid:
+            if address.node == self.node or address.node not in self.members:
+                return None
+            return address.node, self.node_subject(address.node), address
+        return None
+
+    def explain(self, address: Any) -> str | None:
+        """None when another node serves ``address``; else why nothing does."""
+        if self._route(address) is not None:
+            return None
+        if type(address) is str:
+            parts = split_remote(address)
+            if parts is not None and parts[1] != self.node:
+                return f"node {parts[1]!r} is not in cluster {self.cluster!r}"
+            if parts is None:
+                return (f"no server of that name runs on this node, and none is registered "
+                        f"in cluster {self.cluster!r}")
+        if type(address) is Pid and address.node != self.node:
+            return f"its node {address.node!r} is not in cluster {self.cluster!r}"
+        return None  # this node's own: the core says why
+
+    def serves(self, address: Any) -> bool:
+        """Whether another node serves ``address``."""
+        return self._route(address) is not None
+
+    def start_call(self, address: Any, request: Any, caller: Caller, vsn: str | None,
+                   timeout: float | None) -> bool:
+        route = self._route(address)
+        if route is None:
+            return False
+        node, subject, target = route
+        try:
+            payload = wire.encode(self.cluster, wire.Call(target, request, vsn, timeout))
+        except wire.Unsendable as exc:
+            caller._fail(TypeError(f"the request to {address!r} {exc}"))
+            return True
+        call = _Call(self, caller, node, address, timeout)
+        if self.members.get(node) == "down":
+            call.fail_noconnection(f"node {node!r} is down")
+            return True
+        try:
+            self.client.request_nowait(subject, payload, call,
+                                       timeout=NO_TIMEOUT if timeout is None else timeout)
+        except NatsError as exc:
+            call.fail_noconnection(f"this node cannot reach the cluster ({exc})")
+            return True
+        self._calls.setdefault(node, set()).add(call)
+        return True
+
+    def send(self, kind: int, address: Any, message: Any) -> bool:
+        route = self._route(address)
+        if route is None:
+            return False
+        node, subject, target = route
+        try:
+            payload = wire.encode(self.cluster, wire.Cast(target, message, kind == INFO))
+        except wire.Unsendable as exc:
+            raise TypeError(f"the message to {address!r} {exc}") from None
+        try:
+            self.client.publish_nowait(subject, payload)
+        except NatsError as exc:
+            if type(exc).__name__ == "OutgoingFull":
+                raise MailboxFull(f"the connection to the cluster is backed up ({exc}); "
+                                  f"slow down", name=address) from None
+            self._drop("cast to an unreachable node", node=node)  # as in Erlang
+        return True
+
+    def monitor(self, watcher: GenServer[Any], address: Any) -> MonitorRef | None:
+        route = self._route(address)
+        if route is None:
+            return None
+        node, subject, target = route
+        ref = self.sched.new_ref(watcher, _Remote(node, address))
+        self.sched.watch_remote(watcher, ref)
+        self._watching[ref.id] = ref
+        if self.members.get(node) == "down":
+            self._remote_down(ref, address, "noconnection")
+            return ref
+
+        def answered(result: Msg | NatsError) -> None:
+            if isinstance(result, Msg):
+                ok, _value = wire.decode_reply(result.payload)
+                if not ok:
+                    self._remote_down(ref, address, "noproc")
+            else:
+                reason = "noproc" if isinstance(result, NoResponders) else "noconnection"
+                self._remote_down(ref, address, reason)
+
+        try:
+            self.client.request_nowait(subject, wire.encode(
+                self.cluster, wire.Monitor(target, ref.id, self.node)), answered,
+                timeout=self.cut_after)
+        except NatsError:
+            self._remote_down(ref, address, "noconnection")
+        return ref
+
+    def demonitor(self, ref: MonitorRef) -> bool:
+        self._watching.pop(ref.id, None)
+        target = ref._target
+        node = getattr(target, "remote_node", None)
+        if node is None:
+            return False
+        try:
+            self.client.publish_nowait(self.node_subject(node), wire.encode(
+                self.cluster, wire.Demonitor(ref.id, self.node)))
+        except NatsError:
+            pass  # its node is unreachable: nothing will fire there for us
+        return True
+
+    def _remote_down(self, ref: MonitorRef, pid: Any, reason: Any) -> None:
+        self._watching.pop(ref.id, None)
+        self.sched.deliver_down(ref, pid, reason)
+
+    # -- what arrives ----------------------------------------------------------------
+
+    def _on_message(self, msg: Msg) -> None:
+        message = wire.decode(self.cluster, msg.payload)
+        if isinstance(message, wire.Bad):
+            self._drop(message.reason, subject=msg.subject)
+            if msg.reply:
+                self._answer(msg.reply, wire.encode_error("BadRequest", message.reason))
+            return
+        if isinstance(message, wire.Call):
+            if not msg.reply:
+                self._drop("a call with no reply subject", subject=msg.subject)
+                return
+            timeout = message.timeout
+            self.rt.start_call(self._local(message.target), message.request,
+                               _NatsCaller(self, msg.reply), vsn=message.vsn,
+                               timeout=None if timeout is None else min(timeout, NO_TIMEOUT))
+        elif isinstance(message, wire.Cast):
+            try:
+                self.sched.cast_now(INFO if message.info else CAST,
+                                    self._local(message.target), message.message)
+            except (OtpyError, TypeError) as exc:
+                self._drop(f"a cast from another node: {exc}", subject=msg.subject)
+        elif isinstance(message, wire.Ping):
+            if msg.reply:
+                self._answer(msg.reply, wire.encode_reply(self.creation))
+        elif isinstance(message, wire.Monitor):
+            self._monitored(message, msg.reply)
+        elif isinstance(message, wire.Demonitor):
+            ref = self._remote_watchers.pop((message.watcher_node, message.ref), None)
+            if ref is not None:
+                self.sched.remove_watcher(ref)
+        elif isinstance(message, wire.Down):
+            ref = self._watching.pop(message.ref, None)
+            if ref is not None:
+                self.sched.deliver_down(ref, message.pid, message.reason)
+
+    def _local(self, target: Any) -> Any:
+        """A target as this node resolves it locally only (never routed on)."""
+        if type(target) is str and split_remote(target) is None:
+            return f"{target}@{self.node}"
+        return target
+
+    def _monitored(self, message: wire.Monitor, reply: str | None) -> None:
+        thing = self.sched.resolve_any(self._local(message.target))
+        if thing is None or (type(message.target) is Pid
+                             and self.sched.pid_of(thing) != message.target):
+            if reply:
+                self._answer(reply, wire.encode_error("noproc", "not running"))
+            return
+        ref = MonitorRef(message.watcher_node, message.ref,
+                         _RemoteWatcher(self, message.watcher_node), thing)
+        self.sched.add_watcher(thing, ref, ref._watcher)
+        self._remote_watchers[(message.watcher_node, message.ref)] = ref
+        if reply:
+            self._answer(reply, wire.encode_reply(self.sched.pid_of(thing)))
+
+    def _answer(self, reply: str, payload: bytes) -> None:
+        try:
+            self.client.publish_nowait(reply, payload)
+        except NatsError:
+            self._drop("a reply to an unreachable caller")
+
+    def _publish(self, node: str, message: wire.Message) -> None:
+        try:
+            self.client.publish_nowait(self.node_subject(node),
+                                       wire.encode(self.cluster, message))
+        except NatsError:
+            self._drop("a message to an unreachable node", node=node)
+
+    def _drop(self, why: str, **fields: Any) -> None:
+        """One event per interval for what arrives and cannot be acted on."""
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._dropped_logged >= _DROP_LOG_INTERVAL:
+            log.warning("cluster_message_dropped", reason=why, dropped=self._dropped,
+                        **fields)
+            self._dropped_logged = now
+            self._dropped = 0
+
+    # -- failure -----------------------------------------------------------------------
+
+    async def _probe(self) -> None:
+        """Probe every other member each interval: "no responders" means its process is
+        gone; silence past ``cut_after`` means it is cut off."""
+        while True:
+            now = trio.current_time()
+            for node in list(self.members):
+                if node in self._probing:
+                    if now - self._probing[node] >= self.cut_after:
+                        self._probing.pop(node)
+                        self._node_down(node, f"it did not answer for {self.cut_after:g} s")
+                    continue
+                self._probing[node] = now
+                try:
+                    self.client.request_nowait(
+                        self.node_subject(node), wire.encode(self.cluster, wire.Ping()),
+                        self._prober(node), timeout=self.cut_after)
+                except NatsError:
+                    self._probing.pop(node, None)
+            await trio.sleep(self.probe_interval)
+
+    def _prober(self, node: str) -> Callable[[Msg | NatsError], None]:
+        def answered(result: Msg | NatsError) -> None:
+            self._probing.pop(node, None)
+            if isinstance(result, Msg):
+                if self.members.get(node) == "down":
+                    self.members[node] = "up"
+                    log.info("cluster_node_up", node=node)
+            elif isinstance(result, NoResponders):
+                self._node_down(node, "its process is gone")
+            elif not isinstance(result, RequestTimeout):
+                self._node_down(node, f"this node lost the cluster ({result})")
+        return answered
+
+    def _node_down(self, node: str, why: str) -> None:
+        if node not in self.members:
+            return
+        if self.members[node] != "down":
+            log.warning("cluster_node_down", node=node, reason=why)
+        self.members[node] = "down"
+        for call in self._calls.pop(node, set()):
+            call.fail_noconnection(f"node {node!r} is down ({why})")
+        for ref in [r for r in self._watching.values()
+                    if getattr(r._target, "remote_node", None) == node]:
+            self._remote_down(ref, ref._target.address if ref._target else node,
+                              "noconnection")
+        for key in [k for k in self._remote_watchers if k[0] == node]:
+            self.sched.remove_watcher(self._remote_watchers.pop(key))
+
+    def _on_disconnect(self, reason: str) -> None:
+        for node in list(self.members):
+            self._node_down(node, f"this node lost NATS ({reason})")
+
+    def _on_reconnect(self) -> None:
+        log.info("cluster_reconnected", node=self.node)
+        # Names and membership are asserted again, in case the server lost its store.
+        async def reassert() -> None:
+            for name in list(self._owned):
+                _rev, sub = self._owned.pop(name)
+                sub.unsubscribe()
+                try:
+                    await self.register(name)
+                except (OtpyError, NatsError) as exc:
+                    log.warning("cluster_name_lost", name=name, reason=str(exc))
+        if self._nursery is not None:
+            self._nursery.start_soon(reassert)
+
+    # -- what the node shows ---------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """The cluster as this node sees it: members and where each name runs."""
+        return {"cluster": self.cluster, "node": self.node,
+                "members": {self.node: "up", **dict(sorted(self.members.items()))},
+                "names": dict(sorted(self.names.items())),
+                "calls_in_flight": sum(len(c) for c in self._calls.values())}
+
+
+def _unpack_pair(value: bytes) -> tuple[str, int]:
+    try:
+        node, creation = msgpack.unpackb(value, use_list=False, raw=False)
+    except Exception as exc:
+        raise ValueError(f"not an otpy registration: {exc}") from None
+    return str(node), int(creation)
+
+
+def _untoken(key: str) -> str:
+    if key.startswith("="):
+        try:
+            return bytes.fromhex(key[1:]).decode()
+        except ValueError:
+            return key
+    return key
+
+
+def cluster_specs(spec: Any) -> list[str]:
+    """The ids of the children with ``scope="cluster"`` in a tree spec."""
+    from .._core.supervisor import Child, Supervisor
+
+    found: list[str] = []
+    if isinstance(spec, Supervisor):
+        for s in spec.walk():
+            if isinstance(s, Child) and s.scope == "cluster":
+                found.append(s.id)
+    return found
+
+

@@ -1,0 +1,342 @@
+"""A cluster on NATS: names, calls, casts, pids and monitors across nodes.
+
+The nodes of these tests run in one trio loop, each its own ``open_node`` with
+``cluster=<url>`` of a real nats-server the ``nats_server`` fixture starts (and stops
+by its pid). Faults with real processes (kill -9, a restarted server) are in
+tests/test_cluster_faults.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+import trio.testing
+
+import otpy
+from otpy._cluster.nats_client import open_client
+from otpy._cluster.server import NatsServer
+
+_clusters = itertools.count()
+
+
+class Counter(otpy.GenServer[int]):
+    vsn = "1"
+
+    def init(self, arg: Any) -> int:
+        return 0
+
+    def handle_call(self, request: Any, caller: otpy.Caller, state: int) -> Any:
+        if request == "pid":
+            return otpy.Reply(self.pid, state)
+        if request == "crash":
+            raise ValueError("boom")
+        if request == "later":
+            return otpy.NoReply(state)
+        if request == "tuple":
+            return otpy.Reply(("a", [1, 2], {"k": b"v"}), state)
+        if request == "unsendable":
+            return otpy.Reply(object(), state)
+        return otpy.Reply(state + 1, state + 1)
+
+    def handle_cast(self, message: Any, state: int) -> int:
+        return state + message
+
+    def handle_info(self, message: Any, state: int) -> int:
+        return state + 100
+
+
+class CounterV2(Counter):
+    vsn = "2"
+
+    def upgrade_request(self, client_vsn: str, request: Any) -> Any:
+        return "incr" if request == "old incr" else request
+
+    def downgrade_reply(self, client_vsn: str, reply: Any) -> Any:
+        return ("old", reply)
+
+
+class Watcher(otpy.GenServer[list[Any]]):
+    vsn = "1"
+
+    def init(self, arg: Any) -> list[Any]:
+        return []
+
+    def handle_call(self, request: Any, caller: otpy.Caller, state: list[Any]) -> Any:
+        op, arg = request
+        if op == "monitor":
+            return otpy.Reply(self.monitor(arg), state)
+        if op == "demonitor":
+            return otpy.Reply(self.demonitor(arg), state)
+        if op == "call":
+            try:
+                return otpy.Reply(self.call(arg, "incr"), state)
+            except otpy.WouldBlock as exc:
+                return otpy.Reply(("would block", str(exc)), state)
+        if op == "cast":
+            self.cast(arg, 5)
+            return otpy.Reply(None, state)
+        if op == "tick":
+            self.send_after(0.01, arg, "tick")
+            return otpy.Reply(None, state)
+        return otpy.Reply(list(state), state)
+
+    def handle_info(self, message: Any, state: list[Any]) -> list[Any]:
+        return [*state, message]
+
+
+@asynccontextmanager
+async def nodes(server: NatsServer, **trees: otpy.Supervisor) -> AsyncIterator[
+        dict[str, otpy.Node]]:
+    """One node per tree, named by its keyword, in one cluster of the test's own."""
+    cluster = f"t{next(_clusters)}"
+    opened: dict[str, otpy.Node] = {}
+
+    async def open_all(names: list[str]) -> AsyncIterator[None]:
+        if not names:
+            yield
+            return
+        async with otpy.open_node(trees[names[0]], cluster=server.url, cluster_name=cluster,
+                                  node_name=names[0]) as node:
+            opened[names[0]] = node
+            async for _ in open_all(names[1:]):
+                yield
+
+    async for _ in open_all(list(trees)):
+        await settle(opened)
+        yield opened
+
+
+async def settle(nodes: dict[str, otpy.Node]) -> None:
+    """Until every node sees every other (their KV watches delivered)."""
+    with trio.fail_after(5):
+        while any(len((n.cluster_info() or {})["members"]) < len(nodes)
+                  for n in nodes.values()):
+            await trio.sleep(0.01)
+
+
+def tree(*children: otpy.Child) -> otpy.Supervisor:
+    return otpy.Supervisor(list(children), max_restarts=100)
+
+
+# -- names and calls -------------------------------------------------------------------
+
+
+async def test_a_cluster_scoped_name_is_reached_from_every_node(
+        nats_server: NatsServer) -> None:
+    """A call or cast by name reaches the node that registered it; the reply comes in
+    the shape it has in process (arrays as tuples)."""
+    async with nodes(nats_server, a=tree(otpy.Child("w", Watcher)),
+                     b=tree(otpy.Child("kv", Counter, scope="cluster"))) as n:
+        assert 1 == await n["a"].call("kv", "incr")
+        n["a"].cast("kv", 10)
+        assert 12 == await n["a"].call("kv", "incr")
+        assert ("a", (1, 2), {"k": b"v"}) == await n["a"].call("kv", "tuple")
+        assert {"kv": "b"} == n["a"].cluster_info()["names"]  # type: ignore[index]
+
+
+async def test_a_local_name_is_preferred_and_name_at_node_reaches_one_node(
+        nats_server: NatsServer) -> None:
+    """A call by name prefers the local server; ``name@node`` reaches one node's
+    local server; local names stay local."""
+    async with nodes(nats_server, a=tree(otpy.Child("c", Counter)),
+                     b=tree(otpy.Child("c", Counter))) as n:
+        assert 1 == await n["a"].call("c", "incr")
+        assert 1 == await n["a"].call("c@b", "incr")
+        assert 2 == await n["a"].call("c@b", "incr")
+        assert 2 == await n["a"].call("c@a", "incr")
+        assert 2 == n["b"].get_state("c")
+
+
+async def test_nobody_serving_a_name_is_no_such_server_at_once(
+        nats_server: NatsServer) -> None:
+    """An unknown name, a name on a node that is not a member, or a cluster name whose
+    server stopped: NoSuchServer, not a timeout."""
+    async with nodes(nats_server, a=tree(otpy.Child("w", Watcher)),
+                     b=tree(otpy.Child("kv", Counter, scope="cluster", restart="temporary"))
+                     ) as n:
+        with pytest.raises(otpy.NoSuchServer, match="none is registered in cluster"):
+            await n["a"].call("nobody", "incr")
+        with pytest.raises(otpy.NoSuchServer, match="node 'z' is not in cluster"):
+            await n["a"].call("kv@z", "incr")
+        with pytest.raises(otpy.NoSuchServer):
+            n["a"].cast("nobody", 1)
+        await n["b"].terminate_child("root", "kv")
+        with trio.fail_after(2), pytest.raises(otpy.NoSuchServer):  # not after 60 s
+            await n["a"].call("kv@b", "incr", timeout=60)
+
+
+async def test_remote_calls_keep_local_errors_and_versioned_clients(
+        nats_server: NatsServer) -> None:
+    """A crash is ServerCrashed, a timeout CallTimeout, a reply msgpack cannot carry
+    a clear error, and vsn= adapts the request and the reply on the serving node."""
+    async with nodes(nats_server, a=tree(otpy.Child("w", Watcher)),
+                     b=tree(otpy.Child("kv", CounterV2, scope="cluster"))) as n:
+        with pytest.raises(otpy.ServerCrashed, match="boom"):
+            await n["a"].call("kv", "crash")
+        with pytest.raises(otpy.CallTimeout):
+            await n["a"].call("kv", "later", timeout=0.2)
+        with pytest.raises(otpy.RemoteError, match="Unsendable"):
+            await n["a"].call("kv", "unsendable")
+        with pytest.raises(TypeError, match="cannot be sent to another node"):
+            await n["a"].call("kv", object())
+        assert ("old", 1) == await n["a"].call("kv", "old incr", vsn="1")
+
+
+async def test_pids_route_to_their_node(nats_server: NatsServer) -> None:
+    """A pid from another node reaches its server; once that incarnation is gone, a
+    call to it is NoSuchServer saying which pid holds the name now."""
+    async with nodes(nats_server, a=tree(otpy.Child("w", Watcher)),
+                     b=tree(otpy.Child("kv", Counter, scope="cluster"))) as n:
+        pid = await n["a"].call("kv", "pid")
+        assert isinstance(pid, otpy.Pid) and "b" == pid.node
+        assert 1 == await n["a"].call(pid, "incr")
+        with pytest.raises(otpy.ServerCrashed):
+            await n["a"].call("kv", "crash")
+        with pytest.raises(otpy.NoSuchServer, match="incarnation.*gone"):
+            await n["a"].call(pid, "incr")
+
+
+async def test_a_call_from_a_callback_to_another_node_would_block(
+        nats_server: NatsServer) -> None:
+    """self.call to a server of another node raises WouldBlock (it cannot answer within
+    the step); self.cast and timers reach it."""
+    async with nodes(nats_server, a=tree(otpy.Child("w", Watcher)),
+                     b=tree(otpy.Child("kv", Counter, scope="cluster"))) as n:
+        answer = await n["a"].call("w", ("call", "kv"))
+        assert "would block" == answer[0] and "another node" in answer[1]
+        await n["a"].call("w", ("cast", "kv"))
+        await n["a"].call("w", ("tick", "kv"))
+        with trio.fail_after(5):
+            while n["b"].get_state("kv") != 105:
+                await trio.sleep(0.01)
+
+
+async def test_a_cluster_name_runs_once(nats_server: NatsServer) -> None:
+    """A second start of a cluster-scoped name, on another node, fails naming the node
+    that runs it; so does start_child."""
+    async with nodes(nats_server, b=tree(otpy.Child("kv", Counter, scope="cluster"))) as n:
+        with pytest.raises(otpy.StartFailed, match="registered by node 'b'"):
+            async with otpy.open_node(tree(otpy.Child("kv", Counter, scope="cluster")),
+                                      cluster=nats_server.url, node_name="c",
+                                      cluster_name=n["b"].cluster_info()["cluster"]):
+                pass  # pragma: no cover
+        async with otpy.open_node(tree(), cluster=nats_server.url, node_name="d",
+                                  cluster_name=n["b"].cluster_info()["cluster"]) as d:
+            with pytest.raises(otpy.StartFailed, match="registered by node 'b'"):
+                await d.start_child("root", otpy.Child("kv", Counter, scope="cluster"))
+
+
+async def test_two_nodes_racing_for_a_name_one_wins(nats_server: NatsServer) -> None:
+    """Nodes started at once with the same cluster-scoped name: exactly one runs it."""
+    cluster = f"race{next(_clusters)}"
+    outcomes: list[str] = []
+
+    async def start(name: str, started: trio.Event) -> None:
+        try:
+            async with otpy.open_node(tree(otpy.Child("kv", Counter, scope="cluster")),
+                                      cluster=nats_server.url, cluster_name=cluster,
+                                      node_name=name):
+                outcomes.append(f"{name} runs kv")
+                started.set()
+                await trio.sleep(0.5)
+        except otpy.StartFailed:
+            outcomes.append(f"{name} refused")
+
+    async with trio.open_nursery() as nursery:
+        for name in ("x", "y", "z"):
+            nursery.start_soon(start, name, trio.Event())
+    assert 1 == sum(o.endswith("runs kv") for o in outcomes)
+    assert 2 == sum(o.endswith("refused") for o in outcomes)
+
+
+# -- monitors ----------------------------------------------------------------------------
+
+
+async def test_monitors_work_across_nodes(nats_server: NatsServer) -> None:
+    """A monitor of a server of another node fires once with the reason (a crash's
+    exception as a RemoteError); noproc at once for a name nothing serves there;
+    demonitor cancels."""
+    async with nodes(nats_server, a=tree(otpy.Child("w", Watcher)),
+                     b=tree(otpy.Child("kv", Counter, scope="cluster"),
+                            otpy.Child("other", Counter))) as n:
+        ref = await n["a"].call("w", ("monitor", "kv"))
+        gone = await n["a"].call("w", ("monitor", "ghost@b"))
+        quiet = await n["a"].call("w", ("monitor", "other@b"))
+        assert await n["a"].call("w", ("demonitor", quiet))
+        await trio.sleep(0.1)
+        with pytest.raises(otpy.ServerCrashed):
+            await n["a"].call("kv", "crash")
+        with pytest.raises(otpy.ServerCrashed):
+            await n["a"].call("other@b", "crash")
+        with trio.fail_after(5):
+            while len(await n["a"].call("w", ("downs", None))) < 2:
+                await trio.sleep(0.01)
+        await trio.sleep(0.1)
+        downs = await n["a"].call("w", ("downs", None))
+        assert [(gone, "noproc"), (ref, "ValueError: boom")] == sorted(
+            [(d.ref, d.reason if isinstance(d.reason, str) else str(d.reason))
+             for d in downs], key=lambda x: x[1] != "noproc")
+        assert not n["b"]._rt.server("kv")._otpy_links
+
+
+async def test_a_node_that_stops_in_order_tells_its_monitors(
+        nats_server: NatsServer) -> None:
+    """When a node stops in order, the monitors of its servers get their ServerDown
+    with the reason its supervisor saw ("shutdown"), and calls in flight to it fail at
+    once (a node that dies or is cut off gives "noconnection": test_cluster_faults)."""
+    cluster = f"t{next(_clusters)}"
+    async with otpy.open_node(tree(otpy.Child("w", Watcher)), cluster=nats_server.url,
+                              cluster_name=cluster, node_name="a") as a:
+        async with trio.open_nursery() as nursery:
+            failures: list[BaseException] = []
+            async with otpy.open_node(tree(otpy.Child("kv", Counter, scope="cluster")),
+                                      cluster=nats_server.url, cluster_name=cluster,
+                                      node_name="b") as b:
+                await settle({"a": a, "b": b})
+                await a.call("w", ("monitor", "kv"))
+
+                async def pending() -> None:
+                    try:
+                        await a.call("kv", "later", timeout=30)
+                    except otpy.OtpyError as exc:
+                        failures.append(exc)
+
+                nursery.start_soon(pending)
+                await trio.sleep(0.2)
+        assert 1 == len(failures)
+        assert isinstance(failures[0], otpy.ServerStopped | otpy.NoSuchServer)
+        with trio.fail_after(5):
+            while not await a.call("w", ("downs", None)):
+                await trio.sleep(0.01)
+        [down] = await a.call("w", ("downs", None))
+        assert "shutdown" == down.reason
+
+
+# -- what arrives from outside -------------------------------------------------------------
+
+
+async def test_foreign_and_malformed_messages_are_dropped(
+        nats_server: NatsServer, logs: list[dict[str, Any]]) -> None:
+    """A payload that is not msgpack, a message of another cluster, a call with bad
+    fields: dropped with an event (a request is answered BadRequest); the node serves
+    on."""
+    async with nodes(nats_server, b=tree(otpy.Child("kv", Counter, scope="cluster"))) as n:
+        info = n["b"].cluster_info()
+        assert info is not None
+        subject = f"otpy.{info['cluster']}.node.b"
+        async with open_client(nats_server.url) as nc:
+            for payload in (b"\xc1 garbage", msgpack.packb(["otpy/1", "elsewhere", "ping"]),
+                            msgpack.packb(["otpy/1", info["cluster"], "call", 1, 2, 3, 4]),
+                            msgpack.packb([[[[[]]]]] * 3)):
+                reply = await nc.request(subject, payload, timeout=2)
+                assert reply.payload.startswith(b"\x92\x01")  # [1, ["BadRequest", ...]]
+            nc.publish_nowait(f"otpy.{info['cluster']}.name.kv", b"\x00" * 1000)
+            await nc.flush()
+        assert 1 == await n["b"].call("kv", "incr")
+    assert any(e["event"] == "cluster_message_dropped" for e in logs)
