@@ -233,38 +233,42 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 def _end(callback: FrameType, frame: FrameType | None, error: StepTimeout) -> None:
     """End a callback that goes on after its interruption (a bare ``except:`` retry
-    loop swallowed it, or its cleanup overran): from now on every line it runs, and
-    every function it calls, raises the interruption again, so it leaves its own
-    frame at the first line no handler of its covers. Tracing stops, and any tracer of
+    loop swallowed it, or its cleanup overran): from now on every line that the
+    callback's running frames execute raises the interruption again, so it leaves them
+    at the first line that no handler of theirs covers. Tracing stops, and any tracer of
     the application's (a debugger, coverage) is put back, as the callback returns.
 
-    This costs nothing until it is needed: a step that keeps within its budget is never
-    traced."""
+    Only the frames that were running (the callback and what it called, down to the
+    interrupted one) are traced: a function called later, or a garbage collector
+    callback run meanwhile, is left alone. This costs nothing until it is needed: a
+    step that keeps within its budget is never traced."""
     previous = sys.gettrace()
+    running: set[FrameType] = set()
+    f = frame
+    while f is not None:
+        if not _internal(f.f_code):
+            running.add(f)
+        if f is callback:
+            break
+        f = f.f_back
 
     def tracer(f: FrameType, event: str, arg: Any) -> Any:
         if f is callback and event == "return":
             sys.settrace(previous)  # the callback is over: the runner handles the crash
+            for g in running:
+                g.f_trace = None
+            running.clear()
             return None
-        if _internal(f.f_code):
-            return None  # otpy's own frames (the signal handler) run untouched
-        if event in ("call", "line"):
-            raise Overrun(error)
-        return tracer
+        if f in running:
+            if event == "line":
+                raise Overrun(error)
+            return tracer
+        return None  # a frame that started later: not traced
 
-    # The frames already running, from the interrupted one out to the callback, take
-    # the tracer too; new frames get it from settrace.
-    f = frame
-    while f is not None:
-        if not _internal(f.f_code):
-            f.f_trace = tracer
-            f.f_trace_lines = True
-        if f is callback:
-            break
-        f = f.f_back
+    for f in running:
+        f.f_trace = tracer
+        f.f_trace_lines = True
     sys.settrace(tracer)
-
-
 def _timeout(callback: FrameType, frame: FrameType | None, budget: float) -> StepTimeout:
     proc = _server_of(callback)
     name = proc._otpy_name if proc is not None else "?"

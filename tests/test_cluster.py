@@ -198,7 +198,7 @@ async def test_pids_route_to_their_node(nats_server: NatsServer) -> None:
         assert 1 == await n["a"].call(pid, "incr")
         with pytest.raises(otpy.ServerCrashed):
             await n["a"].call("kv", "crash")
-        with pytest.raises(otpy.NoSuchServer, match="incarnation.*gone"):
+        with pytest.raises(otpy.NoSuchServer, match=r"incarnation.*gone"):
             await n["a"].call(pid, "incr")
 
 

@@ -354,11 +354,11 @@ async def test_a_callback_that_swallows_the_interruption_is_ended(request_: str)
     and restarts, instead of stalling the node for ever."""
     root = otpy.Supervisor([otpy.Child("s", Swallower)], max_restarts=10)
     async with otpy.open_node(root) as node:
-        started = time.monotonic()
-        with pytest.raises(otpy.ServerCrashed) as info:
+        # Not for ever: ended within about two budgets (a generous bound for a busy
+        # machine; the watchdog is real time).
+        with trio.fail_after(200 * BUDGET), pytest.raises(otpy.ServerCrashed) as info:
             await node.call("s", request_)
         assert isinstance(info.value.__cause__, otpy.StepTimeout)
-        assert time.monotonic() - started < 20 * BUDGET  # bounded: not for ever
         assert 0 == await node.call("s", "count")  # restarted, and serving
 
 
@@ -390,8 +390,6 @@ async def test_versioned_client_hooks_are_watched(request_: str) -> None:
     """upgrade_request and downgrade_reply run under the server's step_timeout too."""
     root = otpy.Supervisor([otpy.Child("a", SlowAdapter)], max_restarts=10)
     async with otpy.open_node(root) as node:
-        started = time.monotonic()
-        with pytest.raises(otpy.StepTimeout):
-            await node.call("a", request_, vsn="1")
-        assert time.monotonic() - started < 20 * BUDGET
+        with trio.fail_after(200 * BUDGET), pytest.raises(otpy.StepTimeout):
+            await node.call("a", request_, vsn="1")  # not after the 30 s sleep
         assert "fine" == await node.call("a", "fine", vsn="1")
