@@ -14,6 +14,8 @@
                                     directory are sent to the node (see below)
     otpy upgrade --node-path PATH   PATH is a release file on the node's host
     otpy downgrade
+    otpy upgrade RELEASE_FILE --cluster nats://HOST:PORT   every node of the cluster,
+    otpy downgrade --cluster nats://HOST:PORT              all or none
     otpy releases
 
 The node is ``--node HOST:PORT`` (default ``$OTPY_NODE``, else 127.0.0.1:4370); the
@@ -122,7 +124,37 @@ def _release(args: argparse.Namespace) -> bytes | str:
         raise _Fail(str(exc), EX_USAGE) from None
 
 
+async def _cluster_release(args: argparse.Namespace) -> int:
+    """``upgrade``/``downgrade`` with ``--cluster URL``: every node, all or none."""
+    from ._cluster.releases import release_from_outside
+    from ._protocol.release_bundle import encode_bundle as encode
+
+    bundle = None
+    if args.command == "upgrade":
+        try:
+            bundle = encode(read_bundle(args.release_file))
+        except UpgradeFailed as exc:
+            raise _Fail(str(exc), EX_USAGE) from None
+    try:
+        report = await release_from_outside(args.cluster, args.cluster_name, bundle,
+                                            timeout=args.timeout)
+    except UpgradeFailed as exc:
+        raise _Fail(str(exc), EX_ERROR) from None
+    except OSError as exc:
+        raise _Fail(f"cannot reach the cluster's NATS server at {args.cluster}: {exc}",
+                    EX_UNAVAILABLE) from None
+    done = "taken back" if report["downgrade"] else "installed"
+    print(f"release {report['release']} {done} on {len(report['nodes'])} nodes: "
+          f"{_servers(report['servers'])}")
+    if report["unconfirmed"]:
+        print(f"not yet confirmed by {', '.join(report['unconfirmed'])}: each applies it "
+              f"when it is back, before it serves")
+    return 0
+
+
 async def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "cluster", None):
+        return await _cluster_release(args)
     host, port = _address(args.node)
     # What can be checked on this side is, before any node is contacted.
     request = _request(args.request) if args.command == "call" else None
@@ -218,7 +250,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--node-path", action="store_true",
                    help="RELEASE_FILE is a path on the node's host, for the node to read "
                         "(nothing is sent)")
-    sub.add_parser("downgrade", parents=[common], help="go back to the release before")
+    clustered = argparse.ArgumentParser(add_help=False)
+    clustered.add_argument("--cluster", metavar="URL",
+                           help="the whole cluster whose NATS server is URL "
+                                "(nats://host:port): every node, all or none")
+    clustered.add_argument("--cluster-name", default="otpy",
+                           help="the cluster's name (default %(default)s)")
+    p._add_container_actions(clustered)
+    sub.add_parser("downgrade", parents=[common, clustered],
+                   help="go back to the release before")
     sub.add_parser("releases", parents=[common], help="the installed releases, oldest first")
     return parser
 

@@ -30,7 +30,7 @@ from ._core.runtime import Runtime
 from ._core.scheduler import CAST, INFO, Scheduler, TaskRef
 from ._core.server import WAITING, Caller, GenServer, TaskDone, TaskFailed
 from ._core.supervisor import Child, ChildInfo, Supervisor
-from ._exceptions import OtpyError
+from ._exceptions import OtpyError, UpgradeFailed
 from ._watchdog import Watchdog
 
 DEFAULT_NODE_NAME = "nonode"
@@ -237,7 +237,7 @@ class Node:
 
     # -- releases --------------------------------------------------------------------
 
-    async def upgrade(self, release: Release) -> dict[str, Any]:
+    async def upgrade(self, release: Release, *, cluster: bool = False) -> dict[str, Any]:
         """Install ``release``: migrate every affected server's state with the new
         class's ``code_change``, check it against the new state type, and swap code and
         state for all of them at once. The migration runs in chunks while every server
@@ -246,15 +246,33 @@ class Node:
         message is served by the new code. On any failure nothing changes and
         :class:`otpy.UpgradeFailed` lists every failed server with its reason. Returns a
         short report. ``code_change`` must be a pure function of its arguments: it may
-        run more than once for a busy server."""
+        run more than once for a busy server.
+
+        ``cluster=True`` (a node in a cluster): install the release on every node that
+        runs a target, all or none: its code (the release must be loaded from its
+        files) travels to the nodes that do not have it, every node migrates while
+        serving and votes, and one compare-and-swap decides (see docs/cluster.md)."""
         await trio.lowlevel.checkpoint()
+        if cluster:
+            report: dict[str, Any] = await self._cluster_releases().upgrade(release)
+            return report
         return await self._install(self._rt.planner(release))
 
-    async def downgrade(self) -> dict[str, Any]:
+    async def downgrade(self, *, cluster: bool = False) -> dict[str, Any]:
         """Go back to the release before the newest: the running (newer) class's
-        ``code_change(otpy.Down(old_vsn), state, extra)`` computes each older state."""
+        ``code_change(otpy.Down(old_vsn), state, extra)`` computes each older state.
+        ``cluster=True``: take back the cluster's newest release on every node."""
         await trio.lowlevel.checkpoint()
+        if cluster:
+            report: dict[str, Any] = await self._cluster_releases().upgrade(None)
+            return report
         return await self._install(self._rt.planner(None))
+
+    def _cluster_releases(self) -> Any:
+        if self._cluster is None:
+            raise UpgradeFailed("cluster=True needs a node in a cluster "
+                                "(open_node(..., cluster=...))")
+        return self._cluster.releases
 
     def releases(self) -> list[ReleaseInfo]:
         """The installed releases, oldest first (the newest last)."""

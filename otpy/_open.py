@@ -91,6 +91,10 @@ async def open_node(
                 node._tasks = tasks
                 node._start_tree()
                 try:
+                    if node._cluster is not None:
+                        # Up on the cluster's releases before serving anyone.
+                        await node._cluster.releases.catch_up()
+                        node._cluster.serve()
                     if listen is not None:
                         node.address = await system.start(
                             partial(serve_client, node._rt, listen, limits=limits))

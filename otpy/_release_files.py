@@ -91,6 +91,7 @@ from ._protocol.release_bundle import (
     MAX_NAME_PARTS,
     Bundle,
     decode_bundle,
+    encode_bundle,
     make_bundle,
 )
 
@@ -465,7 +466,7 @@ def load_bundle(bundle: Bundle, *, source: str | None = None,
             updates.append(Update(target, new_class, extra=entry.get("extra"),
                                   from_vsn=entry.get("from_vsn")))
         release = Release(vsn, updates, description=str(data.get("description", "")),
-                          digest=bundle.digest)
+                          digest=bundle.digest, bundle=encode_bundle(bundle))
     except BaseException:
         if new or not package.loaded:
             _unregister(package)

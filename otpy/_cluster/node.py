@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +60,7 @@ from .._exceptions import (
 from .._protocol import cluster as wire
 from .jetstream import JetStream, KeyExists, KeyValue, KvChange, WrongRevision
 from .nats_client import Client, Msg, NatsError, NoResponders, RequestTimeout
+from .releases import NodeReleases, open_buckets
 
 log = structlog.get_logger("otpy")
 
@@ -68,6 +70,7 @@ LEASE = 10.0
 # A remote call with no timeout still needs one on the wire: a day.
 NO_TIMEOUT = 86_400.0
 _TOKEN = re.compile(r"[A-Za-z0-9_\-]+")
+MAX_HELD = 10_000  # messages held while the node starts
 _DROP_LOG_INTERVAL = 10.0
 
 
@@ -208,6 +211,11 @@ class ClusterNode:
         self._dropped_logged = 0.0
         self._node_sub: Any = None
         self._nursery: trio.Nursery | None = None
+        self.releases: NodeReleases = None  # type: ignore[assignment]  # set by join
+        # What arrives before the node serves (its tree starts, it catches up with the
+        # cluster's releases) waits here; probes are answered at once.
+        self._held: deque[Msg] | None = deque()
+        self._behind: list[Msg] = []  # calls from nodes a release ahead, waiting
 
     # -- subjects --------------------------------------------------------------------
 
@@ -226,6 +234,8 @@ class ClusterNode:
         try:
             self._nodes_kv = await self.js.key_value(f"{kv_prefix}-nodes")
             self._names_kv = await self.js.key_value(f"{kv_prefix}-names")
+            self.releases = NodeReleases(self, *await open_buckets(self.js,
+                                                                   token(self.cluster)))
         except NatsError as exc:
             raise ClusterError(f"cluster {self.cluster!r} needs JetStream on its NATS "
                                f"server (nats-server -js): {exc}") from exc
@@ -274,6 +284,7 @@ class ClusterNode:
             self._nursery = nursery
             await nursery.start(self._watch, self._names_kv, self._name_changed)
             await nursery.start(self._watch, self._nodes_kv, self._member_changed)
+            await nursery.start(self.releases.run)
             nursery.start_soon(self._probe)
             task_status.started()
 
@@ -414,7 +425,8 @@ class ClusterNode:
             return False
         node, subject, target = route
         try:
-            payload = wire.encode(self.cluster, wire.Call(target, request, vsn, timeout))
+            payload = wire.encode(self.cluster, wire.Call(target, request, vsn, timeout,
+                                                          self.releases.level))
         except wire.Unsendable as exc:
             caller._fail(TypeError(f"the request to {address!r} {exc}"))
             return True
@@ -497,7 +509,27 @@ class ClusterNode:
 
     # -- what arrives ----------------------------------------------------------------
 
+    def level_advanced(self) -> None:
+        """This node applied a cluster release: serve the calls that waited for it."""
+        behind, self._behind = self._behind, []
+        for msg in behind:
+            self._on_message(msg)
+
+    def serve(self) -> None:
+        """The node's tree runs the cluster's releases: serve what waited, then all."""
+        held, self._held = self._held, None
+        for msg in held or ():
+            self._on_message(msg)
+
     def _on_message(self, msg: Msg) -> None:
+        held = self._held
+        if held is not None and not _is_ping(msg.payload):
+            if len(held) < MAX_HELD:
+                held.append(msg)
+            else:
+                self._drop("the node is starting and holds enough already",
+                           subject=msg.subject)
+            return
         message = wire.decode(self.cluster, msg.payload)
         if isinstance(message, wire.Bad):
             self._drop(message.reason, subject=msg.subject)
@@ -508,9 +540,19 @@ class ClusterNode:
             if not msg.reply:
                 self._drop("a call with no reply subject", subject=msg.subject)
                 return
+            level = self.releases.level
+            if message.level > level and len(self._behind) < MAX_HELD:
+                # Its sender committed a release this node is about to: wait for it.
+                self._behind.append(msg)
+                return
+            target = self._local(message.target)
+            vsn = message.vsn
+            if vsn is None and message.level < level:
+                # Its sender is a release behind: it speaks the server's older version.
+                vsn = self.releases.vsn_before(target, message.level)
             timeout = message.timeout
-            self.rt.start_call(self._local(message.target), message.request,
-                               _NatsCaller(self, msg.reply), vsn=message.vsn,
+            self.rt.start_call(target, message.request, _NatsCaller(self, msg.reply),
+                               vsn=vsn,
                                timeout=None if timeout is None else min(timeout, NO_TIMEOUT))
         elif isinstance(message, wire.Cast):
             try:
@@ -651,6 +693,14 @@ class ClusterNode:
                 "members": {self.node: "up", **dict(sorted(self.members.items()))},
                 "names": dict(sorted(self.names.items())),
                 "calls_in_flight": sum(len(c) for c in self._calls.values())}
+
+
+_PING = b"\xa4ping"
+
+
+def _is_ping(payload: bytes) -> bool:
+    """Whether a payload is a probe (answered even while the node starts)."""
+    return payload.endswith(_PING) and len(payload) < 200
 
 
 def _unpack_pair(value: bytes) -> tuple[str, int]:

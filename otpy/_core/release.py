@@ -98,12 +98,13 @@ class Release:
     ``await node.upgrade(release)``; or describe it in a TOML file and
     ``otpy.Release.load(path)``. ``digest`` names the content of a release loaded from
     files (None for one made in Python): a vsn installed already can only be installed
-    again with the same code."""
+    again with the same code. ``bundle`` is that content, encoded (what a cluster-wide
+    release ships to the nodes that do not have it)."""
 
-    __slots__ = ("description", "digest", "updates", "vsn")
+    __slots__ = ("bundle", "description", "digest", "updates", "vsn")
 
     def __init__(self, vsn: str, updates: Iterable[Update], *, description: str = "",
-                 digest: str | None = None) -> None:
+                 digest: str | None = None, bundle: bytes | None = None) -> None:
         if not isinstance(vsn, str) or not vsn:
             raise TypeError(f"Release vsn must be a non-empty string, got {vsn!r}")
         self.vsn = vsn
@@ -115,6 +116,7 @@ class Release:
             raise TypeError(f"Release {vsn!r} has no updates")
         self.description = description
         self.digest = digest
+        self.bundle = bundle
 
     def __repr__(self) -> str:
         return f"Release({self.vsn!r}, {self.updates!r})"
@@ -242,9 +244,29 @@ class Migration:
         finally:
             proc._otpy_flags &= ~BUSY
 
-    def finish(self) -> dict[str, Any]:
+    def failures(self) -> dict[str, str]:
+        """The servers whose migration failed so far, with why (a cluster-wide release
+        votes with this, once every server has migrated)."""
+        procs = self.sched.procs
+        out = {}
+        for m in self.moves:
+            if m.proc._otpy_flags & TOUCHED:
+                self._migrate_one(m)
+            if m.error is None and (m.proc._otpy_flags & DEAD
+                                    or procs.get(m.name) is not m.proc):
+                m.error = "it stopped or restarted during the upgrade; try again"
+            if m.error is not None:
+                out[m.name] = m.error
+        return out
+
+    def finish(self, *, force: bool = False) -> dict[str, Any]:
         """Commit if every server migrated (and is still the one held); else roll back
-        and raise UpgradeFailed listing every failure."""
+        and raise UpgradeFailed listing every failure.
+
+        ``force`` (a cluster-wide release that every node already voted for): commit
+        whatever happens; a server whose state cannot be migrated now (a step since the
+        vote changed it) is restarted on the new code instead, with an
+        ``upgrade_forced_restart`` event."""
         # This is the synchronous commit: the node's stall during a release is its
         # length, so each server is visited once to check it and once to swap it.
         procs = self.sched.procs
@@ -257,6 +279,8 @@ class Migration:
                 m.error = "it stopped or restarted during the upgrade; try again"
             if m.error is not None:
                 failures[m.name] = m.error
+        if failures and force:
+            return self._force(failures)
         what = "downgrade from" if self.downgrade else "upgrade to"
         if failures:
             self.abort()
@@ -280,6 +304,25 @@ class Migration:
                             downgrade=self.downgrade, servers=len(self.moves))
         return {"release": self.release.vsn, "downgrade": self.downgrade,
                 "servers": [m.name for m in self.moves]}
+
+    def _force(self, failures: dict[str, str]) -> dict[str, Any]:
+        failed = [m for m in self.moves if m.error is not None]
+        self.moves = [m for m in self.moves if m.error is None]
+        report = self.finish()
+        for m in failed:
+            # Its next start runs the new code; the incarnation running the old one now
+            # (if any) is restarted onto it.
+            spec = m.proc._otpy_spec
+            self.sched.class_by_name[m.name] = (spec.server_class, m.to_cls)
+            proc = self.sched.procs.get(m.name)
+            self.sched.log.error("upgrade_forced_restart", server=m.name,
+                                 release=self.release.vsn, reason=failures[m.name])
+            if proc is not None and type(proc) is not m.to_cls:
+                self.sched.crashed(proc, UpgradeFailed(
+                    f"server {m.name!r} could not migrate to the release the cluster "
+                    f"committed ({failures[m.name]}); it restarts on the new code"))
+        report["restarted"] = [m.name for m in failed]
+        return report
 
     def _swap(self) -> Iterator[tuple[GenServer[Any], Any]]:
         # The new code of each server, as its new state is committed (commit_all).
@@ -311,10 +354,13 @@ class Planner:
     UpgradeFailed (refused, nothing changed) naming every server that cannot move."""
 
     def __init__(self, handler: ReleaseHandler, release: Release,
-                 items: Iterator[_Move | tuple[str, str]], downgrade: bool) -> None:
+                 items: Iterator[_Move | tuple[str, str, bool]], downgrade: bool, *,
+                 lenient: bool = False) -> None:
         self.handler = handler
         self.release = release
         self.downgrade = downgrade
+        # A node of a cluster-wide release may run none of a target: not a failure.
+        self.lenient = lenient
         self._items = items
         self.moves: list[_Move] = []
         self.failures: dict[str, str] = {}
@@ -326,7 +372,7 @@ class Planner:
         for item in self._items:
             if isinstance(item, _Move):
                 moves.append(item)
-            else:
+            elif not (self.lenient and item[2]):
                 failures[item[0]] = item[1]
             n += 1
             if n >= budget:
@@ -388,28 +434,33 @@ class ReleaseHandler:
         with :meth:`planner`.)"""
         return self.planner(release).finish()
 
-    def planner(self, release: Release | None) -> Planner:
+    def planner(self, release: Release | None, *, lenient: bool = False) -> Planner:
         """Start planning ``release`` (None: a downgrade from the newest one); the
         planner checks each target server in chunks (:meth:`Planner.plan`), so that a
-        release of many servers does not stall the node while it is planned."""
+        release of many servers does not stall the node while it is planned.
+        ``lenient``: a target that runs nowhere on this node is not a failure (one node's
+        part of a cluster-wide release)."""
         self._refuse_if_busy()
         if release is None:
             if not self.history:
                 raise UpgradeFailed("there is no installed release to downgrade from")
             record = self.history[-1]
-            planner = Planner(self, record.release, self._downgrade_moves(record), True)
+            planner = Planner(self, record.release, self._downgrade_moves(record), True,
+                              lenient=lenient)
         else:
             if not isinstance(release, Release):
                 raise TypeError(f"upgrade needs an otpy.Release, got {release!r}")
             for r in self.history:
                 if r.release.vsn == release.vsn:
                     raise UpgradeFailed(_installed_already(r.release, release))
-            planner = Planner(self, release, self._upgrade_moves(release), False)
+            planner = Planner(self, release, self._upgrade_moves(release), False,
+                              lenient=lenient)
         self.active = planner
         return planner
 
-    def _upgrade_moves(self, release: Release) -> Iterator[_Move | tuple[str, str]]:
-        """Each server the release moves, or (key, problem) for each that it cannot."""
+    def _upgrade_moves(self, release: Release) -> Iterator[_Move | tuple[str, str, bool]]:
+        """Each server the release moves, or (key, problem, absent) for each that it
+        cannot (``absent``: nothing here runs the target)."""
         seen: set[str] = set()
         for upd in release.updates:
             for proc, problem in self._targets(upd):
@@ -417,7 +468,7 @@ class ReleaseHandler:
                 if problem is None and proc is not None and proc._otpy_name in seen:
                     problem = "two updates of this release target it"
                 if problem is not None:
-                    yield key, problem
+                    yield key, problem, proc is None
                     continue
                 assert proc is not None
                 seen.add(proc._otpy_name)
@@ -480,17 +531,33 @@ class ReleaseHandler:
         """Plan going back to the release before the newest (see plan_upgrade)."""
         return self.planner(None).finish()
 
-    def _downgrade_moves(self, record: _Record) -> Iterator[_Move | tuple[str, str]]:
+    def _downgrade_moves(self, record: _Record) -> Iterator[_Move | tuple[str, str, bool]]:
         procs = self.sched.procs
         for name, old_cls, new_cls, extra in record.moves:
             proc = procs.get(name)
             if proc is None:
-                yield name, f"no server named {name!r} is running"
+                yield name, f"no server named {name!r} is running", True
             elif type(proc) is not new_cls:
                 yield name, (f"server {name!r} runs version {type(proc).vsn}; the "
-                             f"downgrade expects version {new_cls.vsn}")
+                             f"downgrade expects version {new_cls.vsn}"), False
             else:
                 yield _Move(proc, old_cls, Down(old_cls.vsn), extra)
+
+    def _target_classes(self, upd: Update) -> list[type[GenServer[Any]]]:
+        """The classes an update of a class targets among the children this node
+        knows (their specs, running or not)."""
+        if isinstance(upd.target, type):
+            return [upd.target]
+        if not isinstance(upd.target, ClassRef):
+            return []
+        key = _ref_key(upd.target.ref)
+        found: list[type[GenServer[Any]]] = []
+        for sup in self.sched.sups.values():
+            for spec in sup.specs.values():
+                cls = getattr(spec, "server_class", None)
+                if cls is not None and _class_key(cls) == key and cls not in found:
+                    found.append(cls)
+        return found
 
     def committed(self, migration: Migration) -> None:
         self.active = None
@@ -504,9 +571,19 @@ class ReleaseHandler:
                     upgrades[cls] = before
             return
         classes: list[tuple[type[GenServer[Any]], type[GenServer[Any]] | None]] = []
+
+        def upgrade(old: type[GenServer[Any]], new: type[GenServer[Any]]) -> None:
+            if all(old is not c for c, _ in classes):
+                classes.append((old, upgrades.get(old)))
+                upgrades[old] = new
+
         for m in migration.moves:
-            if m.by_class and all(m.from_cls is not c for c, _ in classes):
-                classes.append((m.from_cls, upgrades.get(m.from_cls)))
-                upgrades[m.from_cls] = m.to_cls
+            if m.by_class:
+                upgrade(m.from_cls, m.to_cls)
+        # A class this node runs nowhere now (one node's part of a cluster-wide
+        # release) still starts as the new one from now on.
+        for upd in migration.release.updates:
+            for cls in self._target_classes(upd):
+                upgrade(cls, upd.new_class)
         self.history.append(_Record(migration.release, [
             (m.name, m.from_cls, m.to_cls, m.extra) for m in migration.moves], classes))

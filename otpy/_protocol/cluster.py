@@ -4,7 +4,7 @@ Every payload on an otpy subject is one msgpack array that starts with the proto
 magic and the cluster's name, so that a message from another cluster, or anything that
 is not otpy's, is recognised and dropped (with an event) instead of acted on::
 
-    ["otpy/1", cluster, "call",  target, request, vsn, timeout]   (a NATS request)
+    ["otpy/1", cluster, "call",  target, request, vsn, timeout, level]  (a request)
     ["otpy/1", cluster, "cast",  target, message]
     ["otpy/1", cluster, "send",  target, message]                 (to handle_info)
     ["otpy/1", cluster, "mon",   target, ref_id, watcher_node]    (a NATS request)
@@ -12,7 +12,9 @@ is not otpy's, is recognised and dropped (with an event) instead of acted on::
     ["otpy/1", cluster, "down",  ref_id, pid, reason]             (to the watcher's node)
     ["otpy/1", cluster, "ping"]                                   (a NATS request)
 
-A reply (to call, mon and ping) is ``[0, value]`` or ``[1, [kind, message]]``.
+A reply (to call, mon and ping) is ``[0, value]`` or ``[1, [kind, message]]``. A call's
+``level`` is how many cluster-wide releases its sender had applied (see
+``otpy._cluster.releases``).
 
 Targets are a server name (``str``) or a pid (msgpack extension 1, as on the
 MessagePack-RPC wire). Values are what msgpack carries, with arrays decoded as tuples,
@@ -58,6 +60,7 @@ class Call(NamedTuple):
     request: Any
     vsn: str | None
     timeout: float | None
+    level: int = 0
 
 
 class Cast(NamedTuple):
@@ -172,7 +175,7 @@ def _address(value: Any) -> bool:
     return type(value) is str or type(value) is Pid
 
 
-_ARITY = {"call": 7, "cast": 5, "send": 5, "mon": 6, "demon": 5, "down": 6, "ping": 3}
+_ARITY = {"call": 8, "cast": 5, "send": 5, "mon": 6, "demon": 5, "down": 6, "ping": 3}
 
 
 def decode(cluster: str, payload: bytes) -> Message | Bad:
@@ -195,9 +198,10 @@ def decode(cluster: str, payload: bytes) -> Message | Bad:
     if kind == "call":
         timeout = f[3]
         if (not _address(f[0]) or not (f[2] is None or type(f[2]) is str)
-                or not (timeout is None or type(timeout) in (int, float))):
-            return Bad("a call needs (target, request, vsn, timeout)")
-        return Call(f[0], f[1], f[2], None if timeout is None else float(timeout))
+                or not (timeout is None or type(timeout) in (int, float))
+                or type(f[4]) is not int):
+            return Bad("a call needs (target, request, vsn, timeout, level)")
+        return Call(f[0], f[1], f[2], None if timeout is None else float(timeout), f[4])
     if kind in ("cast", "send"):
         if not _address(f[0]):
             return Bad(f"a {kind} needs a server name or pid as its target")
