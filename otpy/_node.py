@@ -209,9 +209,12 @@ class Node:
         if self._cluster is not None:
             from ._cluster.node import cluster_specs
 
-            for name in cluster_specs(child if isinstance(child, Supervisor) else
-                                      Supervisor([child], name=f"{child.id}.spec")):
-                await self._cluster.register(name)
+            scope = self._rt.supervisor(sup).spec.scope
+            wrapped = child if isinstance(child, Supervisor) else Supervisor(
+                [child], name=f"{child.id}.spec", scope=scope)
+            for name, failover in cluster_specs(wrapped):
+                await self._cluster.register(name, sup if failover == wrapped.name
+                                             else failover)
         return self._rt.start_child(sup, child)
 
     def cluster_info(self) -> dict[str, Any] | None:

@@ -340,3 +340,49 @@ async def test_foreign_and_malformed_messages_are_dropped(
             await nc.flush()
         assert 1 == await n["b"].call("kv", "incr")
     assert any(e["event"] == "cluster_message_dropped" for e in logs)
+
+
+# -- failover ----------------------------------------------------------------------------
+
+
+def service() -> otpy.Supervisor:
+    """A cluster supervisor whose counter runs once in the cluster."""
+    return otpy.Supervisor([otpy.Child("kv", Counter, scope="cluster")], name="svc",
+                           scope="cluster")
+
+
+async def test_a_cluster_supervisors_child_stands_by_and_takes_over(
+        nats_server: NatsServer) -> None:
+    """Under a cluster supervisor, a cluster-scoped child runs on the first node that
+    registers it and stands by on the others; when its node goes, exactly one standby
+    takes it over, and calls by name reach it there."""
+    cluster = f"f{next(_clusters)}"
+
+    def node(name: str) -> Any:
+        return otpy.open_node(otpy.Supervisor([service()]), cluster=nats_server.url,
+                              cluster_name=cluster, node_name=name)
+
+    stop_a = trio.Event()
+
+    async def run_a(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with node("a") as a:
+            task_status.started(a)
+            await stop_a.wait()
+
+    async with trio.open_nursery() as nursery:
+        a = await nursery.start(run_a)
+        async with node("b") as b, node("c") as c:
+            await settle({"a": a, "b": b, "c": c})
+            assert ["kv"] == a.servers() and [] == b.servers() == c.servers()
+            assert "standby" == c.which_children("svc")[0].status
+            assert 1 == await c.call("kv", "incr")
+            stop_a.set()  # a stops (in order: it gives its names up)
+            with trio.fail_after(5):
+                while not (b.servers() or c.servers()):
+                    await trio.sleep(0.01)
+            await trio.sleep(0.2)
+            runs = [n for n in (b, c) if n.servers()]
+            assert 1 == len(runs)
+            stands = c if runs[0] is b else b
+            assert "standby" == stands.which_children("svc")[0].status
+            assert 1 == await stands.call("kv", "incr")  # a new incarnation, from init

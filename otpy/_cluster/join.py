@@ -64,8 +64,8 @@ async def open_cluster(rt: Runtime, cluster: str | bool, cluster_name: str,
             try:
                 await node.join()
                 await nursery.start(node.run)
-                for name in cluster_specs(root):
-                    await node.register(name)
+                for name, supervisor in cluster_specs(root):
+                    await node.register(name, supervisor)
                 yield node
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(LEAVE_GRACE):

@@ -201,6 +201,8 @@ class ClusterNode:
         self._names_kv: KeyValue | None = None
         self._nodes_kv: KeyValue | None = None
         self._owned: dict[str, tuple[int, Any]] = {}  # our names: KV revision, sub
+        self._name_revs: dict[str, int] = {}  # each name's registration's revision
+        self._failover: dict[str, str] = {}  # cluster supervisor of each name that has one
         self._member_rev = 0
         self._calls: dict[str, set[_Call]] = {}  # node -> calls in flight to it
         self._watching: dict[int, MonitorRef] = {}  # our monitors of remote servers
@@ -309,10 +311,13 @@ class ClusterNode:
 
     # -- names -----------------------------------------------------------------------
 
-    async def register(self, name: str) -> None:
-        """Register ``name`` cluster-wide for this node, once (StartFailed naming the
-        node that has it, if a live one does), and subscribe to its subject."""
+    async def register(self, name: str, supervisor: str | None = None) -> None:
+        """Register ``name`` cluster-wide for this node, once, and subscribe to its
+        subject. If a live node has it: StartFailed naming that node, or, for a child
+        of a cluster supervisor (``supervisor``), stand by to take it over."""
         assert self._names_kv is not None
+        if supervisor is not None:
+            self._failover[name] = supervisor
         key, value = token(name), msgpack.packb((self.node, self.creation))
         try:
             rev = await self._names_kv.create(key, value)
@@ -322,6 +327,9 @@ class ClusterNode:
                 raise
             node, _creation = _unpack_pair(existing.value)
             if node != self.node and await self._alive(node):
+                if supervisor is not None:
+                    self._stand_by(name, node)
+                    return
                 raise StartFailed(
                     f"the cluster-scoped name {name!r} is registered by node {node!r} of "
                     f"cluster {self.cluster!r}; it runs once in the cluster",
@@ -332,11 +340,66 @@ class ClusterNode:
                 raise StartFailed(f"node {node!r} and this node raced to register "
                                   f"{name!r}; the other won", child=name,
                                   reason="already_started") from None
+        self._own(name, rev)
+        await self.client.flush()
+        log.info("cluster_name_registered", name=name, node=self.node)
+
+    def _own(self, name: str, rev: int) -> None:
         sub = self.client.subscribe(self.name_subject(name), self._on_message)
         self._owned[name] = (rev, sub)
         self.names[name] = self.node
-        await self.client.flush()
-        log.info("cluster_name_registered", name=name, node=self.node)
+        self.sched.standby.discard(name)
+
+    def _stand_by(self, name: str, owner: str) -> None:
+        """Another node runs ``name`` (a cluster supervisor's child): keep its spec, do
+        not run it here, and take it over if that node dies. A copy running here (a
+        partition healed) is stopped."""
+        self.sched.standby.add(name)
+        owned = self._owned.pop(name, None)
+        if owned is not None:
+            owned[1].unsubscribe()
+        sup = self._failover.get(name)
+        running = self.sched.procs.get(name)
+        if running is not None and sup is not None and sup in self.sched.sups:
+            log.warning("cluster_duplicate_stopped", name=name, runs_on=owner,
+                        node=self.node)
+            self.sched.supervisor(sup).terminate_child(name)
+        log.info("cluster_standby", name=name, runs_on=owner, node=self.node)
+
+    async def _take_over(self, name: str, dead: str, since: float) -> None:
+        """Run ``name`` here: its node is gone. Compare-and-swap decides among the
+        nodes standing by; the loser stays standby."""
+        assert self._names_kv is not None
+        key, value = token(name), msgpack.packb((self.node, self.creation))
+        rev = self._name_revs.get(name)
+        try:
+            if rev is None:
+                rev = await self._names_kv.create(key, value)
+            else:
+                rev = await self._names_kv.update(key, value, rev)
+        except (KeyExists, WrongRevision):
+            return  # another standby took it
+        except NatsError as exc:
+            log.warning("cluster_failover_failed", name=name, reason=str(exc))
+            return
+        self._own(name, rev)
+        sup = self._failover.get(name)
+        try:
+            if sup is not None and sup in self.sched.sups:
+                self.sched.supervisor(sup).restart_child(name)
+        except OtpyError as exc:
+            log.error("cluster_failover_failed", name=name, reason=str(exc))
+            return
+        log.warning("cluster_failover", name=name, from_node=dead, to_node=self.node,
+                    seconds=round(trio.current_time() - since, 3))
+
+    def _fail_over(self, dead: str, since: float) -> None:
+        """``dead``'s cluster names this node stands by for: race to take them."""
+        if self._nursery is None:
+            return
+        for name, owner in list(self.names.items()):
+            if owner == dead and name in self.sched.standby:
+                self._nursery.start_soon(self._take_over, name, dead, since)
 
     async def unregister(self, name: str) -> None:
         owned = self._owned.pop(name, None)
@@ -359,13 +422,23 @@ class ClusterNode:
                 node, _creation = _unpack_pair(change.value)
             except ValueError:
                 return
+            self._name_revs[name] = change.revision
             self.names[name] = node
             if node != self.node and name in self._owned:
                 # Another node took the name (after a partition, say): ours goes.
                 log.warning("cluster_name_lost", name=name, to=node)
-                self._owned.pop(name)[1].unsubscribe()
+                if name in self._failover:
+                    self._stand_by(name, node)
+                else:
+                    self._owned.pop(name)[1].unsubscribe()
         else:
-            self.names.pop(name, None)
+            self._name_revs.pop(name, None)
+            owner = self.names.pop(name, None)
+            if owner is not None and owner != self.node and name in self.sched.standby \
+                    and self._nursery is not None:
+                # Its node gave it up (it stopped in order): a standby takes it.
+                self._nursery.start_soon(self._take_over, name, owner,
+                                         trio.current_time())
 
     def _member_changed(self, change: KvChange) -> None:
         node = _untoken(change.key)
@@ -657,6 +730,8 @@ class ClusterNode:
             return
         if self.members[node] != "down":
             log.warning("cluster_node_down", node=node, reason=why)
+            if self.client.is_connected:
+                self._fail_over(node, trio.current_time())
         self.members[node] = "down"
         for call in self._calls.pop(node, set()):
             call.fail_noconnection(f"node {node!r} is down ({why})")
@@ -679,7 +754,7 @@ class ClusterNode:
                 _rev, sub = self._owned.pop(name)
                 sub.unsubscribe()
                 try:
-                    await self.register(name)
+                    await self.register(name, self._failover.get(name))
                 except (OtpyError, NatsError) as exc:
                     log.warning("cluster_name_lost", name=name, reason=str(exc))
         if self._nursery is not None:
@@ -720,15 +795,22 @@ def _untoken(key: str) -> str:
     return key
 
 
-def cluster_specs(spec: Any) -> list[str]:
-    """The ids of the children with ``scope="cluster"`` in a tree spec."""
+def cluster_specs(spec: Any) -> list[tuple[str, str | None]]:
+    """``(id, supervisor)`` of each child with ``scope="cluster"`` in a tree spec;
+    ``supervisor`` names its cluster supervisor (None under a plain one: no failover)."""
     from .._core.supervisor import Child, Supervisor
 
-    found: list[str] = []
+    found: list[tuple[str, str | None]] = []
+
+    def walk(sup: Supervisor) -> None:
+        for child in sup.children:
+            if isinstance(child, Supervisor):
+                walk(child)
+            elif isinstance(child, Child) and child.scope == "cluster":
+                found.append((child.id, sup.name if sup.scope == "cluster" else None))
+
     if isinstance(spec, Supervisor):
-        for s in spec.walk():
-            if isinstance(s, Child) and s.scope == "cluster":
-                found.append(s.id)
+        walk(spec)
     return found
 
 

@@ -229,6 +229,9 @@ class Scheduler:
         # spec names the given class; and class by class, for updates of a class.
         self.class_by_name: dict[str, tuple[type[GenServer[Any]], type[GenServer[Any]]]] = {}
         self.class_upgrades: dict[type[GenServer[Any]], type[GenServer[Any]]] = {}
+        # Children that run on another node of the cluster: their supervisors here keep
+        # their specs and do not start them (a cluster supervisor's standbys).
+        self.standby: set[str] = set()
 
     # -- addresses -------------------------------------------------------------------
 

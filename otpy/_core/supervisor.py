@@ -126,10 +126,16 @@ class Supervisor:
     max_restarts=3, max_seconds=5.0, name="sub")``. More than ``max_restarts`` restarts
     within ``max_seconds`` make it stop its children and fail; its parent treats that as
     a child failure (``("shutdown", RestartIntensityExceeded)``, so a ``transient``
-    supervisor is not restarted). The root's default name is ``"root"``."""
+    supervisor is not restarted). The root's default name is ``"root"``.
+
+    ``scope="cluster"`` makes it a *cluster supervisor* (on a node in a cluster): of its
+    children with ``Child(..., scope="cluster")``, each runs once in the cluster, on
+    the first node that registers it; on every other node running this supervisor it
+    stands by (status ``"standby"``), and takes over when the node running it dies.
+    (Under a plain supervisor, a second start of a cluster-scoped name fails.)"""
 
     __slots__ = ("children", "id", "max_restarts", "max_seconds", "name", "restart",
-                 "shutdown", "strategy")
+                 "scope", "shutdown", "strategy")
 
     def __init__(
         self,
@@ -140,6 +146,7 @@ class Supervisor:
         max_seconds: float = 5.0,
         name: str | None = None,
         restart: str = "permanent",
+        scope: str = "local",
     ) -> None:
         self.name = self.id = _check_id("root" if name is None else name, "Supervisor name")
         if isinstance(children, Child | Supervisor) or not isinstance(children, Iterable):
@@ -169,6 +176,10 @@ class Supervisor:
         self.max_restarts = max_restarts
         self.max_seconds = float(max_seconds)
         self.restart: Restart = _enum(Restart, restart, f"Supervisor {self.name!r} restart")
+        if scope not in ("local", "cluster"):
+            raise SupervisorError(f"Supervisor {self.name!r} scope must be 'local' or "
+                                  f"'cluster', got {scope!r}")
+        self.scope = scope
         self.shutdown = float("inf")
 
     def __repr__(self) -> str:
@@ -262,6 +273,8 @@ class SupervisorRuntime:
             sub = SupervisorRuntime(child, self.sched, self)
             sub.start()
             return True
+        if child.id in sched.standby:
+            return False  # it runs on another node of the cluster; this one stands by
         cls = self.sched.code_for(child)
         proc = self.sched.start_server(cls, child, self, restarts)
         if proc is None and child.restart is Restart.TEMPORARY:
@@ -421,7 +434,8 @@ class SupervisorRuntime:
             vsn = (type(thing) if thing is not None else
                    self.sched.code_for(spec)).vsn
         status = ("running" if thing is not None else
-                  "restarting" if id in self.pending else "not running")
+                  "restarting" if id in self.pending else
+                  "standby" if id in self.sched.standby else "not running")
         return ChildInfo(id, kind, status, vsn, self.child_restarts.get(id, 0))
 
     def which_children(self) -> list[ChildInfo]:
