@@ -261,23 +261,28 @@ class ClusterNode:
             existing = exc.existing
         if existing is not None:
             _node, creation = _unpack_pair(existing.value)
-            if creation != self.creation and await self._alive(self.node):
+            if creation != self.creation and await self._alive(self.node, creation):
                 raise ClusterError(
                     f"a node named {self.node!r} is already in cluster {self.cluster!r}; "
                     f"give this node another node_name")
             self._member_rev = await self._nodes_kv.update(key, value, existing.revision)
 
-    async def _alive(self, node: str) -> bool:
-        """Whether ``node`` answers a probe now (this node's own subject is excluded by
-        asking with a payload only another node answers)."""
+    async def _alive(self, node: str, creation: int | None = None) -> bool:
+        """Whether ``node`` answers a probe now (with ``creation``: that run of it, so
+        that this node, subscribed to its own subject, does not answer for an earlier
+        run of itself)."""
         try:
-            await self.client.request(self.node_subject(node),
-                                      wire.encode(self.cluster, wire.Ping()), timeout=1.0)
+            reply = await self.client.request(
+                self.node_subject(node), wire.encode(self.cluster, wire.Ping()),
+                timeout=1.0)
         except NoResponders:
             return False
         except NatsError:
             return True  # a timeout: it may be alive; do not take its name
-        return True
+        if creation is None:
+            return True
+        ok, answered = wire.decode_reply(reply.payload)
+        return not ok or answered == creation
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Watch the names and the members and probe the other nodes, until cancelled."""

@@ -37,7 +37,7 @@ So no call fails because its peer is one release behind.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgpack  # type: ignore[import-untyped]
@@ -191,10 +191,12 @@ async def ship(code: ObjectStore, digest: str, bundle: bytes) -> None:
 
 async def coordinate(kv: KeyValue, releases: Releases, *, vsn: str, digest: str | None,
                      downgrade: bool, coordinator: str, participants: Iterable[str],
-                     timeout: float = PREPARE_TIMEOUT) -> dict[str, Any]:
+                     timeout: float = PREPARE_TIMEOUT,
+                     down: Callable[[str], bool] = lambda node: False) -> dict[str, Any]:
     """Propose, wait for the votes, decide, wait for the acks (see the module doc).
     Returns the report; raises UpgradeFailed (nothing changed anywhere) naming each
-    node and server that failed."""
+    node and server that failed. ``down(node)``: whether a participant is known to be
+    down (a vote it owes will not come: the release aborts at once)."""
     waiting = releases.undecided()
     if waiting is not None:
         raise UpgradeFailed(f"release {waiting.vsn!r} (proposal {waiting.number}) is "
@@ -212,14 +214,17 @@ async def coordinate(kv: KeyValue, releases: Releases, *, vsn: str, digest: str 
     with trio.move_on_after(timeout):
         while set(releases.votes.get(number, {})) < set(nodes) and number not in \
                 releases.decisions:
-            await releases.changed.wait()
+            if any(down(n) for n in set(nodes) - set(releases.votes.get(number, {}))):
+                break
+            with trio.move_on_after(0.05):  # and look at who is down again
+                await releases.changed.wait()
     votes = releases.votes.get(number, {})
     failures: dict[str, Any] = {}
     for node in nodes:
         vote = votes.get(node)
         if vote is None:
-            failures[f"node {node}"] = (f"no vote within {timeout:g} s (the node is down "
-                                        f"or stuck)")
+            failures[f"node {node}"] = ("it is down" if down(node) else
+                                        f"no vote within {timeout:g} s (it is stuck)")
         elif not vote.get("ok"):
             failures[f"node {node}"] = (vote.get("failures") or vote.get("error")
                                         or "refused")
@@ -243,8 +248,9 @@ async def coordinate(kv: KeyValue, releases: Releases, *, vsn: str, digest: str 
                             f"any node: {shown}",
                             {k: str(v) for k, v in failures.items()})
     with trio.move_on_after(ACK_TIMEOUT):
-        while not set(nodes) <= releases.acks.get(number, set()):
-            await releases.changed.wait()
+        while not {n for n in nodes if not down(n)} <= releases.acks.get(number, set()):
+            with trio.move_on_after(0.05):  # a node that died will not ack: it catches up
+                await releases.changed.wait()
     missing = sorted(set(nodes) - releases.acks.get(number, set()))
     servers = {node: list(votes[node].get("servers", ())) for node in nodes}
     log.info("cluster_release_committed", release=vsn, number=number, nodes=list(nodes),
@@ -474,7 +480,8 @@ class NodeReleases:
         participants = [self.node, *(m for m, up in members.items() if up == "up")]
         return await coordinate(self.kv, self.state, vsn=vsn, digest=digest,
                                 downgrade=downgrade, coordinator=self.node,
-                                participants=participants, timeout=timeout)
+                                participants=participants, timeout=timeout,
+                                down=lambda node: members.get(node) == "down")
 
 
 async def release_from_outside(url: str, cluster: str, bundle: bytes | None, *,
