@@ -32,7 +32,7 @@ class Pid:
     Erlang; a call to it raises :class:`otpy.NoSuchServer` saying which pid holds the
     name now. ``str(pid)`` is ``<name.serial@node>``."""
 
-    __slots__ = ("creation", "name", "node", "serial")
+    __slots__ = ("_hash", "creation", "name", "node", "serial")
 
     node: str
     creation: int
@@ -44,15 +44,18 @@ class Pid:
         self.creation = creation
         self.name = name
         self.serial = serial
+        self._hash = hash((node, creation, serial, name))
 
     def _key(self) -> tuple[str, int, int, str]:
         return (self.node, self.creation, self.serial, self.name)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is Pid and self._key() == other._key()
+        return (type(other) is Pid and self.serial == other.serial
+                and self.creation == other.creation and self.name == other.name
+                and self.node == other.node)
 
     def __hash__(self) -> int:
-        return hash(self._key())
+        return self._hash
 
     def __lt__(self, other: Pid) -> bool:
         if type(other) is not Pid:
