@@ -13,7 +13,6 @@ import statistics
 import sys
 from typing import Any
 
-import trio
 from _common import clock, emit, quiet_logging, summary
 
 import otpy
