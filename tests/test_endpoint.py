@@ -384,8 +384,7 @@ async def test_bad_request_with_a_msgid_gets_an_error_reply(
     msgpack.packb([2, "cast"]),
     msgpack.packb([2, 5, []]),
     b"\x91" * 5000,  # nested deeper than msgpack's own stack
-    msgpack.packb([0, 1, "call", ["echo", "x" * 200000]]),  # beyond the buffer
-    msgpack.packb([0, 1, "call", ["echo", "x" * 20000]])[:9000],  # never completed
+    msgpack.packb([2, "cast", ["echo", "x" * 20000]]),  # a notification over max_frame
     b"\xa5\xff\xfe\xfd\xfc\xfb",  # a str that is not UTF-8
 ])
 async def test_input_without_a_usable_msgid_closes_only_that_connection(
@@ -400,6 +399,19 @@ async def test_input_without_a_usable_msgid_closes_only_that_connection(
             assert (1, 2, None, 2) == await fresh.call(2, "echo", ("echo", 2))
     assert events(logs, "wire_protocol_error")
     assert not events(logs, "server_crashed")
+
+
+async def test_a_request_over_max_frame_is_answered_and_the_connection_kept(
+        logs: list[dict[str, Any]]) -> None:
+    """A request many times ``max_frame`` is answered FrameTooLarge under its msgid (its
+    bytes dropped as they come), and the connection serves the next request."""
+    async with node(max_frame=4096) as n, raw(n.address) as r:
+        await r.send([0, 1, "call", ["echo", ["echo", "x" * 200_000]]])
+        _, msgid, error, _ = await r.recv()
+        assert (1, "FrameTooLarge") == (msgid, error[0])
+        assert "200" in error[1] and "4096" in error[1]
+        assert (1, 2, None, "after") == await r.call(2, "echo", ("echo", "after"))
+    assert ["FrameTooLarge"] == [e["kind"] for e in events(logs, "wire_bad_request")]
 
 
 async def test_replies_already_made_are_sent_before_a_protocol_error_closes() -> None:
