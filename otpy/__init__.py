@@ -31,6 +31,7 @@ from ._exceptions import BadRequest as BadRequest
 from ._exceptions import BadReturn as BadReturn
 from ._exceptions import CallTimeout as CallTimeout
 from ._exceptions import ConnectionLost as ConnectionLost
+from ._exceptions import FrameTooLarge as FrameTooLarge
 from ._exceptions import MailboxFull as MailboxFull
 from ._exceptions import NoSuchServer as NoSuchServer
 from ._exceptions import OtpyError as OtpyError
@@ -62,6 +63,7 @@ __all__ = [
     "Continue",
     "Down",
     "EndpointLimits",
+    "FrameTooLarge",
     "GenServer",
     "Ignore",
     "MailboxFull",

@@ -18,6 +18,7 @@ the built-in exception a Python user would already catch for that situation::
     ├── SupervisorError (ValueError)          a bad child spec, id or supervisor call
     ├── UpgradeFailed                         a release upgrade changed nothing (why inside)
     ├── BadRequest (ValueError)               a request over the network had the wrong shape
+    ├── FrameTooLarge (ValueError)            a message over an endpoint's or client's limits
     ├── RemoteError                           a node answered a client with an error
     │   └── RemoteError[kind]                 ... also the local error named kind, if any
     ├── ConnectionLost (ConnectionError)      a client's connection to a node closed
@@ -160,6 +161,13 @@ class UpgradeFailed(OtpyError):
 class BadRequest(OtpyError, ValueError):
     """A request over the network did not have the shape its method takes (e.g. ``call``
     without a server name); the node answers ``["BadRequest", message]``."""
+
+
+class FrameTooLarge(OtpyError, ValueError):
+    """A message over the network was larger than its reader accepts: a request over
+    the endpoint's ``max_frame`` bytes or ``max_objects`` objects (the node answers
+    ``["FrameTooLarge", message]`` and keeps the connection), or a reply over the
+    limits of ``otpy.connect`` (``max_frame=``, ``max_objects=``)."""
 
 
 class RemoteError(OtpyError):

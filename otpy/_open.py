@@ -9,6 +9,7 @@ transports do not import the node and the node does not import them.
 
 from __future__ import annotations
 
+import ssl as _ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -39,6 +40,7 @@ def _unwrap(exc: BaseException) -> BaseException:
 async def open_node(
     root: Supervisor, *, listen: tuple[str, int] | None = None,
     admin: tuple[str, int] | None = None, limits: EndpointLimits | None = None,
+    ssl: _ssl.SSLContext | None = None,
 ) -> AsyncIterator[Node]:
     """Start the supervision tree ``root`` on the current trio loop.
 
@@ -56,10 +58,16 @@ async def open_node(
     ``admin=(host, port)`` the cookie-authenticated admin endpoint (port 0 picks a free
     port; the bound addresses are ``node.address`` and ``node.admin_address``).
     ``limits=otpy.EndpointLimits(...)`` bounds each of their connections (frame size,
-    nesting, requests in flight, unsent replies, call timeout)."""
+    nesting, objects, requests in flight, unsent replies, call timeout, connections,
+    idle timeout). ``ssl=`` a server-side ``ssl.SSLContext`` makes both endpoints speak
+    TLS (``otpy.connect(..., ssl=...)`` on the other side)."""
     if limits is not None and not isinstance(limits, EndpointLimits):
         raise TypeError(f"open_node(limits=...) takes an otpy.EndpointLimits, got "
                         f"{limits!r}; e.g. limits=otpy.EndpointLimits(max_frame=65536)")
+    if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
+        raise TypeError(f"open_node(ssl=...) takes a server-side ssl.SSLContext, got "
+                        f"{ssl!r}; e.g. ctx = ssl.create_default_context("
+                        f"ssl.Purpose.CLIENT_AUTH); ctx.load_cert_chain(cert, key)")
     node = Node(root)
     sched = node._sched
     try:
@@ -71,11 +79,12 @@ async def open_node(
                 try:
                     if listen is not None:
                         node.address = await system.start(
-                            partial(serve_client, node._rt, listen, limits=limits))
+                            partial(serve_client, node._rt, listen, limits=limits,
+                                    ssl_context=ssl))
                     if admin is not None:
                         node.admin_address = await system.start(
                             partial(serve_admin, node._rt, node._install, admin,
-                                    limits=limits))
+                                    limits=limits, ssl_context=ssl))
                     with trio.CancelScope() as body:
                         node._body = body
                         if sched.fatal is not None:
@@ -99,14 +108,15 @@ async def open_node(
 def run(
     root: Supervisor, main: Callable[[Node], Awaitable[T]] | None = None, *,
     listen: tuple[str, int] | None = None, admin: tuple[str, int] | None = None,
-    limits: EndpointLimits | None = None,
+    limits: EndpointLimits | None = None, ssl: _ssl.SSLContext | None = None,
 ) -> T | None:
     """Run a node from synchronous code: start ``root``, run ``await main(node)`` (or
     serve until interrupted when ``main`` is None), shut down, return main's result.
-    ``listen``, ``admin`` and ``limits`` are as for :func:`open_node`."""
+    ``listen``, ``admin``, ``limits`` and ``ssl`` are as for :func:`open_node`."""
 
     async def _amain() -> T | None:
-        async with open_node(root, listen=listen, admin=admin, limits=limits) as node:
+        async with open_node(root, listen=listen, admin=admin, limits=limits,
+                             ssl=ssl) as node:
             if main is None:
                 await trio.sleep_forever()
                 return None

@@ -27,6 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import otpy
+from otpy._protocol.handshake import Session
+from otpy._protocol.msgpack_rpc import Decoder, Response, Sealed
 from otpy._serve import rpc as _endpoint
 from otpy._serve.rpc import CookieError, read_cookie, serve_admin, serve_client
 
@@ -96,14 +98,19 @@ def tree() -> otpy.Supervisor:
 
 
 class Raw:
-    """A raw MessagePack-RPC client over a trio stream."""
+    """A raw MessagePack-RPC client over a trio stream; once ``session`` is set (an
+    authenticated admin session), it seals what it sends and opens what it gets."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.unpacker = msgpack.Unpacker(use_list=False, raw=False, strict_map_key=False)
+        self.session: Session | None = None
 
     async def send(self, *objs: Any) -> None:
-        await self.stream.send_all(b"".join(msgpack.packb(o) for o in objs))
+        frames = [msgpack.packb(o) for o in objs]
+        if self.session is not None:
+            frames = [self.session.seal(f) for f in frames]
+        await self.stream.send_all(b"".join(frames))
 
     async def send_bytes(self, data: bytes) -> None:
         await self.stream.send_all(data)
@@ -112,6 +119,10 @@ class Raw:
         with trio.fail_after(5):
             while True:
                 for obj in self.unpacker:
+                    if self.session is not None:
+                        [opened] = self.session.open(Sealed(obj[1], obj[2]))
+                        assert isinstance(opened, Response)
+                        return (1, *opened)
                     return obj
                 data = await self.stream.receive_some(65536)
                 if not data:
@@ -143,13 +154,25 @@ async def raw(address: tuple[str, int] | None) -> AsyncIterator[Raw]:
         await trio.aclose_forcefully(stream)
 
 
+def answer(cookie: str, node_nonce: bytes, client_nonce: bytes) -> bytes:
+    """The client's proof, computed here from the documented construction."""
+    return hmac.new(cookie.encode(), b"otpy admin client\x00" + node_nonce + client_nonce,
+                    hashlib.sha256).digest()
+
+
 @asynccontextmanager
 async def admin_raw(address: tuple[str, int] | None, cookie: str = COOKIE) -> AsyncIterator[Raw]:
     async with raw(address) as r:
         challenge = await r.recv()
         assert "challenge" == challenge[1]
-        answer = hmac.new(cookie.encode(), challenge[2][0], hashlib.sha256).digest()
-        assert (1, 0, None, True) == await r.call(0, answer, method="auth")
+        nonce, mine = challenge[2][0], os.urandom(32)
+        _, msgid, error, proof = await r.call(0, mine, answer(cookie, nonce, mine),
+                                              method="auth")
+        assert (0, None) == (msgid, error)
+        assert hmac.new(cookie.encode(), b"otpy admin node\x00" + nonce + mine,
+                        hashlib.sha256).digest() == proof
+        r.session = Session(cookie, nonce, mine, node_side=False,
+                            decoder=Decoder(replies=True))
         yield r
 
 
@@ -539,9 +562,9 @@ async def test_admin_runs_nothing_before_authentication(logs: list[dict[str, Any
 async def test_admin_wrong_hmac_is_refused_and_closed(logs: list[dict[str, Any]]) -> None:
     """An answer made with another cookie fails; the connection closes."""
     async with node() as n, raw(n.admin_address) as r:
-        nonce = (await r.recv())[2][0]
-        wrong = hmac.new(b"not-the-cookie", nonce, hashlib.sha256).digest()
-        _, _, error, _ = await r.call(1, wrong, method="auth")
+        nonce, mine = (await r.recv())[2][0], os.urandom(32)
+        wrong = answer("not-the-cookie", nonce, mine)
+        _, _, error, _ = await r.call(1, mine, wrong, method="auth")
         assert "AuthFailed" == error[0]
         assert await r.closed()
     assert events(logs, "admin_auth_failed")
@@ -551,14 +574,25 @@ async def test_admin_replayed_answer_is_refused() -> None:
     """An answer that was good for one connection's nonce fails on another's."""
     async with node() as n:
         async with raw(n.admin_address) as first:
-            nonce = (await first.recv())[2][0]
-            answer = hmac.new(COOKIE.encode(), nonce, hashlib.sha256).digest()
-            assert (1, 1, None, True) == await first.call(1, answer, method="auth")
+            nonce, mine = (await first.recv())[2][0], os.urandom(32)
+            good = answer(COOKIE, nonce, mine)
+            assert (1, 1, None) == (await first.call(1, mine, good, method="auth"))[:3]
         async with raw(n.admin_address) as second:
             assert nonce != (await second.recv())[2][0]
-            _, _, error, _ = await second.call(1, answer, method="auth")
+            _, _, error, _ = await second.call(1, mine, good, method="auth")
             assert "AuthFailed" == error[0]
             assert await second.closed()
+
+
+async def test_admin_answer_of_the_single_proof_protocol_is_refused_with_why() -> None:
+    """A client that answers with HMAC(cookie, nonce) alone (otpy before mutual
+    authentication) is refused with a message that says to update it."""
+    async with node() as n, raw(n.admin_address) as r:
+        nonce = (await r.recv())[2][0]
+        old = hmac.new(COOKIE.encode(), nonce, hashlib.sha256).digest()
+        _, _, error, _ = await r.call(1, old, method="auth")
+        assert "AuthFailed" == error[0] and "update" in error[1]
+        assert await r.closed()
 
 
 async def test_admin_silent_client_is_closed_after_the_auth_timeout(
@@ -574,12 +608,15 @@ async def test_admin_silent_client_is_closed_after_the_auth_timeout(
     assert ["no answer in time"] == [e["reason"] for e in events(logs, "admin_auth_failed")]
 
 
-@pytest.mark.parametrize("answer", [None, "text", 12, b"", b"\x00" * 32])
-async def test_admin_malformed_answers_are_refused(answer: Any) -> None:
+@pytest.mark.parametrize("params", [
+    [None], ["text"], [12], [b""], [b"\x00" * 32], [b"\x00" * 32, b"\x00" * 32],
+    [b"\x00" * 31, b"\x00" * 32], ["x" * 32, b"\x00" * 32], [b"\x00" * 32, None],
+])
+async def test_admin_malformed_answers_are_refused(params: list[Any]) -> None:
     """Answers of the wrong type or length fail like a wrong HMAC."""
     async with node() as n, raw(n.admin_address) as r:
         await r.recv()
-        _, _, error, _ = await r.call(1, answer, method="auth")
+        _, _, error, _ = await r.call(1, *params, method="auth")
         assert "AuthFailed" == error[0]
         assert await r.closed()
 
@@ -596,12 +633,15 @@ async def test_admin_garbage_before_authentication_closes() -> None:
 
 
 async def test_admin_pipelined_after_auth_in_the_same_packet() -> None:
-    """Requests sent right behind the answer, in the same packet, are served."""
+    """Sealed requests sent right behind the answer, in the same packet, are served."""
     async with node() as n, raw(n.admin_address) as r:
-        nonce = (await r.recv())[2][0]
-        answer = hmac.new(COOKIE.encode(), nonce, hashlib.sha256).digest()
-        await r.send([0, 1, "auth", [answer]], [0, 2, "get_state", ["v"]])
-        assert (1, 1, None, True) == await r.recv()
+        nonce, mine = (await r.recv())[2][0], os.urandom(32)
+        session = Session(COOKIE, nonce, mine, node_side=False,
+                          decoder=Decoder(replies=True))
+        await r.send_bytes(msgpack.packb([0, 1, "auth", [mine, answer(COOKIE, nonce, mine)]])
+                           + session.seal(msgpack.packb([0, 2, "get_state", ["v"]])))
+        assert (1, 1, None) == (await r.recv())[:3]
+        r.session = session
         assert (1, 2, None, 42) == await r.recv()
 
 

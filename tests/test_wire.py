@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from otpy._protocol.handshake import Session, client_proof, new_nonce, node_proof
 from otpy._protocol.msgpack_rpc import (
     DEFAULT_MAX_OBJECTS,
     READ_SIZE,
@@ -20,14 +21,12 @@ from otpy._protocol.msgpack_rpc import (
     Fatal,
     Invalid,
     Notification,
-    auth_answer,
-    auth_ok,
+    Response,
     encode_error,
     encode_notification,
     encode_request,
     encode_result,
     error_of,
-    new_nonce,
 )
 
 
@@ -168,15 +167,61 @@ def test_error_of_names_the_exception_class() -> None:
     assert ("ValueError", "ValueError") == error_of(ValueError())
 
 
-def test_auth_answer_is_hmac_sha256_of_the_nonce() -> None:
-    """The answer is HMAC-SHA256 keyed by the cookie over the nonce, as documented."""
-    nonce = new_nonce()
-    assert hmac.new(b"cookie", nonce, hashlib.sha256).digest() == auth_answer("cookie", nonce)
-    assert auth_ok(b"cookie", nonce, auth_answer(b"cookie", nonce))
-    assert not auth_ok(b"cookie", nonce, auth_answer(b"other", nonce))
-    assert not auth_ok(b"cookie", new_nonce(), auth_answer(b"cookie", nonce))
-    assert not auth_ok(b"cookie", nonce, "text")
-    assert 32 == len(nonce) and nonce != new_nonce()
+def test_proofs_are_the_documented_hmacs() -> None:
+    """Each side's proof is HMAC-SHA256 keyed by the cookie over its role label and
+    both nonces, as docs/network.md describes; the two never coincide."""
+    node_nonce, client_nonce = new_nonce(), new_nonce()
+    assert hmac.new(b"c", b"otpy admin client\x00" + node_nonce + client_nonce,
+                    hashlib.sha256).digest() == client_proof("c", node_nonce, client_nonce)
+    assert hmac.new(b"c", b"otpy admin node\x00" + node_nonce + client_nonce,
+                    hashlib.sha256).digest() == node_proof(b"c", node_nonce, client_nonce)
+    assert client_proof("c", node_nonce, client_nonce) != node_proof("c", node_nonce,
+                                                                      client_nonce)
+    assert 32 == len(node_nonce) and node_nonce != client_nonce
+
+
+def sessions(cookie: str = "c") -> tuple[Session, Session]:
+    node_nonce, client_nonce = new_nonce(), new_nonce()
+    return (Session(cookie, node_nonce, client_nonce, node_side=True),
+            Session(cookie, node_nonce, client_nonce, node_side=False))
+
+
+def test_a_session_opens_what_the_other_side_sealed_in_order() -> None:
+    """Sealed requests open on the node as the requests, and replies on the client."""
+    node, client = sessions()
+    frames = Decoder().feed(client.seal(pack([0, 1, "call", ["c", 1]]))
+                            + client.seal(pack([2, "cast", ["c", 2]])))
+    assert [(0, 1, "call", ("c", 1)), Notification("cast", ("c", 2))] == node.open_all(frames)
+    [reply] = Decoder(replies=True).feed(node.seal(encode_result(1, "ok")))
+    assert [Response(1, None, "ok")] == client.open_all([reply])
+
+
+@pytest.mark.parametrize("tamper", ["replay", "reorder", "alter", "inject", "reflect",
+                                    "other session", "unsealed"])
+def test_a_sealed_message_out_of_its_place_ends_the_session(tamper: str) -> None:
+    """Whoever lacks the cookie can only forward sealed messages unchanged and in
+    order: a replayed, reordered, altered, injected or reflected one is Fatal, as is
+    an unsealed one or one sealed in another session."""
+    node, client = sessions()
+    first, second, third = (client.seal(pack([0, i, "call", ["c", i]])) for i in (1, 2, 3))
+    if tamper == "replay":
+        data = first + first
+    elif tamper == "reorder":
+        data = first + third + second
+    elif tamper == "alter":
+        sealed = Decoder().feed(first)[0]
+        data = first + pack([3, sealed.body.replace(b"\x01", b"\x02"), sealed.mac])
+    elif tamper == "inject":
+        data = first + pack([3, pack([0, 9, "call", ["c", 9]]), b"\x00" * 32])
+    elif tamper == "reflect":
+        data = first + node.seal(pack([0, 2, "call", ["c", 2]]))
+    elif tamper == "other session":
+        data = first + sessions()[1].seal(pack([0, 2, "call", ["c", 2]]))
+    else:
+        data = first + pack([0, 2, "call", ["c", 2]])
+    got = node.open_all(Decoder().feed(data))
+    assert (0, 1, "call", ("c", 1)) == got[0]
+    assert isinstance(got[1], Fatal) and 2 == len(got)
 
 
 @given(st.binary(max_size=300))

@@ -1,33 +1,51 @@
-"""MessagePack-RPC framing and codec, and the admin handshake's HMAC: no I/O, no trio.
+"""MessagePack-RPC framing and codec: no I/O, no trio.
 
 The wire is plain MessagePack-RPC, so any client of that protocol can reach a node::
 
     request       [0, msgid, method, params]
     response      [1, msgid, error, result]     error is None or [kind, message]
     notification  [2, method, params]
+    sealed        [3, body, mac]                the admin session (see ``handshake``)
 
 :class:`Decoder` turns the bytes a connection receives into requests (the decoded
 ``(0, msgid, method, params)`` tuple itself, its shape checked), :class:`Notification`,
 :class:`Invalid` (a message whose msgid is known but which cannot be served: it gets an
-error reply) and :class:`Fatal` (the stream cannot be trusted any more: the connection
-must close). Arrays decode as tuples, so a request
-made over the wire reaches ``handle_call`` in the shape the same request has in process.
+error reply), :class:`Sealed` and :class:`Fatal` (the stream cannot be trusted any
+more: the connection must close); a client's decoder (``replies=True``) gives
+:class:`Response` instead of requests. Arrays decode as tuples, so a request made over
+the wire reaches ``handle_call`` in the shape the same request has in process.
 
-What must stay true: a frame larger than ``max_frame`` bytes never makes the decoder
-buffer more than ``max_frame`` plus one read; nesting deeper than ``max_depth`` is
-refused (deeper than msgpack's own stack limit it is fatal, below it an error reply).
+How a frame is decoded, and what it may cost
+--------------------------------------------
+msgpack builds the elements of an unfinished array or map as they arrive (one byte,
+an empty map, becomes a 64-byte dict), so it is never left holding an unfinished
+frame. Bytes are fed at most READ_SIZE (16 KiB) at a time; msgpack decodes the frames
+that end in the read that began them, which hold at most READ_SIZE objects. When a
+read ends inside a frame, what msgpack built of it is dropped at once and a walker
+(:class:`_Partial`) takes the frame from its start: it follows the type bytes to the
+frame's end, counting objects and nesting, building nothing. A frame that ends within
+``max_frame`` bytes and ``max_objects`` objects is then decoded whole; one that passes
+either limit is walked on with its bytes dropped as they come, and answered
+FrameTooLarge under its msgid when it ends (a frame without a msgid to answer it by,
+or of more than twice ``max_objects`` objects, is Fatal).
 
-The admin handshake: the node sends ``[2, "challenge", [nonce]]``; the client answers
-``[0, msgid, "auth", [HMAC-SHA256(cookie, nonce)]]``; the node compares in constant
-time. The cookie never crosses the wire and a fresh nonce per connection defeats replay.
+What must stay true, whatever the shape of the bytes:
+
+- between reads, a decoder holds the bytes of one unfinished frame (at most
+  ``max_frame`` plus one read, kept in a bytearray), msgpack's own object and buffer
+  (about 60 KiB), and no decoded object;
+- a message decodes to at most ``max_objects`` objects (64 Ki by default), so what a
+  decoded message takes is at most its bytes plus about 100 bytes per object;
+- nesting deeper than ``max_depth`` is refused (deeper than msgpack's own stack limit,
+  1024, it is fatal; below it, an error reply);
+- the work of one ``feed`` is bounded by one read: msgpack decodes at most READ_SIZE
+  objects, or the walker walks at most READ_SIZE bytes, or a walked frame of at most
+  ``max_objects`` objects is decoded.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
-import secrets
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -44,7 +62,6 @@ READ_SIZE = 1 << 14
 
 # Nesting the walker follows (msgpack's own stack is as deep).
 MAX_NESTING = 1024
-NONCE_SIZE = 32
 MAX_MSGID = (1 << 32) - 1
 
 
@@ -63,11 +80,14 @@ class Notification(NamedTuple):
 
 
 class Invalid(NamedTuple):
-    """A message with a known msgid that cannot be served: reply ``[kind, message]``."""
+    """A message with a known msgid that cannot be served: reply ``[kind, message]``.
+    ``sealed``: it came sealed, and was skipped unopened for its size (a session counts
+    it as received)."""
 
     msgid: int
     kind: str
     message: str
+    sealed: bool = False
 
 
 class Fatal(NamedTuple):
@@ -303,16 +323,25 @@ def _frames_end(data: bytes | bytearray, n: int) -> int:
 
 def _head(data: bytes | bytearray) -> tuple[int | None, int | None]:
     """The message type and msgid at the start of a frame ``[type, msgid, ...]`` (msgid
-    None for a notification or a sealed message), or (None, None)."""
+    None for a notification), or (None, None). For a sealed message ``[3, body, mac]``,
+    the type is SEALED and the msgid that of the message its body begins with."""
     try:
         up = msgpack.Unpacker(max_buffer_size=64)
-        up.feed(bytes(data[:32]))
+        up.feed(bytes(data[:48]))
         if up.read_array_header() not in (3, 4):
             return None, None
         kind = up.unpack()
         if type(kind) is not int:
             return None, None
-        if kind in (NOTIFICATION, SEALED):
+        if kind == SEALED:
+            # The body's bin header, then the head of the message inside it.
+            offset = up.tell()
+            width = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(data[offset])
+            if width is None:
+                return None, None
+            inner = _head(data[offset + 1 + width:offset + 1 + width + 32])
+            return (SEALED, inner[1]) if inner[0] in (REQUEST, RESPONSE) else (None, None)
+        if kind == NOTIFICATION:
             return kind, None
         msgid = up.unpack()
     except Exception:
@@ -333,13 +362,13 @@ class Decoder:
         assert msg == (0, 1, "call", ("c", "incr"))
 
     ``replies=True`` decodes what a client receives instead (:class:`Response` and
-    :class:`Notification`); ``sealed`` (set once a session is authenticated) accepts
-    only :class:`Sealed` messages. ``max_objects`` (at least READ_SIZE): the most
-    objects one message may decode to.
+    :class:`Notification`). Either side also decodes :class:`Sealed` messages, which
+    only an authenticated session (``handshake.Session``) opens. ``max_objects`` (at
+    least READ_SIZE): the most objects one message may decode to.
     """
 
     __slots__ = ("_partial", "_unpacker", "broken", "max_depth", "max_frame", "max_objects",
-                 "replies", "sealed")
+                 "replies", "skip_oversized")
 
     def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME,
                  max_depth: int = DEFAULT_MAX_DEPTH, max_objects: int = DEFAULT_MAX_OBJECTS,
@@ -348,7 +377,9 @@ class Decoder:
         self.max_depth = max_depth
         self.max_objects = max(max_objects, READ_SIZE)
         self.replies = replies
-        self.sealed = False
+        # Whether an oversized request (or response) is skipped and answered; when
+        # False (before authentication) it is Fatal at once.
+        self.skip_oversized = True
         self.broken = False
         self._partial: _Partial | None = None
         self._unpacker = self._new_unpacker()
@@ -401,9 +432,7 @@ class Decoder:
         sized = len(data) > max_frame
         start = tell()
         size = 0
-        # The levels left below [0, msgid, method, params]; none in a sealed session, so
-        # that every message goes to _classify.
-        inner = 0 if self.sealed else max_depth - 2
+        inner = max_depth - 2  # the levels left below [0, msgid, method, params]
         failed: Exception | None = None
         try:
             for obj in up:
@@ -487,7 +516,8 @@ class Decoder:
             out.append(Invalid(partial.msgid or 0, "FrameTooLarge",
                                f"the {what} is {partial.size + end} bytes in "
                                f"{partial.objects} objects; the limit is {self.max_frame} "
-                               f"bytes and {max_objects} objects"))
+                               f"bytes and {max_objects} objects",
+                               partial.kind == SEALED))
             return partial.buf[end:]
         try:
             obj = msgpack.unpackb(
@@ -508,7 +538,7 @@ class Decoder:
         """Start skipping an oversized frame, if it has a msgid to answer; else Fatal."""
         kind, msgid = _head(partial.buf)
         expected = RESPONSE if self.replies else REQUEST
-        if self.sealed or kind != expected or msgid is None:
+        if kind not in (expected, SEALED) or msgid is None or not self.skip_oversized:
             self._partial = None
             what = "a message" if kind is None else f"a message of type {kind}"
             out.extend(self._fatal(
@@ -530,12 +560,12 @@ class Decoder:
         if not isinstance(obj, tuple) or not obj or type(obj[0]) is not int:
             return Fatal(f"expected a MessagePack-RPC message [type, ...], got {_short(obj)}")
         kind = obj[0]
-        if self.sealed:
-            if (kind == SEALED and len(obj) == 3 and type(obj[1]) is bytes
-                    and type(obj[2]) is bytes):
+        if kind == SEALED:
+            # Its size is checked once opened (the message inside is decoded with the
+            # session's limits): what it holds is only two byte strings.
+            if len(obj) == 3 and type(obj[1]) is bytes and type(obj[2]) is bytes:
                 return Sealed(obj[1], obj[2])
-            return Fatal(f"expected a sealed message [3, body, mac] in an authenticated "
-                         f"session, got {_short(obj)}")
+            return Fatal(f"expected a sealed message [3, body, mac], got {_short(obj)}")
         if kind == (RESPONSE if self.replies else REQUEST):
             what = "response" if self.replies else "request"
             msgid = obj[1] if len(obj) > 1 else None
@@ -636,27 +666,3 @@ def encode_notification(method: str, params: Any) -> bytes:
 def error_of(exc: BaseException) -> tuple[str, str]:
     """The ``[kind, message]`` pair for an exception: its class name and its text."""
     return type(exc).__name__, str(exc) or type(exc).__name__
-
-
-# -- the admin handshake ------------------------------------------------------------
-
-
-def new_nonce() -> bytes:
-    """A fresh random challenge; one per connection."""
-    return secrets.token_bytes(NONCE_SIZE)
-
-
-def _key(cookie: str | bytes) -> bytes:
-    return cookie.encode() if isinstance(cookie, str) else cookie
-
-
-def auth_answer(cookie: str | bytes, nonce: bytes) -> bytes:
-    """What a client sends back: HMAC-SHA256 keyed by the cookie, over the nonce."""
-    return hmac.new(_key(cookie), nonce, hashlib.sha256).digest()
-
-
-def auth_ok(cookie: str | bytes, nonce: bytes, answer: object) -> bool:
-    """Whether ``answer`` proves knowledge of ``cookie``; compared in constant time."""
-    if not isinstance(answer, bytes):
-        return False
-    return hmac.compare_digest(auth_answer(cookie, nonce), answer)
