@@ -719,6 +719,7 @@ class _Endpoint:
                 conn = _Connection(self, stream)
                 self.conns.add(conn)
                 nursery.start_soon(self._handle, conn, stream)
+                del conn, stream  # this loop must not keep the last one alive
 
     def _evict(self) -> bool:
         """Close the connection idle the longest (one not authenticated yet first), to
