@@ -4,7 +4,8 @@ Each figure comes from a node in its own process (its RSS read from /proc, its
 descriptor limit set to 1024 as the common ``ulimit -n``), driven from this one:
 
 - ``attack_rss_*``: the node's RSS growth (MB) while frames that never end arrive:
-  empty maps (one byte each, a dict each if decoded) in one request, 25 connections
+  arrays of empty maps (one byte each, a dict each if decoded) in one request (the
+  arrays as long as msgpack's own limit allows), 25 connections
   each holding an unfinished frame just under ``max_frame`` (of empty maps, and of one
   long string), and empty maps inside the admin endpoint's ``auth`` message, before
   any cookie. Each stops at 16 MiB sent, when the node closes the connection, or when
@@ -123,14 +124,25 @@ def push(sock: socket.socket, head: bytes, body: bytes, total: int, node: Node) 
     return sent
 
 
+def settled_rss(node: Node) -> int:
+    """The node's RSS once it stopped growing for a second (it may still be decoding
+    what the kernel buffered), or after 30 s."""
+    last, still, end = node.rss(), 0, time.perf_counter() + 30
+    while still < 4 and time.perf_counter() < end and last < RSS_MAX:
+        time.sleep(0.25)
+        now = node.rss()
+        still = still + 1 if now <= last else 0
+        last = max(last, now)
+    return last
+
+
 def attack_rss(name: str, what: str, run: Any) -> None:
     node = Node()
     try:
         time.sleep(0.2)
         before = node.rss()
         sent, socks = run(node)
-        time.sleep(0.5)
-        grown = node.rss() - before
+        grown = settled_rss(node) - before
         emit(f"attack_rss_{name}", round(grown / MB, 1), "MB", what=what,
              sent_mb=round(sent / MB, 1), capped=node.rss() >= RSS_MAX)
         for s in socks:
@@ -139,9 +151,14 @@ def attack_rss(name: str, what: str, run: Any) -> None:
         node.close()
 
 
+# Arrays of empty maps inside an array, each as long as msgpack's limit on main
+# allowed (2**20 - 1): msgpack builds it all as it arrives.
+NESTED = b"\xdd\x00\x0f\xff\xff" + b"\x80" * (2**20 - 1)
+
+
 def maps_in_one_request(node: Node) -> tuple[int, list[socket.socket]]:
     sock = socket.create_connection(("127.0.0.1", node.port))
-    return push(sock, request_head("call", 2**32 - 1), b"\x80" * 65536, SENT_MAX, node), [sock]
+    return push(sock, request_head("call", 2**20 - 1), NESTED, SENT_MAX, node), [sock]
 
 
 def unfinished_25(body: bytes, head: bytes) -> Any:
@@ -159,7 +176,7 @@ def maps_in_auth(node: Node) -> tuple[int, list[socket.socket]]:
     sock = socket.create_connection(("127.0.0.1", node.admin_port))
     sock.settimeout(5)
     sock.recv(100)  # the challenge
-    return push(sock, request_head("auth", 2**32 - 1), b"\x80" * 65536, SENT_MAX, node), [sock]
+    return push(sock, request_head("auth", 2**20 - 1), NESTED, SENT_MAX, node), [sock]
 
 
 # -- another client's latency during a burst of unknown names ----------------------------

@@ -98,11 +98,11 @@ class Session:
 
     def __init__(self, cookie: str | bytes, node_nonce: bytes, client_nonce: bytes, *,
                  node_side: bool, decoder: Decoder | None = None) -> None:
-        base = _SESSION + b"%s" + node_nonce + client_nonce
-        to_node = _mac(_key(cookie), base.replace(b"%s", TO_NODE, 1))
-        to_client = _mac(_key(cookie), base.replace(b"%s", TO_CLIENT, 1))
-        self._out_key, self._in_key = (to_client, to_node) if node_side else (to_node,
-                                                                              to_client)
+        key, nonces = _key(cookie), node_nonce + client_nonce
+        to_node = _mac(key, _SESSION + TO_NODE + nonces)
+        to_client = _mac(key, _SESSION + TO_CLIENT + nonces)
+        self._out_key, self._in_key = ((to_client, to_node) if node_side
+                                       else (to_node, to_client))
         self._sent = 0
         self._received = 0
         # Decodes each sealed body: one message, within the connection's limits.
