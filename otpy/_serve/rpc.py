@@ -92,7 +92,7 @@ AUTH_MAX_FRAME = 1024  # bytes of the one message a client may send before authe
 AUTH_TIMEOUT = 10.0  # seconds to authenticate (and to finish a TLS handshake)
 DIRECT_IO = os.name == "posix"
 # Requests of one read served in a row before the connection lets the others run.
-MAX_BATCH = 256
+MAX_BATCH = 128
 # Descriptors the client endpoint leaves free under the process's limit, beside the
 # admin endpoint's connections (see _client_cap).
 FD_RESERVE = 64
