@@ -199,6 +199,27 @@ def table(r: dict[str, dict[str, Any]]) -> list[Row]:
                 ratio, "(info)", None)
     row("http: JSON share of a call", "http_json_share", lambda v: f"{v * 100:.1f} %",
         "(info)", None)
+    for key, label, limit in (
+            ("maps_one_request", "attack: RSS, empty maps in one request", 10.0),
+            ("maps_25_connections", "attack: RSS, 25 conns x unfinished maps", 10.0),
+            ("string_25_connections", "attack: RSS, 25 conns x unfinished string", 40.0),
+            ("maps_admin_auth", "attack: RSS, empty maps in admin auth", 10.0)):
+        rec = r.get(f"attack_rss_{key}", {})
+        row(label, f"attack_rss_{key}",
+            lambda v, rec=rec: f"{v:.1f} MB ({rec.get('sent_mb', '?')} MB sent)",
+            f"<= {limit:.0f} MB", lambda v, limit=limit: v <= limit)
+    for tag, servers in (("1k", "1,000"), ("100k", "100,000")):
+        rec = r.get(f"attack_latency_unknown_{tag}", {})
+        row(f"attack: others' worst latency, unknown-name burst, {servers} servers",
+            f"attack_latency_unknown_{tag}",
+            lambda v, rec=rec: f"{v:.1f} ms (p99 {rec.get('p99_ms', 0):.1f}, quiet "
+                               f"{rec.get('quiet_worst_ms', 0):.1f})",
+            "<= 10 ms", lambda v: v <= 10)
+    rec = r.get("attack_idle_connections", {})
+    row("attack: 1,100 idle sockets, ulimit -n 1024: client, admin get in",
+        "attack_idle_connections",
+        lambda v, rec=rec: f"client {rec.get('client')}, admin {rec.get('admin')}",
+        "both", lambda v: v == 2)
     row("step watchdog: node.call on/off", "watchdog_call_ratio", ratio, "(info: ~1.0)",
         None)
     row("  ... node.cast on/off", "watchdog_cast_ratio", ratio, "(info: ~1.0)", None)
@@ -229,8 +250,9 @@ def print_table(rows: list[Row]) -> None:
     print(line)
     print(f"* {ERLANG} and {TRIOTP} columns are QUOTED from issues #2 and #3 (measured on "
           f"this machine when the issues were filed), NOT measured by this run.")
-    print("  Targets from issues #2 and #3 (upgrades: #4, wire: #5, http: #14); '(>= 1M/s)' "
-          "on queued casts is the plain cast target, shown for comparison only.")
+    print("  Targets from issues #2 and #3 (upgrades: #4, wire: #5, attacks: #11, http: "
+          "#14); '(>= 1M/s)' on queued casts is the plain cast target, shown for "
+          "comparison only.")
     print("  http rows: wrk -t1 against a server in its own process (2 cores: one each), "
           "best of 3 interleaved rounds; the call is a full POST /call with a JSON body.")
     print(f"  Logging: {LOGGING_NOTE}.")
@@ -266,6 +288,7 @@ def main() -> None:
     results += run_group("bench_release_load.py")
     results += run_group("bench_nats.py")
     results += run_group("bench_http.py")
+    results += run_group("bench_attack.py")
     by = {x["bench"]: x for x in results}
     results.append(emit("sup_total_us_1000000",
                         by["sup_start_us_1000000"]["value"] + by["sup_spec_us_1000000"]["value"],

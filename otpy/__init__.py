@@ -35,6 +35,7 @@ from ._exceptions import BadReturn as BadReturn
 from ._exceptions import CallTimeout as CallTimeout
 from ._exceptions import ConnectionLost as ConnectionLost
 from ._exceptions import CookieError as CookieError
+from ._exceptions import FrameTooLarge as FrameTooLarge
 from ._exceptions import MailboxFull as MailboxFull
 from ._exceptions import NoSuchServer as NoSuchServer
 from ._exceptions import OtpyError as OtpyError
@@ -72,6 +73,7 @@ __all__ = [
     "CookieError",
     "Down",
     "EndpointLimits",
+    "FrameTooLarge",
     "GenServer",
     "HttpLimits",
     "Ignore",

@@ -20,6 +20,7 @@ the built-in exception a Python user would already catch for that situation::
     ├── BadRequest (ValueError)               a request over the network had the wrong shape
     ├── CookieError (PermissionError)         the node's cookie cannot be read or is unsafe
     ├── StoreError (OSError)                  the durable store cannot open, write or read back
+    ├── FrameTooLarge (ValueError)            a message over an endpoint's or client's limits
     ├── RemoteError                           a node answered a client with an error
     │   └── RemoteError[kind]                 ... also the local error named kind, if any
     ├── ConnectionLost (ConnectionError)      a client's connection to a node closed
@@ -180,6 +181,13 @@ class StoreError(OtpyError, OSError):
     def __init__(self, message: str, *, path: object = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class FrameTooLarge(OtpyError, ValueError):
+    """A message over the network was larger than its reader accepts: a request over
+    the endpoint's ``max_frame`` bytes or ``max_objects`` objects (the node answers
+    ``["FrameTooLarge", message]`` and keeps the connection), or a reply over the
+    limits of ``otpy.connect`` (``max_frame=``, ``max_objects=``)."""
 
 
 class RemoteError(OtpyError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl as _ssl
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -49,6 +50,7 @@ async def open_node(
     admin: tuple[str, int] | None = None, limits: EndpointLimits | None = None,
     node_name: str | None = None, cluster: str | bool | None = None,
     cluster_name: str = "otpy",
+    ssl: _ssl.SSLContext | None = None,
 ) -> AsyncIterator[Node]:
     """Start the supervision tree ``root`` on the current trio loop.
 
@@ -66,7 +68,9 @@ async def open_node(
     ``admin=(host, port)`` the cookie-authenticated admin endpoint (port 0 picks a free
     port; the bound addresses are ``node.address`` and ``node.admin_address``).
     ``limits=otpy.EndpointLimits(...)`` bounds each of their connections (frame size,
-    nesting, requests in flight, unsent replies, call timeout). ``node_name`` is the
+    nesting, objects, requests in flight, unsent replies, call timeout, connections,
+    idle timeout). ``ssl=`` a server-side ``ssl.SSLContext`` makes both endpoints speak
+    TLS (``otpy.connect(..., ssl=...)`` on the other side). ``node_name`` is the
     name the node's pids carry (default ``"nonode"``, or ``<host>-<pid>`` in a
     cluster).
 
@@ -79,6 +83,10 @@ async def open_node(
     if limits is not None and not isinstance(limits, EndpointLimits):
         raise TypeError(f"open_node(limits=...) takes an otpy.EndpointLimits, got "
                         f"{limits!r}; e.g. limits=otpy.EndpointLimits(max_frame=65536)")
+    if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
+        raise TypeError(f"open_node(ssl=...) takes a server-side ssl.SSLContext, got "
+                        f"{ssl!r}; e.g. ctx = ssl.create_default_context("
+                        f"ssl.Purpose.CLIENT_AUTH); ctx.load_cert_chain(cert, key)")
     if node_name is None:
         node_name = default_node_name() if cluster else DEFAULT_NODE_NAME
     node = Node(root, node_name=node_name)
@@ -97,11 +105,12 @@ async def open_node(
                         node._cluster.serve()
                     if listen is not None:
                         node.address = await system.start(
-                            partial(serve_client, node._rt, listen, limits=limits))
+                            partial(serve_client, node._rt, listen, limits=limits,
+                                    ssl_context=ssl))
                     if admin is not None:
                         node.admin_address = await system.start(
                             partial(serve_admin, node._rt, node._install, admin,
-                                    limits=limits))
+                                    limits=limits, ssl_context=ssl))
                     with trio.CancelScope() as body:
                         node._body = body
                         if sched.fatal is not None:

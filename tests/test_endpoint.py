@@ -5,14 +5,20 @@ otpy's own client), plus otpy.connect and a hypothesis test of random frames.
 
 from __future__ import annotations
 
+import errno
 import functools
+import gc
 import hashlib
 import hmac
+import os
 import pickle
 import socket
+import ssl
 import struct
+import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,10 +27,14 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import otpy
+import otpy._client
+from otpy._protocol.handshake import Session
+from otpy._protocol.msgpack_rpc import Decoder, Response, Sealed
 from otpy._serve import rpc as _endpoint
 from otpy._serve.rpc import serve_admin, serve_client
 
@@ -94,14 +104,19 @@ def tree() -> otpy.Supervisor:
 
 
 class Raw:
-    """A raw MessagePack-RPC client over a trio stream."""
+    """A raw MessagePack-RPC client over a trio stream; once ``session`` is set (an
+    authenticated admin session), it seals what it sends and opens what it gets."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.unpacker = msgpack.Unpacker(use_list=False, raw=False, strict_map_key=False)
+        self.session: Session | None = None
 
     async def send(self, *objs: Any) -> None:
-        await self.stream.send_all(b"".join(msgpack.packb(o) for o in objs))
+        frames = [msgpack.packb(o) for o in objs]
+        if self.session is not None:
+            frames = [self.session.seal(f) for f in frames]
+        await self.stream.send_all(b"".join(frames))
 
     async def send_bytes(self, data: bytes) -> None:
         await self.stream.send_all(data)
@@ -110,6 +125,10 @@ class Raw:
         with trio.fail_after(5):
             while True:
                 for obj in self.unpacker:
+                    if self.session is not None:
+                        [opened] = self.session.open(Sealed(obj[1], obj[2]))
+                        assert isinstance(opened, Response)
+                        return (1, *opened)
                     return obj
                 data = await self.stream.receive_some(65536)
                 if not data:
@@ -141,13 +160,25 @@ async def raw(address: tuple[str, int] | None) -> AsyncIterator[Raw]:
         await trio.aclose_forcefully(stream)
 
 
+def answer(cookie: str, node_nonce: bytes, client_nonce: bytes) -> bytes:
+    """The client's proof, computed here from the documented construction."""
+    return hmac.new(cookie.encode(), b"otpy admin client\x00" + node_nonce + client_nonce,
+                    hashlib.sha256).digest()
+
+
 @asynccontextmanager
 async def admin_raw(address: tuple[str, int] | None, cookie: str = COOKIE) -> AsyncIterator[Raw]:
     async with raw(address) as r:
         challenge = await r.recv()
         assert "challenge" == challenge[1]
-        answer = hmac.new(cookie.encode(), challenge[2][0], hashlib.sha256).digest()
-        assert (1, 0, None, True) == await r.call(0, answer, method="auth")
+        nonce, mine = challenge[2][0], os.urandom(32)
+        _, msgid, error, proof = await r.call(0, mine, answer(cookie, nonce, mine),
+                                              method="auth")
+        assert (0, None) == (msgid, error)
+        assert hmac.new(cookie.encode(), b"otpy admin node\x00" + nonce + mine,
+                        hashlib.sha256).digest() == proof
+        r.session = Session(cookie, nonce, mine, node_side=False,
+                            decoder=Decoder(replies=True))
         yield r
 
 
@@ -382,8 +413,7 @@ async def test_bad_request_with_a_msgid_gets_an_error_reply(
     msgpack.packb([2, "cast"]),
     msgpack.packb([2, 5, []]),
     b"\x91" * 5000,  # nested deeper than msgpack's own stack
-    msgpack.packb([0, 1, "call", ["echo", "x" * 200000]]),  # beyond the buffer
-    msgpack.packb([0, 1, "call", ["echo", "x" * 20000]])[:9000],  # never completed
+    msgpack.packb([2, "cast", ["echo", "x" * 20000]]),  # a notification over max_frame
     b"\xa5\xff\xfe\xfd\xfc\xfb",  # a str that is not UTF-8
 ])
 async def test_input_without_a_usable_msgid_closes_only_that_connection(
@@ -398,6 +428,19 @@ async def test_input_without_a_usable_msgid_closes_only_that_connection(
             assert (1, 2, None, 2) == await fresh.call(2, "echo", ("echo", 2))
     assert events(logs, "wire_protocol_error")
     assert not events(logs, "server_crashed")
+
+
+async def test_a_request_over_max_frame_is_answered_and_the_connection_kept(
+        logs: list[dict[str, Any]]) -> None:
+    """A request many times ``max_frame`` is answered FrameTooLarge under its msgid (its
+    bytes dropped as they come), and the connection serves the next request."""
+    async with node(max_frame=4096) as n, raw(n.address) as r:
+        await r.send([0, 1, "call", ["echo", ["echo", "x" * 200_000]]])
+        _, msgid, error, _ = await r.recv()
+        assert (1, "FrameTooLarge") == (msgid, error[0])
+        assert "200" in error[1] and "4096" in error[1]
+        assert (1, 2, None, "after") == await r.call(2, "echo", ("echo", "after"))
+    assert ["FrameTooLarge"] == [e["kind"] for e in events(logs, "wire_bad_request")]
 
 
 async def test_replies_already_made_are_sent_before_a_protocol_error_closes() -> None:
@@ -671,9 +714,9 @@ async def test_admin_runs_nothing_before_authentication(logs: list[dict[str, Any
 async def test_admin_wrong_hmac_is_refused_and_closed(logs: list[dict[str, Any]]) -> None:
     """An answer made with another cookie fails; the connection closes."""
     async with node() as n, raw(n.admin_address) as r:
-        nonce = (await r.recv())[2][0]
-        wrong = hmac.new(b"not-the-cookie", nonce, hashlib.sha256).digest()
-        _, _, error, _ = await r.call(1, wrong, method="auth")
+        nonce, mine = (await r.recv())[2][0], os.urandom(32)
+        wrong = answer("not-the-cookie", nonce, mine)
+        _, _, error, _ = await r.call(1, mine, wrong, method="auth")
         assert "AuthFailed" == error[0]
         assert await r.closed()
     assert events(logs, "admin_auth_failed")
@@ -683,14 +726,25 @@ async def test_admin_replayed_answer_is_refused() -> None:
     """An answer that was good for one connection's nonce fails on another's."""
     async with node() as n:
         async with raw(n.admin_address) as first:
-            nonce = (await first.recv())[2][0]
-            answer = hmac.new(COOKIE.encode(), nonce, hashlib.sha256).digest()
-            assert (1, 1, None, True) == await first.call(1, answer, method="auth")
+            nonce, mine = (await first.recv())[2][0], os.urandom(32)
+            good = answer(COOKIE, nonce, mine)
+            assert (1, 1, None) == (await first.call(1, mine, good, method="auth"))[:3]
         async with raw(n.admin_address) as second:
             assert nonce != (await second.recv())[2][0]
-            _, _, error, _ = await second.call(1, answer, method="auth")
+            _, _, error, _ = await second.call(1, mine, good, method="auth")
             assert "AuthFailed" == error[0]
             assert await second.closed()
+
+
+async def test_admin_answer_of_the_single_proof_protocol_is_refused_with_why() -> None:
+    """A client that answers with HMAC(cookie, nonce) alone (otpy before mutual
+    authentication) is refused with a message that says to update it."""
+    async with node() as n, raw(n.admin_address) as r:
+        nonce = (await r.recv())[2][0]
+        old = hmac.new(COOKIE.encode(), nonce, hashlib.sha256).digest()
+        _, _, error, _ = await r.call(1, old, method="auth")
+        assert "AuthFailed" == error[0] and "update" in error[1]
+        assert await r.closed()
 
 
 async def test_admin_silent_client_is_closed_after_the_auth_timeout(
@@ -706,12 +760,15 @@ async def test_admin_silent_client_is_closed_after_the_auth_timeout(
     assert ["no answer in time"] == [e["reason"] for e in events(logs, "admin_auth_failed")]
 
 
-@pytest.mark.parametrize("answer", [None, "text", 12, b"", b"\x00" * 32])
-async def test_admin_malformed_answers_are_refused(answer: Any) -> None:
+@pytest.mark.parametrize("params", [
+    [None], ["text"], [12], [b""], [b"\x00" * 32], [b"\x00" * 32, b"\x00" * 32],
+    [b"\x00" * 31, b"\x00" * 32], ["x" * 32, b"\x00" * 32], [b"\x00" * 32, None],
+])
+async def test_admin_malformed_answers_are_refused(params: list[Any]) -> None:
     """Answers of the wrong type or length fail like a wrong HMAC."""
     async with node() as n, raw(n.admin_address) as r:
         await r.recv()
-        _, _, error, _ = await r.call(1, answer, method="auth")
+        _, _, error, _ = await r.call(1, *params, method="auth")
         assert "AuthFailed" == error[0]
         assert await r.closed()
 
@@ -728,12 +785,15 @@ async def test_admin_garbage_before_authentication_closes() -> None:
 
 
 async def test_admin_pipelined_after_auth_in_the_same_packet() -> None:
-    """Requests sent right behind the answer, in the same packet, are served."""
+    """Sealed requests sent right behind the answer, in the same packet, are served."""
     async with node() as n, raw(n.admin_address) as r:
-        nonce = (await r.recv())[2][0]
-        answer = hmac.new(COOKIE.encode(), nonce, hashlib.sha256).digest()
-        await r.send([0, 1, "auth", [answer]], [0, 2, "get_state", ["v"]])
-        assert (1, 1, None, True) == await r.recv()
+        nonce, mine = (await r.recv())[2][0], os.urandom(32)
+        session = Session(COOKIE, nonce, mine, node_side=False,
+                          decoder=Decoder(replies=True))
+        await r.send_bytes(msgpack.packb([0, 1, "auth", [mine, answer(COOKIE, nonce, mine)]])
+                           + session.seal(msgpack.packb([0, 2, "get_state", ["v"]])))
+        assert (1, 1, None) == (await r.recv())[:3]
+        r.session = session
         assert (1, 2, None, 42) == await r.recv()
 
 
@@ -957,3 +1017,445 @@ async def test_a_batch_received_before_the_peer_reset_is_served_to_its_end() -> 
             while len(n.get_state("s")) < 41:
                 await trio.sleep(0.01)
         assert [*range(40), "last"] == n.get_state("s")
+
+
+# -- hardening the edges (issue 11) --------------------------------------------------
+
+
+async def test_admin_auth_message_is_bounded_before_any_cookie(
+        logs: list[dict[str, Any]]) -> None:
+    """Before authenticating, a client may send one small message: an unfinished auth
+    request of 20 KiB of empty maps closes the connection at once (nothing is built of
+    it, and nothing waits for the auth timeout)."""
+    async with node() as n, raw(n.admin_address) as r:
+        await r.recv()  # the challenge
+        await r.send_bytes(b"\x94\x00\x01\xa4auth\xdd\x00\x00\xea\x60" + b"\x80" * 20_000)
+        assert await r.closed()
+    assert events(logs, "admin_auth_failed")
+
+
+def connections() -> int:
+    return sum(1 for o in gc.get_objects() if type(o) is _endpoint._Connection)
+
+
+async def test_a_closed_connection_is_freed_without_the_cycle_collector() -> None:
+    """A connection's memory (its decoder, its buffers) comes back when it closes, by
+    reference counting alone: with the cycle collector off, no connection object
+    outlives its socket."""
+    async with node() as n:
+        gc.collect()
+        gc.disable()
+        try:
+            before = connections()
+            async with raw(n.address) as r:
+                assert (1, 1, None, "x") == await r.call(1, "echo", ("echo", "x"))
+                await r.send_bytes(msgpack.packb([0, 2, "call", ["echo", "y" * 99]])[:50])
+                assert before + 1 == connections()
+            with trio.fail_after(5):
+                while connections() > before:
+                    await trio.sleep(0.01)
+        finally:
+            gc.enable()
+
+
+class Order(otpy.GenServer[list[Any]]):
+    """Records the requests it serves; on ("burst", 0) it makes another connection send
+    a call meanwhile (see the test)."""
+
+    vsn = "1"
+    other: socket.socket | None = None
+
+    def init(self, arg: Any) -> list[Any]:
+        return []
+
+    def handle_call(self, request: Any, caller: otpy.Caller, state: list[Any]) -> Any:
+        if request == ("burst", 0) and Order.other is not None:
+            Order.other.sendall(msgpack.packb([0, 1, "call", ["order", "other"]]))
+        return otpy.Reply(None, [*state, request])
+
+
+async def test_a_burst_on_one_connection_lets_another_connection_in_between() -> None:
+    """3000 pipelined calls in one packet are served in slices: a call that another
+    connection sends while the first of them is served is served long before the
+    burst ends."""
+    async with otpy.open_node(otpy.Supervisor([otpy.Child("order", Order)]),
+                              listen=("127.0.0.1", 0)) as n:
+        assert n.address is not None
+        burst = socket.create_connection(n.address)
+        other = socket.create_connection(n.address)
+        try:
+            await trio.sleep(0.05)  # both accepted, their readers waiting
+            Order.other = other
+            burst.sendall(b"".join(msgpack.packb([0, i, "call", ["order", ["burst", i]]])
+                                   for i in range(3000)))
+            with trio.fail_after(10):
+                while len(n.get_state("order")) < 3001:
+                    await trio.sleep(0.01)
+            assert n.get_state("order").index("other") < 1000
+        finally:
+            Order.other = None
+            burst.close()
+            other.close()
+
+
+@asynccontextmanager
+async def capped(**limits: Any) -> AsyncIterator[otpy.Node]:
+    """A node whose client endpoint has ``limits`` (and no admin endpoint)."""
+    async with otpy.open_node(tree(), listen=("127.0.0.1", 0),
+                              limits=otpy.EndpointLimits(**limits)) as n:
+        yield n
+
+
+async def is_open(r: Raw) -> bool:
+    """Whether the node still serves ``r`` (a call on it is answered)."""
+    try:
+        return (1, 99, None, "?") == await r.call(99, "echo", ("echo", "?"))
+    except (EOFError, trio.BrokenResourceError):
+        return False
+
+
+async def test_at_the_connection_cap_a_new_connection_closes_the_longest_idle(
+        autojump_clock: Any, logs: list[dict[str, Any]]) -> None:
+    """``max_connections``: a connection over the cap makes room by closing the one
+    idle the longest, and is served."""
+    async with capped(max_connections=2, idle_timeout=20.0) as n, \
+            raw(n.address) as first, raw(n.address) as second:
+        assert (1, 1, None, 1) == await first.call(1, "echo", ("echo", 1))
+        await trio.sleep(6)  # a sweep sees `first` idle
+        assert (1, 2, None, 2) == await second.call(2, "echo", ("echo", 2))
+        await trio.sleep(6)  # and then `second`
+        async with raw(n.address) as third:
+            assert (1, 3, None, 3) == await third.call(3, "echo", ("echo", 3))
+            assert await first.closed()
+            assert await is_open(second)
+    assert 1 == len(events(logs, "wire_connection_evicted"))
+
+
+async def test_at_the_cap_with_every_connection_busy_a_new_one_is_refused(
+        logs: list[dict[str, Any]]) -> None:
+    """When no connection is idle (each has a call in flight), a connection over the
+    cap is closed at once, and logged."""
+    async with capped(max_connections=1) as n, raw(n.address) as busy:
+        await busy.send([0, 1, "call", ["echo", ["defer", "k"]]])
+        await trio.sleep(0.05)
+        async with raw(n.address) as refused:
+            assert await refused.closed()
+        assert "released" == await n.call("echo", ("release", "k", "done"))
+        assert (1, 1, None, "done") == await busy.recv()
+    assert [1] == [e["max_connections"] for e in events(logs, "wire_connection_refused")]
+
+
+async def test_a_connection_idle_for_idle_timeout_is_closed(autojump_clock: Any) -> None:
+    """A connection that completes no message for ``idle_timeout`` while nothing is
+    owed either way is closed; one with a call in flight is not, nor is one sending
+    calls, while one that only trickles an unfinished message is."""
+    async with capped(idle_timeout=8.0, call_timeout=100.0) as n, \
+            raw(n.address) as idle, raw(n.address) as waiting, \
+            raw(n.address) as trickling:
+        await waiting.send([0, 1, "call", ["echo", ["defer", "k"]]])
+        start = trio.current_time()
+        for i in range(12):
+            try:
+                await trickling.send_bytes(b"\x94" if i == 0 else b"\x00")
+            except trio.BrokenResourceError:  # closed by the node meanwhile
+                break
+            await trio.sleep(1)
+        assert await idle.closed()
+        assert await trickling.closed()
+        assert 8.0 <= trio.current_time() - start <= 12.0
+        await trio.sleep(20)
+        assert "released" == await n.call("echo", ("release", "k", "late"))
+        assert (1, 1, None, "late") == await waiting.recv()
+
+
+LOW_FD_NODE = r"""
+import logging, resource, sys, structlog, trio, otpy
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+
+class Echo(otpy.GenServer[None]):
+    vsn = "1"
+    def init(self, arg): return None
+    def handle_call(self, request, caller, state): return otpy.Reply(request, state)
+
+async def main():
+    root = otpy.Supervisor([otpy.Child("echo", Echo)])
+    async with otpy.open_node(root, listen=("127.0.0.1", 0), admin=("127.0.0.1", 0)) as n:
+        print(n.address[1], n.admin_address[1], flush=True)
+        await trio.to_thread.run_sync(sys.stdin.read)
+
+trio.run(main)
+"""
+
+
+async def test_under_a_low_descriptor_limit_idle_sockets_lock_out_neither_clients_nor_admin(
+        tmp_path: Path) -> None:
+    """A node limited to 256 descriptors (as ``ulimit -n 256``), sent 400 idle
+    connections: a new client is still served, and so is the operator on the admin
+    endpoint."""
+    script = tmp_path / "node.py"
+    script.write_text(LOW_FD_NODE)
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    idle: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        with trio.fail_after(10):
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await proc.stdout.receive_some(100)
+        port, admin_port = map(int, line.split())
+        for _ in range(400):
+            idle.append(socket.create_connection(("127.0.0.1", port)))
+        await trio.sleep(0.2)
+        with trio.fail_after(10):
+            async with otpy.connect("127.0.0.1", port) as client:
+                assert "in" == await client.call("echo", "in")
+            async with otpy._client.connect_admin("127.0.0.1", admin_port,
+                                                  COOKIE.encode()) as admin:
+                assert ["echo"] == [c["id"] for c in await admin.request("which_children",
+                                                                          "root")]
+    finally:
+        for s in idle:
+            s.close()
+        proc.kill()
+        await proc.wait()
+
+
+async def test_accept_out_of_descriptors_is_logged_once_and_retried(
+        monkeypatch: pytest.MonkeyPatch, logs: list[dict[str, Any]]) -> None:
+    """accept() failing with EMFILE: one event (not one per retry), a backoff, and the
+    waiting connection is served once a descriptor is free."""
+    failures = iter(range(5))
+    accept = trio.SocketListener.accept
+
+    async def failing(self: trio.SocketListener) -> trio.SocketStream:
+        if next(failures, None) is not None:
+            await trio.lowlevel.checkpoint()
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return await accept(self)
+
+    monkeypatch.setattr(trio.SocketListener, "accept", failing)
+    async with capped() as n, raw(n.address) as r:
+        assert (1, 1, None, "ok") == await r.call(1, "echo", ("echo", "ok"))
+    [event] = events(logs, "endpoint_accept_failed")
+    assert "EMFILE" == event["error"]
+
+
+async def test_repeated_bad_requests_from_one_peer_are_one_event_per_interval(
+        autojump_clock: Any, logs: list[dict[str, Any]]) -> None:
+    """50 bad requests from one peer: each is answered, the first is logged, and the
+    other 49 are logged once, as a count, when the interval ends."""
+    async with node() as n, raw(n.address) as r:
+        await r.send(*[[0, i, "nope", []] for i in range(50)])
+        for i in range(50):
+            _, msgid, error, _ = await r.recv()
+            assert (i, "NoSuchMethod") == (msgid, error[0])
+        assert 1 == len(events(logs, "wire_bad_request"))
+        await trio.sleep(15)
+    assert [None, 49] == [e.get("repeated") for e in events(logs, "wire_bad_request")]
+
+
+@asynccontextmanager
+async def fake_admin(answer: Any) -> AsyncIterator[tuple[int, list[Any]]]:
+    """A listener that plays a node's admin endpoint without the cookie: it sends a
+    challenge and answers any auth with ``answer``. Yields its port and what it got."""
+    got: list[Any] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        unpacker = msgpack.Unpacker(use_list=False, raw=False)
+        await stream.send_all(msgpack.packb([2, "challenge", [os.urandom(32)]]))
+        try:
+            async for data in stream:
+                unpacker.feed(data)
+                for msg in unpacker:
+                    got.append(msg)
+                    if msg[2] == "auth":
+                        await stream.send_all(msgpack.packb([1, msg[1], None, answer]))
+        except trio.BrokenResourceError:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(functools.partial(
+            trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        yield listener.socket.getsockname()[1], got
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("answer", [True, b"\x00" * 32, None])
+async def test_admin_client_refuses_a_peer_that_cannot_prove_the_cookie(answer: Any) -> None:
+    """A listener that takes any answer but cannot prove it holds the cookie (a wrong
+    port, a stale address): the admin client raises AuthFailed saying so, and sends it
+    nothing after its answer."""
+    async with fake_admin(answer) as (port, got):
+        with pytest.raises(otpy.AuthFailed, match="did not prove"):
+            async with otpy._client.connect_admin("127.0.0.1", port, COOKIE.encode()):
+                raise AssertionError("the session must not open")  # pragma: no cover
+        await trio.sleep(0.05)
+        assert ["auth"] == [m[2] for m in got]
+
+
+async def test_cli_refuses_a_peer_that_cannot_prove_the_cookie() -> None:
+    """``otpy tree`` against such a listener exits 77 and says the peer did not prove
+    the cookie."""
+    async with fake_admin(True) as (port, _):
+        result = await trio.run_process(
+            [sys.executable, "-m", "otpy._cli", "tree", "--node", f"127.0.0.1:{port}",
+             "--timeout", "5"],
+            capture_stdout=True, capture_stderr=True, check=False,
+            env={**os.environ, "OTPY_COOKIE": COOKIE})
+    assert 77 == result.returncode
+    assert b"did not prove" in result.stderr
+
+
+async def test_a_relay_of_the_handshake_gains_nothing(logs: list[dict[str, Any]]) -> None:
+    """A listener that the operator reaches by mistake relays the real node's
+    challenge and the operator's answer, then sends a request of its own on the
+    authenticated connection: the node runs nothing of it and closes the session."""
+    async with node() as n, trio.open_nursery() as nursery:
+        assert n.admin_address is not None
+
+        async def relay(client: trio.SocketStream) -> None:
+            upstream = await trio.open_tcp_stream(*n.admin_address)  # type: ignore[misc]
+            seen = msgpack.Unpacker(use_list=False, raw=False)
+
+            async def up() -> None:
+                async for data in client:
+                    await upstream.send_all(data)
+
+            async def down() -> None:
+                replies = 0
+                async for data in upstream:
+                    await client.send_all(data)
+                    seen.feed(data)
+                    replies += sum(1 for _ in seen)
+                    if replies == 2:  # the challenge, then the answer to auth
+                        await upstream.send_all(msgpack.packb([0, 99, "suspend", ["v"]]))
+                pumps.cancel_scope.cancel()  # the node hung up: so does the relay
+
+            try:
+                async with trio.open_nursery() as pumps:
+                    pumps.start_soon(up)
+                    pumps.start_soon(down)
+            except* (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            await upstream.aclose()
+
+        [listener] = await nursery.start(functools.partial(
+            trio.serve_tcp, relay, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        with pytest.raises(otpy.ConnectionLost):
+            async with otpy._client.connect_admin("127.0.0.1", port,
+                                                  COOKIE.encode()) as admin:
+                await trio.sleep(0.1)
+                await admin.request("which_children", "root", timeout=5)
+        assert "running" == n.which_children()[1].status
+        nursery.cancel_scope.cancel()
+    assert any("unsealed" in e["reason"] for e in events(logs, "wire_protocol_error"))
+
+
+async def test_tls_on_both_endpoints_with_a_certificate_made_here() -> None:
+    """``open_node(..., ssl=context)``: both endpoints speak TLS with a certificate the
+    test makes (trustme); otpy.connect and the admin client verify it; a client that
+    does not speak TLS is served nothing (a peer that never completes the TLS handshake
+    is closed after 10 s, as one that never authenticates)."""
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    async with otpy.open_node(tree(), listen=("127.0.0.1", 0), admin=("127.0.0.1", 0),
+                              ssl=server) as n:
+        assert n.address is not None and n.admin_address is not None
+        async with otpy.connect(*n.address, ssl=client) as c:
+            assert "over tls" == await c.call("echo", ("echo", "over tls"))
+        async with otpy._client.connect_admin(*n.admin_address, COOKIE.encode(),
+                                              ssl=client) as admin:
+            assert 42 == await admin.request("get_state", "v")
+        with pytest.raises(otpy.ConnectionLost, match="TLS"):
+            async with otpy.connect(*n.address, ssl=ssl.create_default_context()):
+                raise AssertionError("an unknown CA must be refused")  # pragma: no cover
+        async with raw(n.address) as plain:
+            await plain.send_bytes(b"GET / HTTP/1.0\r\n\r\n")
+            assert await plain.closed()
+
+
+async def test_connect_raises_frame_too_large_and_keeps_the_connection() -> None:
+    """``otpy.connect``: a request over the node's ``max_frame`` raises
+    otpy.FrameTooLarge, and the same connection serves the next call."""
+    async with node(max_frame=4096) as n, otpy.connect(*n.address) as c:  # type: ignore[misc]
+        with pytest.raises(otpy.FrameTooLarge):
+            await c.call("echo", ("echo", "x" * 100_000))
+        assert "after" == await c.call("echo", ("echo", "after"))
+
+
+async def test_connect_reconnects_on_the_next_call_after_the_connection_broke() -> None:
+    """The connection breaks (the endpoint stopped, then came back): the call in flight
+    raises otpy.ConnectionLost, the next call connects again and is served; after
+    ``aclose`` every call raises ConnectionLost."""
+    async with otpy.open_node(tree()) as n, trio.open_nursery() as nursery:
+        scopes: list[trio.CancelScope] = []
+
+        async def endpoint(port: int, task_status: Any) -> None:
+            with trio.CancelScope() as scope:
+                scopes.append(scope)
+                await serve_client(n._rt, ("127.0.0.1", port), task_status=task_status)
+
+        host, port = await nursery.start(endpoint, 0)
+        async with otpy.connect(host, port) as c:
+            assert 1 == await c.call("echo", ("echo", 1))
+
+            async def waiting() -> None:
+                with pytest.raises(otpy.ConnectionLost, match="may or may not"):
+                    await c.call("echo", ("defer", "k"))
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(waiting)
+                await trio.sleep(0.05)
+                scopes[0].cancel()
+            await nursery.start(endpoint, port)
+            assert 2 == await c.call("echo", ("echo", 2))
+            await c.aclose()
+            with pytest.raises(otpy.ConnectionLost, match="closed"):
+                await c.call("echo", ("echo", 3))
+        nursery.cancel_scope.cancel()
+
+
+async def test_connect_without_reconnect_says_so() -> None:
+    """``reconnect=False``: after the connection broke, a call raises ConnectionLost
+    saying that this client does not reconnect."""
+    async with node() as n, otpy.connect(*n.address, reconnect=False) as c:  # type: ignore[misc]
+        await c._stream.aclose()
+        with pytest.raises(otpy.ConnectionLost, match="does not reconnect"):
+            await c.call("echo", ("echo", 1))
+
+
+async def test_client_decoding_is_bounded_against_a_hostile_node() -> None:
+    """A node that answers with 3 MB of empty maps in one reply: the client holds no
+    more than its ``max_frame`` and a read of it, and the call raises FrameTooLarge."""
+
+    async def hostile(stream: trio.SocketStream) -> None:
+        data = await stream.receive_some(4096)
+        msgid = msgpack.unpackb(data)[1]
+        await stream.send_all(b"\x94\x01" + msgpack.packb(msgid) + b"\xc0\xdd"
+                              + (3_000_000).to_bytes(4, "big"))
+        chunk = b"\x80" * 65536
+        for _ in range(3_000_000 // 65536):
+            await stream.send_all(chunk)
+        await stream.send_all(b"\x80" * (3_000_000 % 65536))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(functools.partial(
+            trio.serve_tcp, hostile, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        tracemalloc.start()
+        try:
+            async with otpy.connect("127.0.0.1", port, max_frame=65536) as c:
+                with pytest.raises(otpy.FrameTooLarge):
+                    await c.call("x", "y", timeout=30)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        nursery.cancel_scope.cancel()
+    assert peak < 2_000_000

@@ -240,6 +240,33 @@ async def test_call_to_unknown_name_raises_no_such_server() -> None:
             await node.call("lgo", "x")
 
 
+async def test_a_burst_of_unknown_names_pays_for_its_suggestions(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """3000 calls to unknown names at a node of 200 servers are each refused with
+    NoSuchServer, but the did-you-mean suggestion, which compares the name with every
+    server's, is made only a few times: refusing a bad name costs about what serving a
+    call does. A lone typo still gets its suggestion, and so does its repeat."""
+    import otpy._core.scheduler as scheduler
+
+    compared = []
+    close_matches = scheduler.difflib.get_close_matches
+
+    def counting(word: str, possibilities: Any, n: int = 3) -> list[str]:
+        compared.append(word)
+        return close_matches(word, possibilities, n=n)
+
+    monkeypatch.setattr(scheduler.difflib, "get_close_matches", counting)
+    async with node_of(*[otpy.Child(f"s{i}", Log) for i in range(200)]) as node:
+        with pytest.raises(otpy.NoSuchServer, match="did you mean 's17'"):
+            node.call_nowait("s17x", "x")
+        with pytest.raises(otpy.NoSuchServer, match="did you mean 's17'"):
+            node.call_nowait("s17x", "x")
+        for i in range(3000):
+            with pytest.raises(otpy.NoSuchServer):
+                node.call_nowait(f"bogus-{i}", "x")
+    assert len(compared) <= 1 + 3000 // (4 * 200) + 1
+
+
 async def test_call_to_a_supervisor_name_says_it_is_a_supervisor() -> None:
     """Calling a supervisor's name raises NoSuchServer saying it is a supervisor."""
     async with node_of(otpy.Child("log", Log)) as node:

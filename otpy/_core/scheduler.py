@@ -89,6 +89,14 @@ PER_SERVER_TURN = 64
 # Past this many servers, an unknown name gets no did-you-mean suggestion: it would
 # cost more than serving the request (a burst of bad names must not stall the loop).
 SUGGEST_MAX = 256
+# Even below it, one suggestion compares the name with every server's (difflib:
+# about 6 us per name), hundreds of times what a call costs. So suggestions are paid
+# for: each unknown name earns one credit, a suggestion costs SUGGEST_COST credits per
+# server compared (credit starts full and is capped, so a lone typo always gets its
+# suggestion, and a burst of bad names gets one now and then), and the last few
+# suggestions are kept for repeats of the same name.
+SUGGEST_COST = 4
+SUGGEST_KEEP = 16
 
 Message = tuple[int, Any, "Caller | None"]
 
@@ -232,6 +240,8 @@ class Scheduler:
         # Children that run on another node of the cluster: their supervisors here keep
         # their specs and do not start them (a cluster supervisor's standbys).
         self.standby: set[str] = set()
+        self._suggest_credit = SUGGEST_COST * SUGGEST_MAX
+        self._suggested: dict[tuple[str, int], str] = {}
 
     # -- addresses -------------------------------------------------------------------
 
@@ -336,9 +346,7 @@ class Scheduler:
         if address in self.sups:
             detail = f"{address!r} is a supervisor; call one of its children"
         elif len(self.procs) <= SUGGEST_MAX and isinstance(address, str):
-            close = difflib.get_close_matches(address, list(self.procs), n=1)
-            if close:
-                detail = f"did you mean {close[0]!r}?"
+            detail = self._suggest(address)
         if not detail:
             detail = "check the name, or whether its supervisor stopped it"
         return NoSuchServer(address, detail)
@@ -469,6 +477,27 @@ class Scheduler:
         for ref in list(links.watching):
             ref._state = CANCELLED
             self._unlink(ref)
+
+    def _suggest(self, name: str) -> str:
+        """``did you mean 'x'?`` for an unknown name, within the budget described at
+        SUGGEST_COST (and "" when over it, or when no name is close)."""
+        n = len(self.procs)
+        key = (name, n)
+        kept = self._suggested.get(key)
+        if kept is not None:
+            return kept
+        credit = min(self._suggest_credit + 1, SUGGEST_COST * SUGGEST_MAX)
+        cost = SUGGEST_COST * n
+        if credit < cost:
+            self._suggest_credit = credit
+            return ""
+        self._suggest_credit = credit - cost
+        close = difflib.get_close_matches(name, list(self.procs), n=1)
+        detail = f"did you mean {close[0]!r}?" if close else ""
+        if len(self._suggested) >= SUGGEST_KEEP:
+            del self._suggested[next(iter(self._suggested))]
+        self._suggested[key] = detail
+        return detail
 
     # -- stepping --------------------------------------------------------------------
 

@@ -7,7 +7,12 @@ import math
 from dataclasses import dataclass
 
 from .._protocol import json_rules
-from .._protocol.msgpack_rpc import DEFAULT_MAX_DEPTH, DEFAULT_MAX_FRAME
+from .._protocol.msgpack_rpc import (
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_MAX_OBJECTS,
+    READ_SIZE,
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -27,9 +32,15 @@ class EndpointLimits:
     Limits
     ------
     ``max_frame`` (bytes, default 1 MiB): the largest message a client may send. A
-    larger request gets the error ``["FrameTooLarge", ...]``; a frame that cannot be
-    told apart from garbage closes the connection. The node never buffers more than
-    ``max_frame`` plus one read (64 KiB) of a message.
+    larger request gets the error ``["FrameTooLarge", ...]`` (its bytes are dropped as
+    they arrive, and the connection goes on); a message without a msgid to answer by
+    closes the connection. The node never buffers more than ``max_frame`` plus one
+    read (16 KiB) of a message.
+
+    ``max_objects`` (default 65536, at least 16384): the most objects (arrays, maps,
+    strings, numbers...) one message may decode to, so that what a message takes in
+    memory is bounded whatever its shape (about 100 bytes per object at worst, beside
+    its bytes); past it, ``["FrameTooLarge", ...]`` too.
 
     ``max_depth`` (default 32): the deepest nesting of arrays and maps in a message,
     the message itself included; deeper requests get ``["TooDeep", ...]``.
@@ -45,6 +56,19 @@ class EndpointLimits:
     ``call_timeout`` (seconds, default 5.0, as ``node.call``): how long a ``call`` made
     over the wire waits for a deferred or queued reply before it is answered with
     ``["CallTimeout", ...]``.
+
+    ``max_connections`` (default 512): connections the client endpoint holds at once,
+    lowered at start so that the process's descriptor limit (``ulimit -n``) keeps room
+    for the admin endpoint and 64 more. At the cap, a new connection closes the one
+    idle the longest; when none is idle, the new one is closed at once.
+
+    ``max_admin_connections`` (default 16): the same for the admin endpoint, which has
+    its own cap, so that clients never lock the operator out.
+
+    ``idle_timeout`` (seconds, default 60.0; None: never): a connection that completes
+    no message for this long while no call of it is in flight and no reply is owed is
+    closed (checked every quarter of it). An unfinished message does not count as
+    activity. ``otpy.connect`` reconnects by itself on its next call.
     """
 
     max_frame: int = DEFAULT_MAX_FRAME
@@ -52,22 +76,34 @@ class EndpointLimits:
     max_inflight: int = 256
     max_send_buffer: int = 1 << 20
     call_timeout: float = 5.0
+    max_objects: int = DEFAULT_MAX_OBJECTS
+    max_connections: int = 512
+    max_admin_connections: int = 16
+    idle_timeout: float | None = 60.0
 
     def __post_init__(self) -> None:
-        for field in ("max_frame", "max_depth", "max_inflight", "max_send_buffer"):
+        for field in ("max_frame", "max_depth", "max_inflight", "max_send_buffer",
+                      "max_objects", "max_connections", "max_admin_connections"):
             value = getattr(self, field)
             if type(value) is not int:
                 raise TypeError(f"EndpointLimits({field}=...) takes an int, got {value!r}")
             if value < 1:
                 raise ValueError(f"EndpointLimits({field}=...) must be at least 1, got "
                                  f"{value!r}")
-        timeout = self.call_timeout
-        if type(timeout) is not float and type(timeout) is not int:
-            raise TypeError(f"EndpointLimits(call_timeout=...) takes seconds as a float, "
-                            f"got {timeout!r}")
-        if not timeout > 0:
-            raise ValueError(f"EndpointLimits(call_timeout=...) must be more than 0 "
-                             f"seconds, got {timeout!r}")
+        if self.max_objects < READ_SIZE:
+            raise ValueError(f"EndpointLimits(max_objects=...) must be at least {READ_SIZE} "
+                             f"(what one read of {READ_SIZE} bytes may hold), got "
+                             f"{self.max_objects!r}")
+        for field in ("call_timeout", "idle_timeout"):
+            timeout = getattr(self, field)
+            if timeout is None and field == "idle_timeout":
+                continue
+            if type(timeout) is not float and type(timeout) is not int:
+                raise TypeError(f"EndpointLimits({field}=...) takes seconds as a float, "
+                                f"got {timeout!r}")
+            if not timeout > 0:
+                raise ValueError(f"EndpointLimits({field}=...) must be more than 0 "
+                                 f"seconds, got {timeout!r}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

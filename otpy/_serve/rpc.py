@@ -15,22 +15,37 @@ machine): msgpack decoding 0.1, the shape checks 0.15, the server's step with it
 half), the caller object 0.07, encoding the reply 0.1, dispatch 0.3; then per batch
 read one receive and one or two writes.
 
-Bounds that must stay true, so that no client can make the node buffer without limit:
-a connection stops serving and reading while it has ``max_inflight`` requests waiting
-or more than ``max_send_buffer`` bytes of replies unsent (checked after each request,
-so one reply may overshoot), and a frame is never buffered beyond ``max_frame`` bytes
-plus one read (see ``_wire``).
+Bounds that must stay true, so that no client can make the node buffer, wait or
+work without limit (each set in ``EndpointLimits``):
 
-The admin endpoint runs nothing before the client proves it holds the node's cookie:
-the node sends a fresh nonce, the client answers HMAC-SHA256(cookie, nonce). The cookie
-comes from ``OTPY_COOKIE`` or from a file (``OTPY_COOKIE_FILE``, by default
-``~/.otpy_cookie``) created with mode 0600 on first start, as Erlang's.
+- memory: a connection stops serving and reading while it has ``max_inflight``
+  requests waiting or more than ``max_send_buffer`` bytes of replies unsent (checked
+  after each request, so one reply may overshoot); its decoder holds at most one
+  unfinished frame's bytes and no object of it (see ``msgpack_rpc``); a closed
+  connection holds no reference cycle, so its memory comes back at once;
+- time: at most MAX_BATCH requests of one read are served in a row before the
+  connection checkpoints, so one packet cannot hold the loop;
+- descriptors: each endpoint has its own cap (``max_connections``, lowered to fit
+  ``ulimit -n`` with room kept for the admin endpoint; ``max_admin_connections``); at
+  the cap a new connection closes the one idle the longest, or is refused when none
+  is idle; a connection that completes no message for ``idle_timeout`` while nothing
+  is owed either way is closed; accept() out of descriptors is retried with a
+  backoff, logged once per interval;
+- logs: refusals (bad requests, protocol errors, failed authentications, refused
+  connections) are logged once per peer and kind per interval, with a count.
+
+The admin endpoint runs nothing before the client proves it holds the node's cookie,
+and proves it holds it too; every message after that is sealed to the session (see
+``handshake``). The cookie comes from ``OTPY_COOKIE`` or from a file
+(``OTPY_COOKIE_FILE``, by default ``~/.otpy_cookie``) created with mode 0600 on first
+start, as Erlang's. Either endpoint can speak TLS (``ssl_context``).
 """
 
 from __future__ import annotations
 
-import functools
+import errno
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -43,6 +58,15 @@ from .._core.release import Planner
 from .._core.runtime import ADMIN_OPS, Runtime
 from .._core.server import WAITING, Caller
 from .._exceptions import BadRequest
+from .._protocol.handshake import (
+    SEAL_OVERHEAD,
+    Session,
+    client_proof,
+    is_nonce,
+    new_nonce,
+    node_proof,
+    proves,
+)
 from .._protocol.msgpack_rpc import (
     ENCODE_ERRORS,
     READ_SIZE,
@@ -50,22 +74,29 @@ from .._protocol.msgpack_rpc import (
     Fatal,
     Invalid,
     Notification,
-    auth_ok,
     encode_error,
     encode_notification,
     encode_result,
     error_of,
-    new_nonce,
     result_packer,
 )
 from .._release_files import ReleaseSource, load_in_thread
+from ._ratelimit import Refusals
 from .limits import EndpointLimits
 
 Install = Callable[[Planner], Awaitable[dict[str, Any]]]
 
-AUTH_MAX_FRAME = 1024
-AUTH_TIMEOUT = 10.0
+AUTH_MAX_FRAME = 1024  # bytes of the one message a client may send before authenticating
+AUTH_TIMEOUT = 10.0  # seconds to authenticate (and to finish a TLS handshake)
 DIRECT_IO = os.name == "posix"
+# Requests of one read served in a row before the connection lets the others run.
+MAX_BATCH = 128
+# Descriptors the client endpoint leaves free under the process's limit, beside the
+# admin endpoint's connections (see _client_cap).
+FD_RESERVE = 64
+# accept() out of descriptors or memory: wait, from ACCEPT_BACKOFF doubling to the max.
+CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_BACKOFF, ACCEPT_BACKOFF_MAX = 0.01, 1.0
 
 _log = structlog.get_logger("otpy")
 
@@ -107,33 +138,37 @@ class _WireCaller(Caller):
         conn = self.conn
         if conn.closed:
             return
-        conn.out += encode_error(self.msgid, *error_of(exc))
+        data = encode_error(self.msgid, *error_of(exc))
+        if conn.session is not None:
+            data = conn.session.seal(data)
+        conn.out += data
         if self.later:
             conn._completed()
 
 
 class _Connection:
-    __slots__ = ("admin", "authenticated", "closed", "cookie", "decoder", "fd", "in_send",
-                 "install", "limits", "log", "methods", "nursery", "out", "pack",
-                 "pending", "room", "rt", "stream", "wake")
+    __slots__ = ("activity", "authenticated", "closed", "decoder", "endpoint", "fd",
+                 "host", "idle_since", "in_send", "limits", "log", "nursery", "out", "pack",
+                 "pending", "room", "rt", "scope", "seen", "session", "stream", "wake")
 
-    def __init__(self, rt: Runtime, install: Install | None, stream: trio.SocketStream,
-                 cookie: bytes | None, limits: EndpointLimits) -> None:
-        self.rt = rt
-        self.install = install
-        self.stream = stream
-        self.cookie = cookie
-        self.admin = cookie is not None
-        self.authenticated = cookie is None
+    def __init__(self, endpoint: _Endpoint, stream: trio.SocketStream) -> None:
+        self.endpoint = endpoint
+        self.rt = endpoint.rt
+        # The TCP stream, or the TLS stream over it once _Endpoint._handle made one.
+        self.stream: trio.abc.Stream = stream
+        self.authenticated = not endpoint.admin
+        self.session: Session | None = None
         self.closed = False
-        self.limits = limits
-        self.decoder = Decoder(max_frame=limits.max_frame, max_depth=limits.max_depth)
+        limits = self.limits = endpoint.limits
+        self.decoder = Decoder(max_frame=limits.max_frame, max_depth=limits.max_depth,
+                               max_objects=limits.max_objects)
         self.out = bytearray()  # replies not handed to the stream yet
         self.in_send = 0  # bytes of the send in progress; 0 when none is
         # Read and written directly (_receive, _write_now) where a socket is a file
-        # descriptor; -1 elsewhere, where trio's stream does it all.
-        self.fd = stream.socket.fileno() if DIRECT_IO else -1
-        self.pack = result_packer(lenient=self.admin)
+        # descriptor (set by _Endpoint._handle); -1 elsewhere and under TLS, where
+        # trio's stream does it all.
+        self.fd = -1
+        self.pack = result_packer(lenient=endpoint.admin)
         self.pending = 0  # calls answered later, and admin operations, in flight
         self.wake = trio.lowlevel.ParkingLot()  # the writer waits here for bytes
         self.room = trio.lowlevel.ParkingLot()  # the reader waits here for room
@@ -141,9 +176,30 @@ class _Connection:
             peer = stream.socket.getpeername()
         except OSError:  # pragma: no cover - the peer left already
             peer = None
-        self.log = _log.bind(endpoint="admin" if self.admin else "client", peer=peer)
+        self.host: str | None = peer[0] if peer else None
+        self.log = _log.bind(endpoint="admin" if endpoint.admin else "client", peer=peer)
         self.nursery: trio.Nursery | None = None
-        self.methods: dict[str, Any] = {"call": self._call, "cast": self._cast}
+        self.scope = trio.CancelScope()  # cancelled to close the connection from outside
+        # Idle tracking (see _Endpoint._sweep): reads that completed a message, the
+        # count the last sweep saw, and since when the connection is seen idle.
+        self.activity = 0
+        self.seen = 0
+        self.idle_since = trio.current_time()
+
+    def refuse(self, event: str, *, what: str = "", level: str = "warning",
+               **fields: Any) -> None:
+        """Log a refusal of this peer's, at most once per interval and kind (the repeats
+        are counted; see _ratelimit)."""
+        self.endpoint.refusals.note(event, self.host, what=what, level=level, **fields)
+
+    def idle(self) -> bool:
+        """No message completed since the last sweep, and nothing owed either way."""
+        return (self.activity == self.seen and not self.pending and not self.out
+                and not self.in_send)
+
+    def close(self) -> None:
+        """Close the connection from outside its task (an idle timeout, an eviction)."""
+        self.scope.cancel()
 
     # -- the connection's life -------------------------------------------------------
 
@@ -163,8 +219,14 @@ class _Connection:
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
-            # Calls still deferred may be answered later: their replies are dropped.
+            # Calls still deferred may be answered later: their replies are dropped,
+            # and what the connection held is let go now (a deferred call's caller
+            # keeps the connection object until its deadline).
             self.closed = True
+            self.nursery = None
+            self.out = bytearray()
+            self.decoder = _CLOSED_DECODER
+            self.session = None
 
     async def _writer(self) -> None:
         # Sends the replies that come outside the reader's batches; the reader sends
@@ -205,6 +267,8 @@ class _Connection:
         del self.out[:sent]
 
     def _send(self, data: bytes) -> None:
+        if self.session is not None:
+            data = self.session.seal(data)
         self.out += data
         if self.wake and not self.in_send:
             self.wake.unpark()
@@ -239,18 +303,26 @@ class _Connection:
                     self._write_now()
                 await self._flush()
                 await self._room()
+                if start < len(messages):
+                    # MAX_BATCH served in a row: let other connections and the
+                    # dispatcher run before the rest of this read.
+                    await trio.lowlevel.checkpoint()
             data = await self._receive()
             if not data:
                 self.log.debug("wire_connection_closed", pending=self.pending)
                 return True
             messages = decoder.feed(data)
+            if messages:
+                self.activity += 1
+                if self.session is not None:
+                    messages = self.session.open_all(messages)
 
     async def _receive(self) -> bytes:
         """``stream.receive_some``, as trio does it (one trip through the scheduler,
         cancellable), without its layers of wrappers, which cost a few percent of the
         pipelined rate; where the socket is not a file descriptor, trio's own."""
         if self.fd < 0:
-            return await self.stream.receive_some(READ_SIZE)
+            return bytes(await self.stream.receive_some(READ_SIZE))
         await trio.lowlevel.checkpoint_if_cancelled()
         try:
             data = os.read(self.fd, READ_SIZE)
@@ -274,17 +346,19 @@ class _Connection:
             await self.room.park()
 
     def _serve(self, messages: list[Any], start: int) -> int:
-        """Serve messages from ``start`` until the end or until the connection's bounds
-        are reached; the index to go on from, or -1 when the connection must close."""
+        """Serve messages from ``start`` until the end, MAX_BATCH of them, or until the
+        connection's bounds are reached; the index to go on from, or -1 when the
+        connection must close."""
         # The reply bytes that may be added before the reader waits for the writer.
         room = self.limits.max_send_buffer - self.in_send
+        stop = min(len(messages), start + MAX_BATCH)
         # The replies to the first half of a batch are written as soon as they are
         # made: a pipelining client then refills its window while the node serves the
         # second half, instead of both taking turns (+10-15% pipelined on 2 cores). One
         # write more per batch, so only for batches worth it.
-        half = (start + len(messages)) // 2 if len(messages) - start >= 16 else -1
+        half = (start + stop) // 2 if stop - start >= 16 else -1
         start_call, timeout = self.rt.start_call, self.limits.call_timeout
-        for i in range(start, len(messages)):
+        for i in range(start, stop):
             msg = messages[i]
             if type(msg) is tuple:  # a well-formed request (see msgpack_rpc.Request)
                 _, msgid, method, params = msg
@@ -309,63 +383,76 @@ class _Connection:
             elif type(msg) is Notification:
                 self._notify(msg)
             elif type(msg) is Invalid:
-                self.log.warning("wire_bad_request", msgid=msg.msgid, kind=msg.kind,
-                                 reason=msg.message)
+                self.refuse("wire_bad_request", what=msg.kind, msgid=msg.msgid,
+                            kind=msg.kind, reason=msg.message)
                 self._send(encode_error(msg.msgid, msg.kind, msg.message))
             else:
-                assert type(msg) is Fatal
-                self.log.warning("wire_protocol_error", reason=msg.reason)
+                reason = (msg.reason if type(msg) is Fatal
+                          else f"expected a request or a notification, got {msg!r:.80}")
+                self.refuse("wire_protocol_error", reason=reason)
                 return -1
-        return len(messages)
+        return stop
 
     def _request(self, msgid: int, name: str, params: tuple[Any, ...]) -> None:
         """Serve any request by the method table (then, on the admin endpoint, the
         runtime's admin table); errors become error replies."""
-        method = self.methods.get(name)
+        admin = self.endpoint.admin
+        method = _METHODS.get(name)
         try:
             if method is not None:
-                method(msgid, params)
-            elif self.admin and name == "upgrade":
+                method(self, msgid, params)
+            elif admin and name == "upgrade":
                 self._upgrade(msgid, params)
-            elif self.admin and name in ADMIN_OPS:
+            elif admin and name in ADMIN_OPS:
                 self._admin(msgid, name, params)
             else:
-                methods = sorted(self.methods) + (sorted(ADMIN_OPS) if self.admin else [])
+                methods = sorted(_METHODS) + (sorted(ADMIN_OPS) if admin else [])
                 raise NoSuchMethod(f"no method {name!r}; this endpoint serves {methods}")
         except Exception as exc:
             if isinstance(exc, BadRequest | NoSuchMethod):
-                self.log.warning("wire_bad_request", msgid=msgid, kind=type(exc).__name__,
-                                 reason=str(exc))
+                kind = type(exc).__name__
+                self.refuse("wire_bad_request", what=kind, msgid=msgid, kind=kind,
+                            reason=str(exc))
             self._send(encode_error(msgid, *error_of(exc)))
 
     def _notify(self, msg: Notification) -> None:
         if msg.method != "cast":
-            self.log.warning("wire_bad_request", kind="NoSuchMethod", method=msg.method)
+            self.refuse("wire_bad_request", what="NoSuchMethod", kind="NoSuchMethod",
+                        method=msg.method)
             return
         try:
             self._cast(None, msg.params)
         except Exception as exc:
-            self.log.warning("wire_notification_failed", method=msg.method,
-                             error=error_of(exc))
+            error = error_of(exc)
+            self.refuse("wire_notification_failed", what=error[0], method=msg.method,
+                        error=error)
 
     async def _handshake(self) -> list[Any] | None:
-        """Challenge the peer; the messages that followed its answer, or None."""
-        assert self.cookie is not None
+        """Authenticate both ways (see ``handshake``); the messages that followed the
+        client's answer, opened, or None."""
+        cookie = self.endpoint.cookie
+        assert cookie is not None
         nonce = new_nonce()
         self._send(encode_notification("challenge", (nonce,)))
         decoder = self.decoder
         decoder.max_frame = AUTH_MAX_FRAME
+        decoder.skip_oversized = False
         messages: list[Any] = []
         with trio.move_on_after(AUTH_TIMEOUT):
             while not messages:
-                data = await self.stream.receive_some(READ_SIZE)
+                if self.out and not self.in_send:
+                    await self._flush()
+                data = await self._receive()
                 if not data:
-                    self.log.warning("admin_auth_failed", reason="closed before answering")
+                    self.refuse("admin_auth_failed", reason="closed before answering")
                     return None
                 messages = decoder.feed(data)
-        decoder.max_frame = self.limits.max_frame
+        # A sealed message wraps one of max_frame bytes (the session's own decoder
+        # holds that to max_frame).
+        decoder.max_frame = self.limits.max_frame + SEAL_OVERHEAD
+        decoder.skip_oversized = True
         if not messages:
-            self.log.warning("admin_auth_failed", reason="no answer in time")
+            self.refuse("admin_auth_failed", reason="no answer in time")
             return None
         first = messages[0]
         if type(first) is tuple:  # a request
@@ -373,38 +460,59 @@ class _Connection:
         elif type(first) is Invalid:
             msgid, method, params = first.msgid, None, ()
         else:
-            self.log.warning("admin_auth_failed", reason="no auth request")
+            self.refuse("admin_auth_failed", reason="no auth request")
             return None
         if method != "auth":
-            self.log.warning("admin_auth_failed", reason="a request before authenticating")
+            self.refuse("admin_auth_failed", reason="a request before authenticating")
             self._send(encode_error(msgid, "AuthRequired",
                                     "authenticate first: answer the challenge with "
-                                    "[0, msgid, 'auth', [HMAC-SHA256(cookie, nonce)]]"))
+                                    "[0, msgid, 'auth', [client_nonce, proof]] (see "
+                                    "docs/network.md)"))
             return None
-        if len(params) != 1 or not auth_ok(self.cookie, nonce, params[0]):
-            self.log.warning("admin_auth_failed", reason="wrong answer to the challenge")
+        if len(params) != 2 or not is_nonce(params[0]):
+            self.refuse("admin_auth_failed", reason="an answer of another shape")
+            self._send(encode_error(msgid, "AuthFailed",
+                                    "authentication failed: expected [client_nonce (32 "
+                                    "bytes), proof]; this node proves the cookie too, so "
+                                    "a client from before mutual authentication cannot "
+                                    "talk to it: update it"))
+            return None
+        client_nonce = params[0]
+        if not proves(client_proof(cookie, nonce, client_nonce), params[1]):
+            self.refuse("admin_auth_failed", reason="wrong answer to the challenge")
             self._send(encode_error(msgid, "AuthFailed",
                                     "authentication failed: the answer does not match the "
                                     "node's cookie"))
             return None
+        self._send(encode_result(msgid, node_proof(cookie, nonce, client_nonce)))
+        limits = self.limits
+        session = self.session = Session(
+            cookie, nonce, client_nonce, node_side=True,
+            decoder=Decoder(max_frame=limits.max_frame, max_depth=limits.max_depth,
+                            max_objects=limits.max_objects))
+        lenient = self.pack
+
+        def sealed(obj: Any) -> bytes:
+            return session.seal(lenient(obj))
+
+        self.pack = sealed
         self.authenticated = True
         self.log.info("admin_authenticated")
-        self._send(encode_result(msgid, True))
-        return messages[1:]
+        return session.open_all(messages[1:])
 
     # -- replies ---------------------------------------------------------------------
 
     def _reply(self, msgid: int, result: Any) -> None:
         try:
-            data = encode_result(msgid, result, lenient=self.admin)
+            data = encode_result(msgid, result, lenient=self.endpoint.admin)
         except ENCODE_ERRORS as exc:
             self._unencodable(msgid, result, exc)
         else:
             self._send(data)
 
     def _unencodable(self, msgid: int, result: Any, exc: Exception) -> None:
-        self.log.warning("wire_reply_unencodable", msgid=msgid, error=str(exc),
-                         reply=repr(result)[:200])
+        self.refuse("wire_reply_unencodable", msgid=msgid, error=str(exc),
+                    reply=repr(result)[:200])
         self._send(encode_error(
             msgid, "UnencodableReply",
             f"the reply cannot be encoded as msgpack ({exc}): {repr(result)[:80]}; "
@@ -455,8 +563,9 @@ class _Connection:
         if isinstance(result, Planner):
             self.log.info("admin_downgrade" if result.downgrade else "admin_upgrade",
                           vsn=result.release.vsn)
-            assert self.install is not None
-            self._spawn(msgid, self.install, result)
+            install = self.endpoint.install
+            assert install is not None
+            self._spawn(msgid, install, result)
         else:
             self._reply(msgid, result)
 
@@ -470,13 +579,26 @@ class _Connection:
         release = await load_in_thread(source)
         self.log.info("release_loaded", vsn=release.vsn, digest=release.digest)
         planner = self.rt.admin("upgrade", (release,))
-        assert self.install is not None
-        return await self.install(planner)
+        install = self.endpoint.install
+        assert install is not None
+        report: dict[str, Any] = await install(planner)
+        return report
+
 
 
 class NoSuchMethod(Exception):
     """A request named a method the endpoint does not serve (the kind of its error
     reply)."""
+
+
+# The methods every endpoint serves; looked up on the class, so that a connection
+# holds no bound method of itself (no reference cycle: its memory comes back when it
+# closes, without waiting for the cycle collector).
+_METHODS: dict[str, Callable[[_Connection, int, tuple[Any, ...]], None]] = {
+    "call": _Connection._call,
+    "cast": _Connection._cast,
+}
+_CLOSED_DECODER = Decoder(max_frame=1)
 
 
 def _vanished(exc: BaseException) -> bool:
@@ -489,51 +611,188 @@ def _vanished(exc: BaseException) -> bool:
     return isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError)
 
 
-async def _handle(rt: Runtime, install: Install | None, cookie: bytes | None,
-                  limits: EndpointLimits, stream: trio.SocketStream) -> None:
-    conn = _Connection(rt, install, stream, cookie, limits)
+def _client_cap(limits: EndpointLimits) -> int:
+    """The client endpoint's connection cap: ``max_connections``, lowered so that the
+    process's descriptor limit (``ulimit -n``) keeps room for the admin endpoint's
+    connections and FD_RESERVE more (files, the store, listeners)."""
     try:
-        await conn.run()
-    except Exception as exc:
-        if _vanished(exc):
-            conn.log.info("wire_client_vanished", pending=conn.pending, error=repr(exc))
-        else:  # a bug here must not take the node down
-            conn.log.exception("wire_connection_failed", error=repr(exc))
-    finally:
-        await trio.aclose_forcefully(stream)
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return limits.max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:  # pragma: no cover
+        return limits.max_connections
+    return max(1, min(limits.max_connections,
+                      soft - FD_RESERVE - limits.max_admin_connections))
+
+
+class _Endpoint:
+    """One listening endpoint: its accept loop, its connections under their cap and
+    idle timeout, and the refusals it logs (rate-limited, see _ratelimit)."""
+
+    def __init__(self, rt: Runtime, install: Install | None, cookie: bytes | None,
+                 limits: EndpointLimits, ssl_context: ssl.SSLContext | None) -> None:
+        self.rt = rt
+        self.install = install
+        self.cookie = cookie
+        self.admin = cookie is not None
+        self.limits = limits
+        self.ssl_context = ssl_context
+        self.max_connections = (limits.max_admin_connections if self.admin
+                                else _client_cap(limits))
+        self.conns: set[_Connection] = set()
+        name = "admin" if self.admin else "client"
+        self.log = _log.bind(endpoint=name)
+        self.refusals = Refusals(self.log, trio.current_time)
+
+    async def serve(self, listeners: list[trio.SocketListener]) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sweep)
+            for listener in listeners:
+                nursery.start_soon(self._accept, listener, nursery)
+
+    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        backoff = ACCEPT_BACKOFF
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in CAPACITY_ERRNOS:
+                        raise
+                    # Out of descriptors (or memory): give one back if an idle
+                    # connection holds it, and retry a little later; the queue of
+                    # connections waiting in the kernel is kept meanwhile.
+                    self.refusals.note("endpoint_accept_failed", None,
+                                       error=errno.errorcode.get(exc.errno or 0, "?"),
+                                       reason=os.strerror(exc.errno or 0),
+                                       connections=len(self.conns), retry_in=backoff)
+                    self._evict()
+                    await trio.sleep(backoff)
+                    backoff = min(2 * backoff, ACCEPT_BACKOFF_MAX)
+                    continue
+                backoff = ACCEPT_BACKOFF
+                if len(self.conns) >= self.max_connections and not self._evict():
+                    host = _host(stream.socket)
+                    self.refusals.note("wire_connection_refused", host,
+                                       max_connections=self.max_connections)
+                    stream.socket.close()
+                    continue
+                conn = _Connection(self, stream)
+                self.conns.add(conn)
+                nursery.start_soon(self._handle, conn, stream)
+                del conn, stream  # this loop must not keep the last one alive
+
+    def _evict(self) -> bool:
+        """Close the connection idle the longest (one not authenticated yet first), to
+        make room for a new one; False if none is idle."""
+        victim = None
+        for conn in self.conns:
+            if conn.idle() and (victim is None or (conn.authenticated, conn.idle_since)
+                                < (victim.authenticated, victim.idle_since)):
+                victim = conn
+        if victim is None:
+            return False
+        self.conns.discard(victim)
+        victim.close()
+        victim.refuse("wire_connection_evicted", level="info",
+                      idle_for=round(trio.current_time() - victim.idle_since, 3),
+                      max_connections=self.max_connections)
+        return True
+
+    async def _sweep(self) -> None:
+        """Close connections idle for ``idle_timeout``, and log the refusals counted,
+        about every quarter of the timeout (and every refusal interval)."""
+        timeout = self.limits.idle_timeout
+        period = min(self.refusals.interval,
+                     self.refusals.interval if timeout is None else timeout / 4)
+        while True:
+            await trio.sleep(period)
+            now = trio.current_time()
+            for conn in list(self.conns):
+                if not conn.idle():
+                    conn.seen = conn.activity
+                    conn.idle_since = now
+                elif timeout is not None and now - conn.idle_since >= timeout:
+                    self.conns.discard(conn)
+                    conn.close()
+                    conn.refuse("wire_connection_idle", level="info", idle_timeout=timeout)
+            self.refusals.flush()
+
+    async def _handle(self, conn: _Connection, stream: trio.SocketStream) -> None:
+        try:
+            with conn.scope:
+                if self.ssl_context is not None:
+                    tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+                    conn.stream = tls
+                    with trio.move_on_after(AUTH_TIMEOUT) as handshake:
+                        await tls.do_handshake()
+                    if handshake.cancelled_caught:
+                        conn.refuse("wire_tls_failed", reason="no TLS handshake in time")
+                        return
+                else:
+                    conn.stream = stream
+                    conn.fd = stream.socket.fileno() if DIRECT_IO else -1
+                await conn.run()
+        except Exception as exc:
+            if _vanished(exc):
+                conn.refuse("wire_client_vanished", level="info", pending=conn.pending,
+                            error=repr(exc)[:200])
+            else:  # a bug here must not take the node down
+                conn.log.exception("wire_connection_failed", error=repr(exc))
+        finally:
+            self.conns.discard(conn)
+            conn.closed = True
+            await trio.aclose_forcefully(conn.stream)
+
+
+def _host(sock: trio.socket.SocketType) -> str | None:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return None
+    return str(peer[0])
 
 
 async def _serve(rt: Runtime, install: Install | None, address: tuple[str, int],
-                 cookie: bytes | None, limits: EndpointLimits, task_status: Any) -> None:
+                 cookie: bytes | None, limits: EndpointLimits,
+                 ssl_context: ssl.SSLContext | None, task_status: Any) -> None:
     host, port = address
-    endpoint = "admin" if cookie else "client"
+    which = "admin" if cookie else "client"
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:  # say which endpoint, and where: "address already in use"...
-        raise OSError(exc.errno, f"the {endpoint} endpoint cannot listen on {host}:{port}: "
+        raise OSError(exc.errno, f"the {which} endpoint cannot listen on {host}:{port}: "
                                  f"{exc.strerror or exc}; is another node (or program) "
                                  f"using that port? Choose another, or port 0 for a free "
                                  f"one") from exc
     bound = listeners[0].socket.getsockname()[:2]
-    _log.info("endpoint_listening", endpoint=endpoint, address=f"{bound[0]}:{bound[1]}")
+    endpoint = _Endpoint(rt, install, cookie, limits, ssl_context)
+    endpoint.log.info("endpoint_listening", address=f"{bound[0]}:{bound[1]}",
+                      max_connections=endpoint.max_connections,
+                      idle_timeout=limits.idle_timeout, tls=ssl_context is not None)
     task_status.started((bound[0], bound[1]))
-    await trio.serve_listeners(functools.partial(_handle, rt, install, cookie, limits),
-                               listeners)
+    await endpoint.serve(listeners)
 
 
 async def serve_client(rt: Runtime, address: tuple[str, int], *,
                        limits: EndpointLimits | None = None,
+                       ssl_context: ssl.SSLContext | None = None,
                        task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the client endpoint of runtime ``rt`` on ``address`` until cancelled;
-    reports the bound ``(host, port)`` through ``nursery.start``."""
-    await _serve(rt, None, address, None, limits or EndpointLimits(), task_status)
+    reports the bound ``(host, port)`` through ``nursery.start``. With
+    ``ssl_context``, every connection speaks TLS."""
+    await _serve(rt, None, address, None, limits or EndpointLimits(), ssl_context,
+                 task_status)
 
 
 async def serve_admin(rt: Runtime, install: Install, address: tuple[str, int], *,
                       limits: EndpointLimits | None = None, cookie: bytes | None = None,
+                      ssl_context: ssl.SSLContext | None = None,
                       task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the admin endpoint of runtime ``rt`` on ``address`` until cancelled (the
     cookie is read, or its file created, first); ``install`` drives a release to its
     commit. Reports the bound ``(host, port)``."""
     secret = cookie if cookie is not None else read_cookie(create=True)
-    await _serve(rt, install, address, secret, limits or EndpointLimits(), task_status)
+    await _serve(rt, install, address, secret, limits or EndpointLimits(), ssl_context,
+                 task_status)
