@@ -111,6 +111,8 @@ class Node:
         """The bound ``(host, port)`` of the client endpoint (``listen=``), else None."""
         self.admin_address: tuple[str, int] | None = None
         """The bound ``(host, port)`` of the admin endpoint (``admin=``), else None."""
+        self.store: Any = None
+        """The :class:`otpy.Store` durable servers keep their states in, else None."""
 
     # -- calls and messages ----------------------------------------------------------
 
@@ -188,7 +190,10 @@ class Node:
         restarts), ``waiting`` (calls waiting for room in its mailbox), ``restarts``,
         ``vsn``, ``step_timeout`` and ``status``. For the node: ``servers``,
         ``supervisors``, ``run_queue``, ``timers``, ``queued`` (messages in all
-        mailboxes), ``refused`` (total), ``refused_by_server`` and ``waiting``."""
+        mailboxes), ``refused`` (total), ``refused_by_server`` and ``waiting``; with a
+        store, ``store``: its figures (``records`` and ``bytes`` written since it
+        opened, ``pending`` records not yet synced, ``last_sync``, ``held_replies``,
+        ... see docs/durability.md)."""
         return self._rt.statistics(name)
 
     # -- supervisors -----------------------------------------------------------------

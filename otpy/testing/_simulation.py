@@ -228,13 +228,14 @@ class _SimScheduler(Scheduler):
             self.sim._line(proc._otpy_name, f"crash {_error_text(exc)}")
         super().crashed(proc, exc, kind, payload, caller)
 
-    def stopped(self, proc: GenServer[Any], result: Stop[Any], caller: Caller | None) -> None:
+    def stopped(self, proc: GenServer[Any], result: Stop[Any], caller: Caller | None,
+                held: int = 0) -> None:
         steps = self.sim._steps
         if steps and steps[-1].proc is proc:
             reply = "" if caller is None else (
                 " without reply" if result.reply is NOTHING else f", reply {_text(result.reply)}")
             steps[-1].outcome = f"stop {_text(result.reason)}{reply}"
-        super().stopped(proc, result, caller)
+        super().stopped(proc, result, caller, held)
 
 
 class _Migrating:
