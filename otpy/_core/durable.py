@@ -227,6 +227,12 @@ class Durability:
         state = stored.state()
         running = _class_key(cls)
         keep = "The stored state is left as it is"
+        if vsn != cls.vsn and newer(vsn, cls.vsn):
+            raise StoreError(
+                f"the stored state of {name!r} in {origin} is of vsn {vsn}, newer than the "
+                f"vsn {cls.vsn} of {running} that this node runs: older code cannot read "
+                f"it. Start the node with the code of vsn {vsn} (to go back to older code, "
+                f"downgrade the release before stopping the node). {keep}", path=origin)
         if klass and klass != running and (vsn == cls.vsn or not _migrates(cls)):
             raise StoreError(
                 f"the stored state of {name!r} in {origin} was recorded by {klass} (vsn "
@@ -236,12 +242,6 @@ class Durability:
                 f"migrates from vsn {vsn!r}; if not, drop the old state first "
                 f"(delete_child, or otpy.SqliteStore(path).delete({name!r}) while the node "
                 f"is stopped). {keep}", path=origin)
-        if vsn != cls.vsn and newer(vsn, cls.vsn):
-            raise StoreError(
-                f"the stored state of {name!r} in {origin} is of vsn {vsn}, newer than the "
-                f"vsn {cls.vsn} of {running} that this node runs: older code cannot read "
-                f"it. Start the node with the code of vsn {vsn} (to go back to older code, "
-                f"downgrade the release before stopping the node). {keep}", path=origin)
         migrated = vsn != cls.vsn
         if migrated:
             try:
