@@ -1158,7 +1158,8 @@ class Scheduler:
                                  "otpy.Continue(state, arg) or otpy.Stop(reason, state)"
                                  if what == "init" else "the state, otpy.Continue(state, "
                                  "arg) or otpy.Stop(reason, state)")
-            check_state(cls, state, server=name, when=f"returned by {what}")
+            if state is not stored:  # a stored state was checked already (take)
+                check_state(cls, state, server=name, when=f"returned by {what}")
         except BaseException as exc:
             self._unregister(proc, exc)
             if proc._otpy_tasks:
