@@ -651,6 +651,31 @@ async def test_a_failed_sync_fails_the_held_replies(tmp_path: Path) -> None:
         store.close()
 
 
+class Relay(otpy.GenServer[int]):
+    """Not durable: calls the durable counter inline and answers what it said."""
+
+    vsn = "1"
+
+    def init(self, arg: Any) -> int:
+        return 0
+
+    def handle_call(self, request: Any, caller: otpy.Caller, state: int) -> Any:
+        return otpy.Reply(self.call("c", request), state)
+
+
+async def test_group_commit_and_calls_that_cannot_wait(tmp_path: Path) -> None:
+    """With fsync="group", node.call_nowait to a durable server cannot give the reply
+    (it waits for the sync): WouldBlock, the state updated. Inside the node, self.call
+    gets its answer at once (the calling step needs it)."""
+    root = tree(otpy.Child("c", Counter), otpy.Child("relay", Relay))
+    async with otpy.open_node(root, store=tmp_path / "s", fsync="group") as node:
+        with pytest.raises(otpy.WouldBlock, match="held until its state is on disk"):
+            node.call_nowait("c", "incr")
+        assert 1 == node.get_state("c")
+        assert 2 == await node.call("relay", "incr")
+        assert 3 == await node.call("c", "incr")
+
+
 # -- releases -----------------------------------------------------------------------------
 
 

@@ -188,6 +188,16 @@ class _Versioned(Caller):
         self.inner._fail(exc)
 
 
+class _EdgeCaller(InlineCaller):
+    """``node.call_nowait``'s caller: answered within the call, but from outside the
+    node, so group commit holds its reply like any client's (and call_nowait then
+    raises WouldBlock)."""
+
+    __slots__ = ()
+
+    _inline = False
+
+
 class Scheduler:
     """The registry, mailboxes, run queue, calls and timers of one node."""
 
@@ -761,9 +771,11 @@ class Scheduler:
                 f"still be served, its reply will be dropped. Pass a larger timeout= if "
                 f"it is expected to take longer"))
 
-    def call_nowait(self, address: Any, request: Any) -> Any:
+    def call_nowait(self, address: Any, request: Any, *, edge: bool = False) -> Any:
         """Call ``address`` and step it inline (``self.call``); raise WouldBlock if it
-        cannot answer now."""
+        cannot answer now. ``edge``: the caller is outside the node (``node.call_nowait``),
+        so a durable server's reply that group commit must hold cannot be given now
+        either (inside a step, ``self.call`` gets it at once: see Durability)."""
         try:  # a name: resolve's first case, inlined (an unhashable address
             proc = self.procs.get(address)  # is resolve's to refuse, below)
         except TypeError:
@@ -785,10 +797,17 @@ class Scheduler:
         if proc._otpy_mbox:
             # The call must not jump the messages already queued: serve them first.
             proc = self._drain(proc)
-        caller = InlineCaller()
+        caller = _EdgeCaller() if edge else InlineCaller()
         self.step(proc, CALL, request, caller)
         if caller._status == WAITING:
             caller._give_up()  # the deferred reply, if it ever comes, is dropped
+            durable = self.durable
+            if durable is not None and durable.held and durable.held[-1][1] is caller:
+                raise WouldBlock(
+                    f"server {proc._otpy_name!r} is durable and its store syncs in groups "
+                    f"(fsync='group'): its reply is held until its state is on disk, so "
+                    f"it cannot be given now; its state was updated. Use 'await "
+                    f"node.call', which waits for the sync")
             raise WouldBlock(
                 f"server {proc._otpy_name!r} deferred its reply (handle_call returned "
                 f"NoReply), so it cannot answer within this step; its state was updated. "

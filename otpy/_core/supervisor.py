@@ -335,7 +335,8 @@ class SupervisorRuntime:
             if spec.restart is Restart.TEMPORARY:
                 del self.specs[id]
             log.debug("child_terminated", supervisor=self.name, child=id, reason=repr(reason))
-            self._ended(spec)
+            if isinstance(spec, Child):  # a subtree that gave up keeps its servers' states
+                self._ended(spec)
             return
         if not self._count_restart():
             self.give_up(id, reason)
@@ -352,7 +353,9 @@ class SupervisorRuntime:
             # Temporary bystanders are not restarted, and their specs go.
             for other in group:
                 if other != id and self.specs[other].restart is Restart.TEMPORARY:
-                    self._ended(self.specs.pop(other))
+                    ended = self.specs.pop(other)
+                    if isinstance(ended, Child):
+                        self._ended(ended)
             group = [other for other in group if other in self.specs]
         self._restart_group(group, cause=id)
 
@@ -489,7 +492,8 @@ class SupervisorRuntime:
             self._stop_child(id, "shutdown")
         if spec.restart is Restart.TEMPORARY:
             del self.specs[id]
-            self._ended(spec)
+            if isinstance(spec, Child):
+                self._ended(spec)
 
     def restart_child(self, id: str) -> ChildInfo:
         spec = self._spec_of(id)
@@ -526,9 +530,9 @@ class SupervisorRuntime:
         self.sched.class_by_name.pop(id, None)
 
     def _ended(self, spec: Child | Supervisor) -> None:
-        """A child stopped for good (its spec goes, or it ended and is never restarted):
-        a durable server's stored state goes with it (a subtree's, with each of its
-        servers)."""
+        """A child stopped for good (its spec goes, or a server ended and is never
+        restarted): a durable server's stored state goes with it (on delete_child of a
+        subtree, each of its servers'; a subtree that merely stopped keeps them)."""
         for child in ([spec] if isinstance(spec, Child) else spec.walk()):
             if isinstance(child, Child):
                 self.sched.forget_state(child)
