@@ -1130,7 +1130,8 @@ class Scheduler:
             raise StartFailed(
                 f"child {name!r} ({cls.__qualname__}) is durable, but this node has no "
                 f"store; open the node with open_node(..., store=PATH) (a node whose tree "
-                f"has a durable child when it starts opens one by itself)",
+                f"has a durable child when it starts opens one by itself; a Simulation "
+                f"takes store=otpy.testing.MemoryStore())",
                 child=name, reason="no store")
         proc = cls.__new__(cls)
         proc._otpy_name = name
@@ -1375,6 +1376,7 @@ class Scheduler:
                 "refused": self.refused.get(name, 0),
                 "waiting": len(self.waiting.get(name, ())), "restarts": proc._otpy_restarts,
                 "vsn": type(proc).vsn, "step_timeout": budget_of(proc),
+                "durable": bool(flags & OBSERVED) and self.durable is not None,
                 "status": ("suspended" if flags & SUSPENDED else
                            "running" if flags & BUSY else "idle"),
             }
