@@ -142,7 +142,7 @@ class Node:
         """Call ``name`` synchronously: answer now or raise :class:`otpy.WouldBlock`
         (the server is suspended, busy in the current chain, or defers its reply, or
         is durable on a store with fsync="group", whose replies wait for the sync)."""
-        return self._sched.call_nowait(name, request, edge=True)
+        return self._sched.call_nowait(name, request, True)
 
     def cast(self, name: str | Pid, message: Any) -> None:
         """Send ``message`` to ``name``'s ``handle_cast``; never blocks.

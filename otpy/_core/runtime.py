@@ -86,7 +86,7 @@ class Runtime:
 
     def call_nowait(self, address: Any, request: Any) -> Any:
         """Answer now or raise WouldBlock."""
-        return self.sched.call_nowait(address, request, edge=True)
+        return self.sched.call_nowait(address, request, True)
 
     # -- introspection and control ---------------------------------------------------
 

@@ -771,11 +771,13 @@ class Scheduler:
                 f"still be served, its reply will be dropped. Pass a larger timeout= if "
                 f"it is expected to take longer"))
 
-    def call_nowait(self, address: Any, request: Any, *, edge: bool = False) -> Any:
+    def call_nowait(self, address: Any, request: Any, edge: bool = False) -> Any:
         """Call ``address`` and step it inline (``self.call``); raise WouldBlock if it
         cannot answer now. ``edge``: the caller is outside the node (``node.call_nowait``),
         so a durable server's reply that group commit must hold cannot be given now
-        either (inside a step, ``self.call`` gets it at once: see Durability)."""
+        either (inside a step, ``self.call`` gets it at once: see Durability). A
+        positional default, not keyword-only: CPython looks keyword-only defaults up in
+        a dict on every call, and self.call comes through here."""
         try:  # a name: resolve's first case, inlined (an unhashable address
             proc = self.procs.get(address)  # is resolve's to refuse, below)
         except TypeError:
