@@ -186,6 +186,23 @@ async def test_timers_armed_in_init_are_armed_again_by_resume(
         assert 7 == node.get_state("t")
 
 
+class Refuser(Counter):
+    """Refuses to resume (resume returns Stop): its start fails, its state stays."""
+
+    def resume(self, state: int, arg: Any) -> Any:
+        return otpy.Stop("will not resume", state)
+
+
+async def test_resume_may_refuse_with_stop_and_the_state_stays(tmp_path: Path) -> None:
+    """Stop from resume fails the start, as from init; the stored state is kept."""
+    async with otpy.open_node(tree(otpy.Child("c", Refuser)), store=tmp_path / "s") as node:
+        await node.call("c", "incr")
+    with pytest.raises(otpy.StartFailed, match=r"Refuser.resume\) returned Stop"):
+        async with otpy.open_node(tree(otpy.Child("c", Refuser)), store=tmp_path / "s"):
+            pass  # pragma: no cover
+    assert 1 == stored(tmp_path / "s")["c"][1]
+
+
 # -- migration at rest ------------------------------------------------------------------
 
 
