@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 RATE_ROUNDS = 10
 RESTART_ROUNDS = 3
 RESTART_SAMPLES = 20_000
+DURABLE_ROUNDS = 5
 
 
 def run_group(*args: str) -> list[dict[str, Any]]:
@@ -228,6 +229,30 @@ def table(r: dict[str, dict[str, Any]]) -> list[Row]:
         row(f"  ... cut {b} ms budget: late by (median)", f"watchdog_overshoot_{b}ms",
             lambda v, rec=rec: f"{v:.0f} ms (worst {rec.get('worst_ms', 0):.0f})",
             "(info)", None)
+    secs = lambda v: f"{v:.2f} s"  # noqa: E731
+    row("durable call, fsync never (issue #13)", "durable_call", rate, "(report)", None)
+    row("  ... the same server, not durable", "durable_call_plain", rate, "-", None)
+    row("  ... durable / not durable (paired)", "durable_call_ratio", ratio,
+        ">= 0.25x (aim 0.5x)", lambda v: v >= 0.25)
+    row("durable 10k-key dict, 1 key per call", "durable_big_patch", rate, ">= 20k/s",
+        lambda v: v >= 20e3)
+    row("  ... without self.changed (whole state)", "durable_big_whole", rate, "(info)",
+        None)
+    row("durable fsync=group, 64 clients", "durable_group_64", rate, ">= 20k/s",
+        lambda v: v >= 20e3)
+    row("  ... / the disk's ceiling, same round", "durable_group_64_vs_ceiling", ratio,
+        "(info)", None)
+    row("start of 100k durable servers (stored)", "durable_start_100k", secs, "<= 2 s",
+        lambda v: v <= 2)
+    row("  ... first start (empty store)", "durable_first_start_100k", secs, "(info)", None)
+    row("  ... 100k servers, not durable", "durable_plain_start_100k", secs, "-", None)
+    row("  ... raw: store open + load 100k", "raw_store_load_100k", secs, "-", None)
+    row("  raw: os.write of 54 bytes", "raw_append_54", usec, "-", None)
+    row("  raw: SqliteStore.put, small state", "raw_store_put_small", usec, "-", None)
+    row("  raw: SQLite WAL NORMAL, 1 txn per row", "raw_sqlite_wal_normal_txn", usec, "-",
+        None)
+    row("  raw: 64 writes + 1 fdatasync, per rec.", "raw_append_fdatasync_64", usec, "-",
+        None)
     ms = lambda v: f"{v:.0f} ms"  # noqa: E731
     row("loading a release: loop stall, thread", "release_load_loop_stall_thread_ms", ms,
         "~20 ms", None)
@@ -250,9 +275,9 @@ def print_table(rows: list[Row]) -> None:
     print(line)
     print(f"* {ERLANG} and {TRIOTP} columns are QUOTED from issues #2 and #3 (measured on "
           f"this machine when the issues were filed), NOT measured by this run.")
-    print("  Targets from issues #2 and #3 (upgrades: #4, wire: #5, attacks: #11, http: "
-          "#14); '(>= 1M/s)' on queued casts is the plain cast target, shown for "
-          "comparison only.")
+    print("  Targets from issues #2 and #3 (upgrades: #4, wire: #5, attacks: #11, durable: "
+          "#13, http: #14); '(>= 1M/s)' on queued casts is the plain cast target, shown "
+          "for comparison only.")
     print("  http rows: wrk -t1 against a server in its own process (2 cores: one each), "
           "best of 3 interleaved rounds; the call is a full POST /call with a JSON body.")
     print(f"  Logging: {LOGGING_NOTE}.")
@@ -286,6 +311,8 @@ def main() -> None:
     results += run_group("bench_watchdog.py")
     results += run_group("bench_wire.py")
     results += run_group("bench_release_load.py")
+    results += run_group("bench_durable.py", "rates", str(DURABLE_ROUNDS))
+    results += run_group("bench_durable.py", "start", "100000")
     results += run_group("bench_nats.py")
     results += run_group("bench_http.py")
     results += run_group("bench_attack.py")

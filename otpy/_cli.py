@@ -5,7 +5,8 @@
     otpy tree                       --node 127.0.0.1:4370
     otpy state NAME
     otpy stats [NAME]               counters of the node, or of server NAME (mailbox,
-                                    refused messages, restarts, ...)
+                                    refused messages, restarts, ...); a node with a
+                                    store shows its figures as store.records, ...
     otpy call NAME REQUEST          REQUEST is JSON ('"incr"', '["store", "x", 1]'):
                                     arrays are sent as tuples, {"$bytes": base64} as
                                     bytes; the reply is printed as JSON by the same rule
@@ -176,7 +177,11 @@ async def _run(args: argparse.Namespace) -> int:
                 stats = await admin.request("statistics", *(
                     [args.name] if args.name else []))
                 for key, value in stats.items():
-                    print(f"{key}: {_show(value)}")
+                    if key == "store" and isinstance(value, dict):
+                        for name, figure in value.items():  # store.records: 12, ...
+                            print(f"store.{name}: {_show(figure)}")
+                    else:
+                        print(f"{key}: {_show(value)}")
             elif cmd == "call":
                 reply = await admin.request("call", args.name, request,
                                             timeout=args.timeout)

@@ -111,6 +111,8 @@ class Node:
         """The bound ``(host, port)`` of the client endpoint (``listen=``), else None."""
         self.admin_address: tuple[str, int] | None = None
         """The bound ``(host, port)`` of the admin endpoint (``admin=``), else None."""
+        self.store: Any = None
+        """The :class:`otpy.Store` durable servers keep their states in, else None."""
 
     # -- calls and messages ----------------------------------------------------------
 
@@ -138,8 +140,9 @@ class Node:
 
     def call_nowait(self, name: str, request: Any) -> Any:
         """Call ``name`` synchronously: answer now or raise :class:`otpy.WouldBlock`
-        (the server is suspended, busy in the current chain, or defers its reply)."""
-        return self._sched.call_nowait(name, request)
+        (the server is suspended, busy in the current chain, or defers its reply, or
+        is durable on a store with fsync="group", whose replies wait for the sync)."""
+        return self._sched.call_nowait(name, request, True)
 
     def cast(self, name: str | Pid, message: Any) -> None:
         """Send ``message`` to ``name``'s ``handle_cast``; never blocks.
@@ -186,9 +189,12 @@ class Node:
         For a server: ``mailbox`` (queued messages), ``max_mailbox``, ``refused``
         (messages refused because its mailbox was full, counted per name across
         restarts), ``waiting`` (calls waiting for room in its mailbox), ``restarts``,
-        ``vsn``, ``step_timeout`` and ``status``. For the node: ``servers``,
+        ``vsn``, ``step_timeout``, ``durable`` and ``status``. For the node: ``servers``,
         ``supervisors``, ``run_queue``, ``timers``, ``queued`` (messages in all
-        mailboxes), ``refused`` (total), ``refused_by_server`` and ``waiting``."""
+        mailboxes), ``refused`` (total), ``refused_by_server`` and ``waiting``; with a
+        store, ``store``: its figures (``records`` and ``bytes`` written since it
+        opened, ``pending`` records not yet synced, ``last_sync``, ``held_replies``,
+        ... see docs/durability.md)."""
         return self._rt.statistics(name)
 
     # -- supervisors -----------------------------------------------------------------

@@ -17,6 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -27,6 +28,9 @@ from ._core.supervisor import Supervisor
 from ._node import DEFAULT_NODE_NAME, Node
 from ._serve.limits import EndpointLimits
 from ._serve.rpc import serve_admin, serve_client
+from ._store import FSYNC_MODES, FsyncMode, SqliteStore, Store
+
+DEFAULT_STORE_DIR = "otpy-store"
 
 T = TypeVar("T")
 
@@ -44,6 +48,57 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+async def _open_store(node: Node, store: str | os.PathLike[str] | Store | None,
+                      fsync: FsyncMode | None, named: bool = True) -> Store | None:
+    """The store the node's durable servers use: opened here (in a thread: it reads
+    SQLite and replays the log) from a path, or the default path when the tree has a
+    durable child and no store was named; or the Store given. Returns the store to
+    close at shutdown (the one opened here), or None."""
+    if fsync is not None and fsync not in FSYNC_MODES:
+        raise ValueError(f"open_node(fsync=...) must be one of "
+                         f"{', '.join(map(repr, FSYNC_MODES))}, got {fsync!r}")
+    rt = node._rt
+    opened: Store | None = None
+    if store is None:
+        if not rt.has_durable():
+            return None
+        if not named:
+            raise TypeError(
+                f"the tree has durable servers, whose states go by default in "
+                f"./{DEFAULT_STORE_DIR}/<node name>/, but this node's name "
+                f"({node.name!r}) is made afresh each run in a cluster: pass node_name= "
+                f"(the same each run), or store=PATH")
+        store = Path(DEFAULT_STORE_DIR) / node.name
+    if isinstance(store, str | os.PathLike):
+        path = Path(store).absolute()
+        log = node._sched.log.log.bind(store=str(path))
+        opened = store = await trio.to_thread.run_sync(partial(
+            SqliteStore, path, fsync=fsync or "never", log=log))
+    elif not isinstance(store, Store):
+        raise TypeError(f"open_node(store=...) takes a directory (a str or a path) or an "
+                        f"otpy.Store, got {store!r}")
+    elif fsync is not None:
+        raise TypeError("open_node(fsync=...) applies to a store the node opens from a "
+                        "path; a store given as an object was opened with its own mode")
+    durability = rt.use_store(store)
+    durability_token = trio.lowlevel.current_trio_token()
+    store.on_synced(durability.synced, durability_token.run_sync_soon)
+    node.store = store
+    return opened
+
+
+async def _close_store(node: Node, opened: Store | None) -> None:
+    """Close the store the node opened (in a thread: it waits for the last sync and a
+    compaction), then release the replies it held."""
+    durability = node._sched.durable
+    if durability is None:
+        return
+    with trio.CancelScope(shield=True):
+        if opened is not None:
+            await trio.to_thread.run_sync(opened.close)
+        durability.closed()
+
+
 @asynccontextmanager
 async def open_node(
     root: Supervisor, *, listen: tuple[str, int] | None = None,
@@ -51,6 +106,7 @@ async def open_node(
     node_name: str | None = None, cluster: str | bool | None = None,
     cluster_name: str = "otpy",
     ssl: _ssl.SSLContext | None = None,
+    store: str | os.PathLike[str] | Store | None = None, fsync: FsyncMode | None = None,
 ) -> AsyncIterator[Node]:
     """Start the supervision tree ``root`` on the current trio loop.
 
@@ -79,7 +135,15 @@ async def open_node(
     through that server. Names stay local unless a child has ``scope="cluster"``; a
     call by name reaches a local server first, else the cluster-registered one;
     ``"name@node"`` reaches one node's server, and pids route to their node. See
-    docs/cluster.md."""
+    docs/cluster.md.
+
+    ``store=PATH`` is the directory where durable servers keep their states (an
+    :class:`otpy.SqliteStore`, opened before the tree starts and closed after it stops;
+    :class:`otpy.StoreError` if it cannot be opened); a tree with a durable child and no
+    ``store=`` uses ``./otpy-store/<node name>/``. ``store=`` also takes an
+    :class:`otpy.Store` object, which the caller opens and closes. ``fsync`` is what a
+    power loss may take: ``"never"`` (the default), ``"group"`` or ``"always"``; a kill -9
+    of the node takes no acknowledged write in any mode (see docs/durability.md)."""
     if limits is not None and not isinstance(limits, EndpointLimits):
         raise TypeError(f"open_node(limits=...) takes an otpy.EndpointLimits, got "
                         f"{limits!r}; e.g. limits=otpy.EndpointLimits(max_frame=65536)")
@@ -87,10 +151,12 @@ async def open_node(
         raise TypeError(f"open_node(ssl=...) takes a server-side ssl.SSLContext, got "
                         f"{ssl!r}; e.g. ctx = ssl.create_default_context("
                         f"ssl.Purpose.CLIENT_AUTH); ctx.load_cert_chain(cert, key)")
+    named = node_name is not None or not cluster
     if node_name is None:
         node_name = default_node_name() if cluster else DEFAULT_NODE_NAME
     node = Node(root, node_name=node_name)
     sched = node._sched
+    opened = await _open_store(node, store, fsync, named)
     try:
         async with trio.open_nursery() as system:
             system.start_soon(node._dispatch)
@@ -121,12 +187,14 @@ async def open_node(
                     node._shutdown_tree()
             system.cancel_scope.cancel()
     except BaseException as exc:
+        await _close_store(node, opened)
         if sched.fatal is not None:
             raise sched.fatal from _unwrap(exc)
         bare = _unwrap(exc)
         if bare is exc:
             raise
         raise bare from bare.__cause__
+    await _close_store(node, opened)
     if sched.fatal is not None:
         raise sched.fatal
 
@@ -155,7 +223,7 @@ def run(
     """Run a node from synchronous code: start ``root``, run ``await main(node)`` (or
     serve until stopped when ``main`` is None), shut down, return main's result.
     ``options`` are the keyword options of :func:`open_node` (``listen``, ``admin``,
-    ``limits``, ``node_name``, ...).
+    ``limits``, ``node_name``, ``store``, ``fsync``, ...).
 
     Stopping
         SIGTERM (what docker, systemd and Kubernetes send) and SIGINT (Ctrl-C) stop the

@@ -28,7 +28,8 @@ IO_MODULES = {"trio", "anyio", "asyncio", "socket", "ssl", "select", "selectors"
               "pathlib", "io", "tomllib", "importlib"}
 # otpy.testing drives that core with no loop at all, so it must not need trio either;
 # nor hypothesis, which only check_code_change imports (a test dependency).
-TESTING_MODULES = ["testing", "testing._ops", "testing._simulation", "testing._migration"]
+TESTING_MODULES = ["testing", "testing._ops", "testing._simulation", "testing._migration",
+                   "testing._store"]
 
 
 def test_all_is_sorted() -> None:

@@ -249,6 +249,55 @@ def test_a_flipped_byte_in_the_last_record_drops_only_that_record(tmp_path: Path
         (e["event"], e["reason"]) for e in logs if e["log_level"] == "warning"]
 
 
+def test_a_batch_cut_short_is_dropped_whole(tmp_path: Path) -> None:
+    """An atomic batch (put_many) whose last record was cut by a kill -9 mid-write is
+    dropped whole at recovery, with one event: the store never holds part of it."""
+    path = tmp_path / "s"
+    store = SqliteStore(path)
+    store.put("a", "1", 0)
+    assert 5 == store.put_many([("a", "2", 1), ("b", "2", 1), ("c", "2", 1)])  # 2: the batch
+    store.close(compact=False)
+    [segment] = log_files(path)
+    os.truncate(segment, segment.stat().st_size - 2)
+    with capture_logs() as logs:
+        states, store = reopen(path)
+    assert {"a": 0} == states
+    [event] = [e for e in logs if e["log_level"] == "warning"]
+    assert event["reason"].startswith("an atomic batch of records")
+    assert 1 == event["kept_seq"]
+    assert 2 == store.put("b", "1", "after")
+    store.close()
+
+
+def test_a_batch_that_cannot_be_pickled_records_nothing(tmp_path: Path) -> None:
+    """put_many pickles every state before it writes: one bad state, no record."""
+    store = SqliteStore(tmp_path / "s")
+    with pytest.raises(otpy.StoreError, match="'b' cannot be pickled"):
+        store.put_many([("a", "1", 1), ("b", "1", threading.Lock())])
+    assert (0, None) == (store.seq, store.get("a"))
+    store.close()
+
+
+def test_get_reads_what_is_recorded_now(tmp_path: Path) -> None:
+    """get() gives a key's state as recorded now, from the log not yet compacted and
+    from SQLite alike (a whole state in one, its patches in the other)."""
+    store = SqliteStore(tmp_path / "s", segment_bytes=4096)
+    state = {"x": 0, "pad": "p" * 3000}
+    store.put("k", "1", state)
+    for i in range(1, 400):
+        state["x"] = i
+        store.patch("k", "1", state, ["x"])
+    deadline = time.monotonic() + 10
+    while store.statistics()["compactions"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.statistics()["compactions"] > 0
+    assert (399, "1") == (store.get("k").state()["x"], store.get("k").vsn)
+    assert store.get("other") is None
+    store.delete("k")
+    assert store.get("k") is None
+    store.close()
+
+
 def test_damage_in_an_older_segment_drops_what_follows(tmp_path: Path) -> None:
     """The store recovers a prefix of its history, never a mix: damage in an older
     segment drops the records after it, later segments included, in one event."""
@@ -606,16 +655,25 @@ ops = st.lists(st.one_of(
               st.lists(st.tuples(st.sampled_from("wxyz"), st.none() | st.integers(0, 9)),
                        max_size=3)),
     st.tuples(st.just("delete"), st.sampled_from("abc"), st.none()),
+    st.tuples(st.just("batch"), st.lists(st.sampled_from("abc"), unique=True, max_size=3),
+              st.integers(0, 9)),
+    st.tuples(st.just("get"), st.none(), st.none()),
     st.tuples(st.just("reopen"), st.booleans(), st.none()),
 ), max_size=40)
+
+
+def got(store: SqliteStore) -> dict[str, Any]:
+    """What ``get`` says of each key now."""
+    return {k: s.state() for k in "abc" if (s := store.get(k)) is not None}
 
 
 @settings(max_examples=25, deadline=None)
 @given(ops)
 def test_any_history_reads_back_as_the_model_says(history: list[tuple[Any, ...]]) -> None:
-    """Puts, patches (sets and removals) and deletes, with reopens that compact or leave
-    the log (segments of 4 KiB, so both SQLite and the log hold parts): every reopen
-    gives back exactly the states a dict model holds."""
+    """Puts, patches (sets and removals), deletes and atomic batches, with reopens that
+    compact or leave the log (segments of 4 KiB, so both SQLite and the log hold parts):
+    every reopen gives back exactly the states a dict model holds, and so does get()
+    at any point."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s"
         model: dict[str, dict[str, int]] = {}
@@ -635,6 +693,12 @@ def test_any_history_reads_back_as_the_model_says(history: list[tuple[Any, ...]]
             elif kind == "delete":
                 model.pop(key, None)
                 store.delete(key)
+            elif kind == "batch":
+                for k in key:
+                    model[k] = {"w": arg, "pad": "b" * 500}
+                store.put_many([(k, "1", model[k]) for k in key])
+            elif kind == "get":
+                assert model == got(store)
             else:
                 store.close(compact=key)
                 store = SqliteStore(path, segment_bytes=4096, snapshot_ratio=0.5)

@@ -292,7 +292,18 @@ class Migration:
                 f"{what} release {self.release.vsn!r} rolled back, nothing changed: "
                 f"{len(failures)} of {len(self.moves)} servers failed: {shown}{more}",
                 failures)
-        self.sched.commit_all(self._swap())
+        try:
+            self.sched.commit_all([(m.proc, m.to_cls, m.new_state) for m in self.moves])
+        except Exception as exc:
+            # The store could not record the durable servers' new states (all of them
+            # go in one atomic record): nothing was swapped, so nothing changes.
+            self.abort()
+            reason = f"the store could not record the new states: {type(exc).__name__}: {exc}"
+            self.sched.log.error("upgrade_rolled_back", release=self.release.vsn,
+                                 downgrade=self.downgrade, failures={"store": reason})
+            raise UpgradeFailed(f"{what} release {self.release.vsn!r} rolled back, nothing "
+                                f"changed: {reason}", {"store": reason}) from exc
+        self._swap()
         # A new max_mailbox may make room for calls waiting in line (few names, if
         # any: a server without a line or still full is left as it is).
         for name in list(self.sched.waiting):
@@ -324,11 +335,10 @@ class Migration:
         report["restarted"] = [m.name for m in failed]
         return report
 
-    def _swap(self) -> Iterator[tuple[GenServer[Any], Any]]:
-        # The new code of each server, as its new state is committed (commit_all).
+    def _swap(self) -> None:
+        # What goes with each server's new code (commit_all swapped code and state).
         for m in self.moves:
             proc, to_cls, spec = m.proc, m.to_cls, m.proc._otpy_spec
-            proc.__class__ = to_cls
             proc._otpy_flags &= ~(WATCHED | TOUCHED)
             if spec.max_mailbox is None:
                 proc._otpy_max_mailbox = to_cls.max_mailbox
@@ -336,7 +346,6 @@ class Migration:
                 self.sched.class_by_name.pop(m.name, None)
             else:
                 self.sched.class_by_name[m.name] = (spec.server_class, to_cls)
-            yield proc, m.new_state
 
     def abort(self) -> None:
         """Give up: every server keeps its old code and old state."""

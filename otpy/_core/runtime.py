@@ -16,13 +16,17 @@ dicts, strings), so that every transport can encode them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._exceptions import BadRequest, SupervisorError
+from .durable import Durability
 from .release import Planner, Release, ReleaseHandler, ReleaseInfo
 from .scheduler import CAST, INFO, Scheduler
 from .server import GenServer
 from .supervisor import Child, ChildInfo, Supervisor, SupervisorRuntime, check_unique_names
+
+if TYPE_CHECKING:
+    from .._store.base import Store
 
 
 class Runtime:
@@ -43,12 +47,25 @@ class Runtime:
 
     # -- the tree --------------------------------------------------------------------
 
+    def has_durable(self) -> bool:
+        """Whether the tree has a durable child (the node then needs a store)."""
+        return any(isinstance(spec, Child) and (
+            spec.durable if spec.durable is not None else spec.server_class.durable)
+            for spec in self.root_spec.walk())
+
+    def use_store(self, store: Store) -> Durability:
+        """Keep durable servers' states in ``store`` (before :meth:`start`): it gives back
+        what it holds (``store.load()``) and records every commit of a durable server."""
+        return Durability(self.sched, store)
+
     def start(self) -> None:
         """Start the tree depth-first (StartFailed, after stopping what started)."""
         root = SupervisorRuntime(self.root_spec, self.sched, None)
         self.root = self.sched.root = root
         with self.sched.supervision_act():
             root.start()
+        if self.sched.durable is not None:
+            self.sched.durable.opened()
 
     def shutdown(self) -> None:
         """Stop the tree in reverse start order (every ``terminate`` runs)."""
@@ -69,7 +86,7 @@ class Runtime:
 
     def call_nowait(self, address: Any, request: Any) -> Any:
         """Answer now or raise WouldBlock."""
-        return self.sched.call_nowait(address, request)
+        return self.sched.call_nowait(address, request, True)
 
     # -- introspection and control ---------------------------------------------------
 

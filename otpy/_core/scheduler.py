@@ -29,7 +29,7 @@ import difflib
 import itertools
 import reprlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._exceptions import (
@@ -41,6 +41,7 @@ from .._exceptions import (
     ServerCrashed,
     ServerStopped,
     StartFailed,
+    StoreError,
     WouldBlock,
 )
 from .events import Events
@@ -48,7 +49,9 @@ from .monitors import ACTIVE, CANCELLED, FIRED, Links, MonitorRef, ServerDown
 from .names import Pid, split_remote
 from .server import (
     ANSWERED,
+    DEAD_FLAG,
     NOTHING,
+    OBSERVED_FLAG,
     WAITING,
     Caller,
     Continue,
@@ -67,6 +70,7 @@ from .timers import TimerRef, Timers
 from .typecheck import check_state
 
 if TYPE_CHECKING:
+    from .durable import Durability
     from .supervisor import Child, SupervisorRuntime
 
 CALL, CAST, INFO, CONTINUE = 0, 1, 2, 3
@@ -77,10 +81,10 @@ _KIND = ("call", "cast", "info", "continue")
 BUSY = 1  # in a step: it is on the current chain of calls
 SUSPENDED = 2  # node.suspend
 WATCHED = 4  # a release is migrating its state: steps mark it TOUCHED (slow path only)
-DEAD = 8  # terminated; a new incarnation (if any) holds the name
+DEAD = DEAD_FLAG  # terminated; a new incarnation (if any) holds the name
 SCHEDULED = 16  # in the run queue
 TOUCHED = 32  # stepped since its migration was computed: migrate again at commit
-OBSERVED = 64  # its commits are observed (on_commit): its steps take the general path
+OBSERVED = OBSERVED_FLAG  # its commits are observed (on_commit): the general path
 NOT_STEPPABLE = BUSY | SUSPENDED | DEAD
 NOT_IDLE = ~OBSERVED
 
@@ -184,6 +188,16 @@ class _Versioned(Caller):
         self.inner._fail(exc)
 
 
+class _EdgeCaller(InlineCaller):
+    """``node.call_nowait``'s caller: answered within the call, but from outside the
+    node, so group commit holds its reply like any client's (and call_nowait then
+    raises WouldBlock)."""
+
+    __slots__ = ()
+
+    _inline = False
+
+
 class Scheduler:
     """The registry, mailboxes, run queue, calls and timers of one node."""
 
@@ -229,8 +243,13 @@ class Scheduler:
         self.on_fatal: Callable[[BaseException], None] = lambda exc: None
         # The cluster, when the node is in one: addresses that name nothing here.
         self.remote: Remote | None = None
-        # Called after each commit of an OBSERVED server's state (see commit).
-        self.on_commit: Callable[[GenServer[Any]], None] | None = None
+        # Called before each commit of an OBSERVED server's state, and before a release
+        # commits several (see commit and commit_all): a store records them there.
+        self.on_commit: Callable[[GenServer[Any], Any], int] | None = None
+        self.on_commit_all: Callable[
+            [list[tuple[GenServer[Any], type[GenServer[Any]], Any]]], None] | None = None
+        # The durable servers' glue to the node's store (otpy._core.durable), if any.
+        self.durable: Durability | None = None
         self.stopping = False
         # The code the installed releases run, for every start of a child (a restart, a
         # subtree's restart, restart_child, start_child): by name, for a child whose
@@ -558,23 +577,15 @@ class Scheduler:
             then, result = result.arg, result.result
         t = type(result)
         if t is Stop:
-            self.stopped(proc, result, caller)
-            return
-        if kind == CALL:
-            if t is Reply:
-                self.commit(proc, result.state)
-                if caller is not None:
-                    caller.reply(result.reply)
-            elif t is NoReply:
-                self.commit(proc, result.state)
-                if caller is not None and caller._status == WAITING:
-                    self._defer_caller(proc, caller)
-            else:
+            state = result.state
+        elif kind == CALL:
+            if t is not Reply and t is not NoReply:
                 self.crashed(proc, bad_return(
                     proc, "handle_call", result,
                     "otpy.Reply(reply, state), otpy.NoReply(state) or otpy.Stop(...), "
                     "maybe wrapped in otpy.Continue(result, arg)"), kind, payload, caller)
                 return
+            state = result.state
         elif t is Reply or t is NoReply:
             callback = ("handle_call", "handle_cast", "handle_info", "handle_continue")[kind]
             self.crashed(proc, bad_return(proc, callback, result,
@@ -582,9 +593,35 @@ class Scheduler:
                          kind, payload, caller)
             return
         else:
-            self.commit(proc, result)
+            state = result
+        try:
+            held = self.commit(proc, state)
+        except Exception as exc:
+            # A store could not record the state: the step crashes, so nothing of it is
+            # acknowledged, and the server keeps the last state that was recorded.
+            self.crashed(proc, exc, kind, payload, caller)
+            return
+        if t is Stop:
+            self.stopped(proc, result, caller, held)
+            return
+        if kind == CALL and caller is not None:
+            if t is Reply:
+                if held and not caller._inline:
+                    self._hold(held, caller, result.reply)
+                else:
+                    caller.reply(result.reply)
+            elif caller._status == WAITING:
+                self._defer_caller(proc, caller)
         if then is not NOTHING:
             self.run_continue(proc, then)
+
+    def _hold(self, seq: int, caller: Caller, reply: Any) -> None:
+        """Hand ``reply`` to the store's group commit: ``caller`` gets it once the record
+        ``seq`` is synced (only a caller outside the node is held: an inline one needs
+        its answer within the step)."""
+        durable = self.durable
+        assert durable is not None
+        durable.hold(seq, caller, reply)
 
     @runs_callbacks("proc")
     def run_continue(self, proc: GenServer[Any], arg: Any) -> None:
@@ -608,25 +645,34 @@ class Scheduler:
         proc._otpy_flags &= ~BUSY
         self._settle(proc, CONTINUE, arg, None, result)
 
-    def commit(self, proc: GenServer[Any], state: Any) -> None:
+    def commit(self, proc: GenServer[Any], state: Any) -> int:
         """Make ``state`` the server's state: the one place it changes (``step`` inlines
-        this for servers that nobody observes). An observed server's commit is then
-        reported to ``on_commit`` (a store records it)."""
-        proc._otpy_state = state
+        this for servers that nobody observes). An observed server's state is first
+        reported to ``on_commit`` (a store records it); if that raises, the state stays
+        as it was and the error goes to the caller (a step turns it into its crash).
+        Returns 0, or the seq of the record that the step's reply must wait for (a
+        store's group commit: see Durability.hold)."""
         if proc._otpy_flags & OBSERVED and self.on_commit is not None:
-            self.on_commit(proc)
-
-    def commit_all(self, states: Iterable[tuple[GenServer[Any], Any]]) -> None:
-        """Commit many states as one act (a release's): set every state first, then
-        report the observed ones, so that an observer sees the release whole."""
-        observed = []
-        for proc, state in states:
+            held = self.on_commit(proc, state)
             proc._otpy_state = state
-            if proc._otpy_flags & OBSERVED:
-                observed.append(proc)
-        if observed and self.on_commit is not None:
-            for proc in observed:
-                self.on_commit(proc)
+            return held
+        proc._otpy_state = state
+        return 0
+
+    def commit_all(self, changes: list[tuple[GenServer[Any], type[GenServer[Any]], Any]]
+                   ) -> None:
+        """Commit many states as one act (a release's), each ``(server, class, state)``
+        with the class that runs the server from now on. The observed servers' are first
+        reported together to ``on_commit_all`` (a store records them in one atomic
+        record); only then are classes and states swapped, so if that raises, nothing
+        changed and the error goes to the caller."""
+        if self.on_commit_all is not None:
+            observed = [c for c in changes if c[0]._otpy_flags & OBSERVED]
+            if observed:
+                self.on_commit_all(observed)
+        for proc, cls, state in changes:
+            proc.__class__ = cls
+            proc._otpy_state = state
 
     @staticmethod
     def _defer_caller(proc: GenServer[Any], caller: Caller) -> None:
@@ -725,9 +771,13 @@ class Scheduler:
                 f"still be served, its reply will be dropped. Pass a larger timeout= if "
                 f"it is expected to take longer"))
 
-    def call_nowait(self, address: Any, request: Any) -> Any:
+    def call_nowait(self, address: Any, request: Any, edge: bool = False) -> Any:
         """Call ``address`` and step it inline (``self.call``); raise WouldBlock if it
-        cannot answer now."""
+        cannot answer now. ``edge``: the caller is outside the node (``node.call_nowait``),
+        so a durable server's reply that group commit must hold cannot be given now
+        either (inside a step, ``self.call`` gets it at once: see Durability). A
+        positional default, not keyword-only: CPython looks keyword-only defaults up in
+        a dict on every call, and self.call comes through here."""
         try:  # a name: resolve's first case, inlined (an unhashable address
             proc = self.procs.get(address)  # is resolve's to refuse, below)
         except TypeError:
@@ -749,10 +799,17 @@ class Scheduler:
         if proc._otpy_mbox:
             # The call must not jump the messages already queued: serve them first.
             proc = self._drain(proc)
-        caller = InlineCaller()
+        caller = _EdgeCaller() if edge else InlineCaller()
         self.step(proc, CALL, request, caller)
         if caller._status == WAITING:
             caller._give_up()  # the deferred reply, if it ever comes, is dropped
+            durable = self.durable
+            if durable is not None and durable.held and durable.held[-1][1] is caller:
+                raise WouldBlock(
+                    f"server {proc._otpy_name!r} is durable and its store syncs in groups "
+                    f"(fsync='group'): its reply is held until its state is on disk, so "
+                    f"it cannot be given now; its state was updated. Use 'await "
+                    f"node.call', which waits for the sync")
             raise WouldBlock(
                 f"server {proc._otpy_name!r} deferred its reply (handle_call returned "
                 f"NoReply), so it cannot answer within this step; its state was updated. "
@@ -1063,14 +1120,27 @@ class Scheduler:
 
         Raises StartFailed (with the cause) if init raised or returned Stop. A
         continuation that ``init`` asked for runs once the server is registered (a
-        crash there is a crash of the running server, as in OTP)."""
+        crash there is a crash of the running server, as in OTP).
+
+        A durable server with a stored state runs ``resume(state, arg)`` instead of
+        ``init``; one whose stored state cannot be used (it cannot be read, migrated or
+        type-checked) is not started: None, as for Ignore, after one error event (see
+        Durability.take), and the stored state is left as it is."""
         name = spec.id
+        durable = spec.durable if spec.durable is not None else cls.durable
+        if durable and self.durable is None:
+            raise StartFailed(
+                f"child {name!r} ({cls.__qualname__}) is durable, but this node has no "
+                f"store; open the node with open_node(..., store=PATH) (a node whose tree "
+                f"has a durable child when it starts opens one by itself; a Simulation "
+                f"takes store=otpy.testing.MemoryStore())",
+                child=name, reason="no store")
         proc = cls.__new__(cls)
         proc._otpy_name = name
         proc._otpy_rt = self
         proc._otpy_sup = sup
         proc._otpy_spec = spec
-        proc._otpy_flags = BUSY
+        proc._otpy_flags = BUSY | OBSERVED if durable else BUSY
         proc._otpy_mbox = None
         proc._otpy_restarts = restarts
         proc._otpy_tasks = None
@@ -1081,21 +1151,37 @@ class Scheduler:
                                   else spec.max_mailbox)
         self.procs[name] = proc
         then = NOTHING
-        try:
-            state = proc.init(spec.arg)
-            if state is Ignore:
-                self._unregister(proc, "ignore")
+        stored = NOTHING
+        if durable:
+            assert self.durable is not None
+            try:
+                stored = self.durable.take(proc, cls)
+            except StoreError as exc:
+                self._unregister(proc, "refused")
+                self.durable.refuse(name, exc)
                 return None
+        what = "init" if stored is NOTHING else "resume"
+        try:
+            if stored is NOTHING:
+                state = proc.init(spec.arg)
+                if state is Ignore:
+                    self._unregister(proc, "ignore")
+                    return None
+            else:
+                state = proc.resume(stored, spec.arg)
             if type(state) is Continue:
                 then, state = state.arg, state.result
             if type(state) is Stop:
                 raise StartFailed(
-                    f"child {name!r} ({cls.__qualname__}.init) returned Stop with reason "
+                    f"child {name!r} ({cls.__qualname__}.{what}) returned Stop with reason "
                     f"{state.reason!r}", child=name, reason=state.reason)
             if type(state) in (Reply, NoReply, Continue) or state is Ignore:
-                raise bad_return(proc, "init", state, "the first state, otpy.Ignore, "
-                                 "otpy.Continue(state, arg) or otpy.Stop(reason, state)")
-            check_state(cls, state, server=name, when="returned by init")
+                raise bad_return(proc, what, state, "the first state, otpy.Ignore, "
+                                 "otpy.Continue(state, arg) or otpy.Stop(reason, state)"
+                                 if what == "init" else "the state, otpy.Continue(state, "
+                                 "arg) or otpy.Stop(reason, state)")
+            if state is not stored:  # a stored state was checked already (take)
+                check_state(cls, state, server=name, when=f"returned by {what}")
         except BaseException as exc:
             self._unregister(proc, exc)
             if proc._otpy_tasks:
@@ -1108,14 +1194,41 @@ class Scheduler:
             elif not isinstance(exc, Exception):
                 raise
             raise StartFailed(
-                f"child {name!r} ({cls.__qualname__}) failed to start: init raised "
+                f"child {name!r} ({cls.__qualname__}) failed to start: {what} raised "
                 f"{type(exc).__name__}: {exc}", child=name, reason=exc) from exc
-        proc._otpy_flags &= SCHEDULED  # init may have cast to itself: it is queued already
-        self.commit(proc, state)
+        # init may have cast to itself: it is queued already (SCHEDULED stays).
+        proc._otpy_flags &= SCHEDULED | OBSERVED
+        try:
+            self.commit(proc, state)
+        except Exception as exc:  # a durable server's first state could not be recorded
+            self._unregister(proc, exc)
+            if proc._otpy_tasks:
+                for task in proc._otpy_tasks:
+                    task.cancel()
+            raise StartFailed(
+                f"child {name!r} ({cls.__qualname__}) failed to start: its first state "
+                f"could not be recorded: {type(exc).__name__}: {exc}", child=name,
+                reason=exc) from exc
+        if durable:
+            assert self.durable is not None
+            self.durable.started(proc)
         self._take_back(proc, self._stash.pop(name, None))
         if then is not NOTHING:
             self.run_continue(proc, then)
         return proc
+
+    def refusal(self, name: str) -> StoreError | None:
+        """Why the stored state of durable server ``name`` kept it from starting, if it
+        did, at its last start."""
+        return None if self.durable is None else self.durable.refusals.get(name)
+
+    def forget_state(self, spec: Child) -> None:
+        """Child ``spec`` stopped for good (its supervisor said so): if it is durable,
+        its stored state goes (see Durability.forget)."""
+        if self.durable is not None:
+            cls = self.code_for(spec)
+            if spec.durable if spec.durable is not None else cls.durable:
+                self.durable.forget(spec.id)
 
     def _take_back(self, proc: GenServer[Any], stashed: deque[Message] | None) -> None:
         """Give the name's stashed mailbox (messages sent before, first) to ``proc``."""
@@ -1152,6 +1265,8 @@ class Scheduler:
         for whoever takes the name within this supervision act."""
         if proc._otpy_flags & DEAD:
             return
+        if proc._otpy_flags & OBSERVED and self.durable is not None:
+            self.durable.changes.pop(proc, None)  # named by a step that never committed
         proc._otpy_flags |= BUSY
         try:
             proc.terminate(reason, proc._otpy_state)
@@ -1196,12 +1311,17 @@ class Scheduler:
             caller._fail(err)
         self.exited(proc, exc)
 
-    def stopped(self, proc: GenServer[Any], result: Stop[Any], caller: Caller | None) -> None:
+    def stopped(self, proc: GenServer[Any], result: Stop[Any], caller: Caller | None,
+                held: int = 0) -> None:
+        """The server returned Stop (its state committed already; ``held`` as commit
+        returned it): answer the caller, then let the server exit."""
         reason = result.reason
-        self.commit(proc, result.state)
         if caller is not None:
             if result.reply is not NOTHING:
-                caller.reply(result.reply)
+                if held and not caller._inline:
+                    self._hold(held, caller, result.reply)
+                else:
+                    caller.reply(result.reply)
             else:
                 caller._fail(ServerStopped(
                     f"server {proc._otpy_name!r} stopped with reason {reason!r} without "
@@ -1258,10 +1378,11 @@ class Scheduler:
                 "refused": self.refused.get(name, 0),
                 "waiting": len(self.waiting.get(name, ())), "restarts": proc._otpy_restarts,
                 "vsn": type(proc).vsn, "step_timeout": budget_of(proc),
+                "durable": bool(flags & OBSERVED) and self.durable is not None,
                 "status": ("suspended" if flags & SUSPENDED else
                            "running" if flags & BUSY else "idle"),
             }
-        return {
+        stats = {
             "servers": len(self.procs), "supervisors": len(self.sups),
             "run_queue": len(self.runq), "timers": self.pending_timers(),
             "queued": sum(len(p._otpy_mbox) for p in self.procs.values() if p._otpy_mbox),
@@ -1269,6 +1390,9 @@ class Scheduler:
             "refused_by_server": dict(self.refused),
             "waiting": sum(len(line) for line in self.waiting.values()),
         }
+        if self.durable is not None:
+            stats["store"] = self.durable.statistics()
+        return stats
 
     def set_fatal(self, exc: BaseException) -> None:
         if self.fatal is None:

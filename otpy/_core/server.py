@@ -42,10 +42,11 @@ _CALLBACKS = (
     "upgrade_request",
     "downgrade_reply",
     "handle_continue",
+    "resume",
 )
 # Public helpers a subclass inherits; a near-miss of these is not a typo of a callback.
 _HELPERS = ("call", "cast", "send", "send_after", "start_task", "name", "pid", "monitor",
-            "demonitor")
+            "demonitor", "changed")
 
 
 class _Nothing:
@@ -212,6 +213,10 @@ class Caller:
 
     __slots__ = ("_status",)
 
+    # A caller stepped inline (self.call, call_nowait) needs its answer within the step:
+    # a reply is never held for it (see Durability: group commit holds the others').
+    _inline = False
+
     def __init__(self) -> None:
         self._status = WAITING
 
@@ -248,6 +253,8 @@ class InlineCaller(Caller):
     """The caller of a call stepped inline: the answer is ready when the step returns."""
 
     __slots__ = ("error", "value")
+
+    _inline = True
 
     def __init__(self) -> None:
         self._status = WAITING
@@ -351,6 +358,11 @@ def runs_callbacks(server_arg: str) -> Callable[[F], F]:
     return mark
 
 
+# Scheduler.OBSERVED and DEAD, spelled here (the scheduler imports this module): a
+# server whose commits a store records; a server that stopped.
+OBSERVED_FLAG = 64
+DEAD_FLAG = 8
+
 # The runtime's own attributes on a server: one prefix that a user's class can never
 # reach by accident (a server may set self._node or self._state for itself).
 RUNTIME_PREFIX = "_otpy_"
@@ -387,14 +399,24 @@ class GenServer(Generic[S]):
       above may be wrapped in ``otpy.Continue(result, arg)`` to ask for it.
     - ``terminate(reason, state)`` runs whenever a running server stops.
     - ``code_change(old_vsn, state, extra)`` returns the migrated state (see releases).
+    - ``resume(state, arg)`` (durable servers only) runs *instead of* ``init`` when the
+      server starts with a stored state (after a node restart, a crash, or
+      ``restart_child``): ``state`` is the last state recorded, already migrated through
+      ``code_change`` to this class's ``vsn`` and checked. It returns the state to go on
+      with (the default: ``state`` unchanged), ``otpy.Continue(state, arg)`` or
+      ``otpy.Stop(reason, state)`` (the start fails; the stored state is kept). Timers
+      and monitors that ``init`` arms are not stored: arm them again here. The idiom:
+      both ``init`` and ``resume`` return ``otpy.Continue(state, "arm")`` and
+      ``handle_continue`` arms them.
 
     Anything else returned crashes the server with :class:`otpy.BadReturn`; a callback
     that raises crashes it, and its supervisor decides what follows.
 
     Class attributes: ``vsn`` (derived from the code when not set), ``step_timeout``
-    (seconds a callback may run) and ``max_mailbox`` (queued messages before
-    ``cast``/``send`` raise :class:`otpy.MailboxFull`). Attribute names starting with
-    ``_otpy_`` are the runtime's.
+    (seconds a callback may run), ``max_mailbox`` (queued messages before
+    ``cast``/``send`` raise :class:`otpy.MailboxFull`) and ``durable`` (keep the state
+    in the node's store, so that it survives a crash or a kill -9 of the node; see
+    docs/durability.md). Attribute names starting with ``_otpy_`` are the runtime's.
     """
 
     __slots__ = ("_otpy_deferred", "_otpy_flags", "_otpy_links", "_otpy_max_mailbox",
@@ -404,6 +426,7 @@ class GenServer(Generic[S]):
     vsn: ClassVar[str]
     step_timeout: ClassVar[float] = 1.0
     max_mailbox: ClassVar[int] = 100_000
+    durable: ClassVar[bool] = False
     _state_type: ClassVar[Any] = Any
 
     _otpy_name: str
@@ -496,6 +519,11 @@ class GenServer(Generic[S]):
         """Migrate ``state`` from ``old_vsn`` (or ``otpy.Down(vsn)``). Default: unchanged."""
         return state
 
+    def resume(self, state: S, arg: Any) -> Any:
+        """Go on from a stored state (durable servers: runs instead of ``init`` when one
+        is stored). Default: ``state`` unchanged."""
+        return state
+
     # -- helpers for callbacks ------------------------------------------------------
 
     @property
@@ -523,6 +551,18 @@ class GenServer(Generic[S]):
         ServerDown is delivered or waiting in the mailbox). A ref demonitored twice, or
         one of another server, is a ValueError."""
         return self._otpy_rt.demonitor(self, ref)
+
+    def changed(self, *keys: Any) -> None:
+        """Say which keys of a mapping state this step set or removed (durable servers):
+        the store then records those entries (a patch) instead of the whole state, so a
+        step costs what it changed, not what the state holds. Name every key the step
+        changed: entries not named must be as they were last recorded. With no keys, the
+        step changed nothing and nothing is recorded. On a server that is not durable it
+        does nothing."""
+        if self._otpy_flags & (OBSERVED_FLAG | DEAD_FLAG) == OBSERVED_FLAG:
+            durable = self._otpy_rt.durable
+            if durable is not None:
+                durable.changed(self, keys)
 
     def call(self, name: Any, request: Any) -> Any:
         """Call another server synchronously, stepping it inline.

@@ -73,13 +73,14 @@ class Child:
     ``id`` is the server's name in the node; ``arg`` goes to ``init``; ``restart`` is
     ``"permanent"`` (default), ``"transient"`` or ``"temporary"``; ``shutdown`` is how
     many seconds the server's own tasks get to finish after an orderly stop.
-    ``step_timeout`` and ``max_mailbox``, when given, override the server class's
-    attributes of the same names for this child. ``scope="cluster"`` registers the name
-    cluster-wide when the node is in a cluster (once: a second start anywhere fails),
-    so that a call by name reaches it from any node."""
+    ``step_timeout``, ``max_mailbox`` and ``durable``, when given, override the server
+    class's attributes of the same names for this child (``durable=True``: its state is
+    kept in the node's store, see docs/durability.md). ``scope="cluster"`` registers the
+    name cluster-wide when the node is in a cluster (once: a second start anywhere
+    fails), so that a call by name reaches it from any node."""
 
-    __slots__ = ("arg", "id", "max_mailbox", "restart", "scope", "server_class", "shutdown",
-                 "step_timeout")
+    __slots__ = ("arg", "durable", "id", "max_mailbox", "restart", "scope", "server_class",
+                 "shutdown", "step_timeout")
 
     def __init__(
         self,
@@ -92,6 +93,7 @@ class Child:
         step_timeout: float | None = None,
         max_mailbox: int | None = None,
         scope: str = "local",
+        durable: bool | None = None,
     ) -> None:
         self.id = _check_id(id, "Child id")
         self.server_class = check_server_class(server_class, f"Child {id!r} server_class")
@@ -113,6 +115,10 @@ class Child:
             raise SupervisorError(f"Child {id!r} scope must be 'local' or 'cluster', got "
                                   f"{scope!r}")
         self.scope = scope
+        if durable is not None and not isinstance(durable, bool):
+            raise SupervisorError(f"Child {id!r} durable must be True or False, got "
+                                  f"{durable!r}")
+        self.durable = durable
 
     def __repr__(self) -> str:
         return (f"Child({self.id!r}, {self.server_class.__qualname__}, arg={self.arg!r}, "
@@ -329,6 +335,8 @@ class SupervisorRuntime:
             if spec.restart is Restart.TEMPORARY:
                 del self.specs[id]
             log.debug("child_terminated", supervisor=self.name, child=id, reason=repr(reason))
+            if isinstance(spec, Child):  # a subtree that gave up keeps its servers' states
+                self._ended(spec)
             return
         if not self._count_restart():
             self.give_up(id, reason)
@@ -345,7 +353,9 @@ class SupervisorRuntime:
             # Temporary bystanders are not restarted, and their specs go.
             for other in group:
                 if other != id and self.specs[other].restart is Restart.TEMPORARY:
-                    del self.specs[other]
+                    ended = self.specs.pop(other)
+                    if isinstance(ended, Child):
+                        self._ended(ended)
             group = [other for other in group if other in self.specs]
         self._restart_group(group, cause=id)
 
@@ -467,6 +477,7 @@ class SupervisorRuntime:
         with self.sched.supervision_act():
             try:
                 self._start(child)
+                self._refused(child.id)
             except StartFailed:
                 self.specs.pop(child.id, None)
                 raise
@@ -481,6 +492,8 @@ class SupervisorRuntime:
             self._stop_child(id, "shutdown")
         if spec.restart is Restart.TEMPORARY:
             del self.specs[id]
+            if isinstance(spec, Child):
+                self._ended(spec)
 
     def restart_child(self, id: str) -> ChildInfo:
         spec = self._spec_of(id)
@@ -491,7 +504,18 @@ class SupervisorRuntime:
         self.pending.discard(id)
         with self.sched.supervision_act():
             self._start(spec)
+        self._refused(id)
         return self.info(id)
+
+    def _refused(self, id: str) -> None:
+        """An operator's start (start_child, restart_child) of a durable server whose
+        stored state cannot be used fails, saying why (at the tree's start or a restart,
+        that server is left not running and the others go on)."""
+        if self.running(id) is None:
+            refused = self.sched.refusal(id)
+            if refused is not None:
+                raise StartFailed(f"child {id!r} of supervisor {self.name!r} did not start: "
+                                  f"{refused}", child=id, reason=refused) from refused
 
     def delete_child(self, id: str) -> None:
         self._spec_of(id)
@@ -500,6 +524,15 @@ class SupervisorRuntime:
                 f"child {id!r} of supervisor {self.name!r} is running; terminate_child it "
                 f"before delete_child")
         self.pending.discard(id)
-        del self.specs[id]
+        spec = self.specs.pop(id)
         self.child_restarts.pop(id, None)
+        self._ended(spec)
         self.sched.class_by_name.pop(id, None)
+
+    def _ended(self, spec: Child | Supervisor) -> None:
+        """A child stopped for good (its spec goes, or a server ended and is never
+        restarted): a durable server's stored state goes with it (on delete_child of a
+        subtree, each of its servers'; a subtree that merely stopped keeps them)."""
+        for child in ([spec] if isinstance(spec, Child) else spec.walk()):
+            if isinstance(child, Child):
+                self.sched.forget_state(child)

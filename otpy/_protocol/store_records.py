@@ -9,9 +9,11 @@ A log segment is a file of one header and records back to back::
                     field; crc = CRC-32 of the size field and those bytes
 
 All integers are little-endian. ``kind`` is :data:`PUT` (the payload is a whole state),
-:data:`PATCH` (the payload changes some entries of a mapping state) or :data:`DELETE`
-(no payload). Payloads are opaque here: the engine (``otpy._store``) pickles them.
-Sequence numbers grow by exactly one from record to record, across segments.
+:data:`PATCH` (the payload changes some entries of a mapping state), :data:`DELETE`
+(no payload) or :data:`BATCH` (an empty key and vsn, and a u32 count as the payload: the
+next ``count`` records are one atomic batch, written together). Payloads are opaque
+here: the engine (``otpy._store``) pickles them. Sequence numbers grow by exactly one
+from record to record, across segments.
 
 :class:`Decoder` turns the bytes of one segment, fed in any chunks, into
 :class:`Record` values. What must stay true, whatever the bytes (a log cut short by a
@@ -43,10 +45,11 @@ MAGIC = b"OTPYLOG\x01"
 SEGMENT_HEADER = struct.Struct("<8sQ")
 HEADER_SIZE = SEGMENT_HEADER.size  # 16
 
-PUT, PATCH, DELETE = 1, 2, 3
-KINDS = {PUT: "put", PATCH: "patch", DELETE: "delete"}
+PUT, PATCH, DELETE, BATCH = 1, 2, 3, 4
+KINDS = {PUT: "put", PATCH: "patch", DELETE: "delete", BATCH: "batch"}
 
 _CRC = struct.Struct("<I")
+_COUNT = struct.Struct("<I")
 _FIXED = struct.Struct("<IBQHH")  # size, kind, seq, klen, vlen: what follows the crc
 _PREFIX = struct.Struct("<II")  # crc, size
 _AFTER_SIZE = struct.Struct("<BQHH")
@@ -88,6 +91,33 @@ def encode_record(kind: int, seq: int, key: str, vsn: str, payload: bytes = b"")
             f"{len(key.encode())} and {len(vsn.encode())} bytes; use shorter names"
         ) from None
     return _pack_crc(crc32(rest)) + rest
+
+
+def encode_batch(seq: int, count: int) -> bytes:
+    """The record that opens an atomic batch of the ``count`` records that follow it
+    (seqs ``seq + 1`` to ``seq + count``), to be written together with them."""
+    return encode_record(BATCH, seq, "", "", _COUNT.pack(count))
+
+
+def batch_count(payload: bytes) -> int:
+    """How many records the batch record with this payload announces (0 if the payload
+    is not a count: such a batch holds nothing)."""
+    return _COUNT.unpack(payload)[0] if len(payload) == _COUNT.size else 0
+
+
+def whole_batches(records: list[Record], start: int) -> tuple[list[Record], int | None]:
+    """Cut ``records`` (a segment's, in order; ``start`` the offset of the first) before
+    a batch that is not whole: a batch is written in one write, so one that is cut
+    short (by the end of what could be decoded) was never acknowledged, and none of it
+    may be kept. Returns the records kept, and the offset where the cut batch starts
+    (None when nothing was cut)."""
+    for i in range(len(records) - 1, -1, -1):
+        rec = records[i]
+        if rec.kind == BATCH:
+            if len(records) - i - 1 >= batch_count(rec.payload):
+                return records, None
+            return records[:i], records[i - 1].end if i else start
+    return records, None
 
 
 class Record(NamedTuple):

@@ -129,7 +129,15 @@ class Store(Protocol):
       record of a key, a new ``vsn``, or when patches outgrow the last whole state), so
       its cost stays that of the change, not of the state. An empty ``changed`` records
       nothing and returns the latest seq.
+    - ``put_many(items) -> seq``: records the whole state of each ``(key, vsn, state)``
+      as one atomic batch: after a crash at any instant the store holds all of them or
+      none. Returns the last record's seq (the latest seq for no items). A release
+      commits the states of its durable servers with it.
     - ``delete(key) -> seq``: records that ``key`` has no state any more.
+    - ``get(key) -> StoredState | None``: what is recorded for ``key`` now (what
+      :meth:`load` would give for it after a kill -9 at this instant), None if nothing
+      is. The node calls it to restart a server after a crash (its live state may hold
+      changes that were never recorded), never in a step, so it may read the disk.
     - ``synced_seq``: every record with a seq at or below it is as durable as the fsync
       mode promises ("never" and "always": every record a call returned).
     - ``on_synced(callback, call_soon)``: from now on, each time ``synced_seq`` advances
@@ -157,8 +165,16 @@ class Store(Protocol):
         """Record that the entries ``changed`` of ``state`` changed; return its seq."""
         ...
 
+    def put_many(self, items: Iterable[tuple[str, str, Any]]) -> int:
+        """Record each ``(key, vsn, state)`` whole, all or none; return the last seq."""
+        ...
+
     def delete(self, key: str) -> int:
         """Record that ``key`` has no state any more; return the record's seq."""
+        ...
+
+    def get(self, key: str) -> StoredState | None:
+        """What is recorded for ``key`` now, or None."""
         ...
 
     def on_synced(self, callback: SyncedCallback, call_soon: Callable[..., object]) -> None:

@@ -95,6 +95,29 @@ def read_entries(conn: sqlite3.Connection, max_record: int
     return entries, too_large, patched
 
 
+def read_one(conn: sqlite3.Connection, key: str, max_record: int
+             ) -> tuple[int, Row | None, int | None]:
+    """In one read transaction: the last segment absorbed, ``key``'s row as
+    :func:`read_entries` gives it (None if it has no image), and the size of its image if
+    that is larger than ``max_record`` (then the row is None: it is left on disk)."""
+    conn.execute("BEGIN")
+    try:
+        absorbed, _ = read_meta(conn)
+        found = conn.execute("SELECT length(data) FROM images WHERE key = ?",
+                             (key,)).fetchone()
+        if found is None:
+            return absorbed, None, None
+        if found[0] > max_record:
+            return absorbed, None, found[0]
+        image, vsn, seq = conn.execute("SELECT data, vsn, seq FROM images WHERE key = ?",
+                                       (key,)).fetchone()
+        patches = conn.execute("SELECT seq, data FROM patches WHERE key = ? ORDER BY seq",
+                               (key,)).fetchall()
+        return absorbed, (key, image, vsn, seq, patches or None), None
+    finally:
+        conn.execute("COMMIT")
+
+
 def merge(entries: dict[str, Row], index: Index) -> None:
     """Apply a segment's index onto the rows :func:`read_entries` gave, in memory, as
     :func:`absorb` does in SQLite. The index's own lists are copied, never shared: the

@@ -51,6 +51,7 @@ import structlog
 
 from .._exceptions import StoreError
 from .._protocol.store_records import (
+    BATCH,
     DEFAULT_MAX_RECORD,
     DELETE,
     HEADER_SIZE,
@@ -59,7 +60,9 @@ from .._protocol.store_records import (
     PUT,
     Damage,
     Record,
+    encode_batch,
     encode_record,
+    whole_batches,
 )
 from . import db
 from .base import FSYNC_MODES, FsyncMode, StoredState, SyncedCallback, make_patch
@@ -106,6 +109,8 @@ def index_records(records: list[Record], index: db.Index) -> None:
             index[key] = [payload, vsn, seq, None]
         elif kind == DELETE:
             index[key] = [None, None, seq, None]
+        elif kind == BATCH:
+            continue  # the records it announces follow it: they are indexed as they come
         else:
             entry = index.get(key)
             if entry is None:
@@ -208,6 +213,7 @@ class SqliteStore:
         self._abandon = False  # close(compact=False): the compactor stops at once
         self._listener: tuple[SyncedCallback, Callable[..., object]] | None = None
         self._recovered: list[StoredState] | None = None
+        self._reader: sqlite3.Connection | None = None  # get()'s, on the loop thread
         self._fd = -1
         self._dirfd = -1  # the syncer's, to make new segments' entries durable
 
@@ -293,6 +299,12 @@ class SqliteStore:
                 continue
             try:
                 records, dmg = read_segment(path, number, next_seq, self._max_record)
+                records, cut = whole_batches(records, HEADER_SIZE)
+                if cut is not None:
+                    why = ("an atomic batch of records (a release's states) is cut short, "
+                           "so none of it is kept")
+                    dmg = Damage(cut, why if dmg is None else f"{why} ({dmg.reason})",
+                                 path.stat().st_size - cut)
             except OSError as exc:
                 raise self._open_error(exc) from exc
             index_records(records, index)
@@ -453,6 +465,98 @@ class SqliteStore:
             self._rotate()
         return seq
 
+    def put_many(self, items: Iterable[tuple[str, str, Any]]) -> int:
+        """Record the whole state of each ``(key, vsn, state)`` as one atomic batch: after
+        a crash at any instant, recovery finds all of them or none (a batch is written
+        with one ``write``, opened by a record that counts the records that follow, and a
+        batch cut short is dropped whole). Returns the seq of the last record (the
+        latest seq when ``items`` is empty). Raises :class:`~otpy.StoreError`, and
+        records nothing, if a state cannot be pickled or is too large, or the batch
+        cannot be written. A release commits its durable servers' states with it."""
+        datas: list[tuple[str, str, bytes]] = []
+        for key, vsn, state in items:
+            try:
+                datas.append((key, vsn, _dumps(state, 5)))
+            except Exception as exc:
+                raise StoreError(
+                    f"the state of {key!r} cannot be pickled ({type(exc).__name__}: "
+                    f"{exc}); a durable server's state must be picklable: no open files, "
+                    f"locks, lambdas or local classes in it", path=self.path) from exc
+        if not datas:
+            return self._seq
+        first = self._seq + 1
+        recs = [encode_batch(first, len(datas))]
+        for i, (key, vsn, data) in enumerate(datas, 1):
+            rec = encode_record(PUT, first + i, key, vsn, data)
+            if len(rec) - PREFIX_SIZE > self._max_record:
+                raise self._too_large(len(rec) - PREFIX_SIZE, key)
+            recs.append(rec)
+        last = first + len(datas)
+        self._append(b"".join(recs), last, f"a batch of {len(datas)} states",
+                     len(recs))
+        index, track = self._index, self._track
+        for i, (key, vsn, data) in enumerate(datas, 1):
+            index[key] = [data, vsn, first + i, None]
+            track[key] = [vsn, len(data), 0]
+        if self._offset >= self._limit:
+            self._rotate()
+        return last
+
+    def get(self, key: str) -> StoredState | None:
+        """The state recorded for ``key`` now: what :meth:`load` would give for it if the
+        process were killed at this instant (None if it has none). For a server restarted
+        after a crash, whose live state may hold changes that were never recorded.
+
+        It looks in the log not yet compacted first (in memory), and reads SQLite (one
+        row and its patches) only when the key's last whole state is older: call it
+        for a restart, not in every step."""
+        if self._closed:
+            raise self._refusal()
+        # Newest first: the segment being written, then the sealed ones not yet absorbed
+        # (a snapshot: the compactor only ever removes the oldest).
+        suffix: list[tuple[int, db.Entry]] = []
+        indexes = [(self._segment, self._index)]
+        indexes += [(s.number, s.index) for s in reversed(self._sealed)]
+        for number, index in indexes:
+            entry = index.get(key)
+            if entry is not None:
+                suffix.append((number, entry))
+                if entry[0] is not None or entry[1] is None:
+                    break  # a whole state or a deletion: nothing older matters
+        suffix.reverse()  # oldest first
+        base: db.Row | None = None
+        if not suffix or (suffix[0][1][0] is None and suffix[0][1][1] is not None):
+            # Patches only (or nothing) in memory: the whole state is in SQLite. Segments
+            # the compactor absorbed since the snapshot are in what SQLite says as well.
+            try:
+                if self._reader is None:
+                    self._reader = db.connect(self.path)
+                absorbed, base, too_large = db.read_one(self._reader, key,
+                                                        self._max_record)
+            except (OSError, sqlite3.Error) as exc:
+                raise StoreError(f"cannot read the stored state of {key!r} from {self.path}:"
+                                 f" {type(exc).__name__}: {exc}", path=self.path) from exc
+            if too_large is not None:
+                return StoredState(
+                    key, "", 0, b"", (), str(self.path),
+                    error=f"its image is {too_large} bytes, more than the store's "
+                          f"max_record of {self._max_record}; open the store with a "
+                          f"larger max_record")
+            suffix = [(n, e) for n, e in suffix if n > absorbed]
+        for _, (image, vsn, seq, patches) in suffix:
+            if image is not None:
+                base = (key, image, vsn, seq, list(patches) if patches else None)
+            elif vsn is None:
+                base = None
+            elif base is not None:
+                base = (key, base[1], vsn, seq, [*(base[4] or ()), *patches])
+        if base is None:
+            return None
+        _, image, vsn, seq, patches = base
+        return StoredState(key, vsn, seq, image,
+                           tuple([p for _, p in patches]) if patches else (),
+                           str(self.path), "")
+
     def delete(self, key: str) -> int:
         """Record that ``key`` has no state any more; return the record's seq."""
         seq = self._seq + 1
@@ -463,16 +567,20 @@ class SqliteStore:
             self._rotate()
         return seq
 
-    def _append(self, rec: bytes, seq: int, key: str) -> None:
+    def _too_large(self, size: int, key: str) -> StoreError:
+        return StoreError(
+            f"the record of {key!r} would be {size} bytes, more than the store's "
+            f"max_record of {self._max_record}; keep the state smaller, record changes "
+            f"with patch(), or open the store with a larger max_record", path=self.path)
+
+    def _append(self, rec: bytes, seq: int, key: str, records: int = 0) -> None:
+        """Write ``rec`` (one record, or with ``records`` > 0 that many records checked
+        already, a batch) whose last seq is ``seq``."""
         if self._failure is not None or self._closed:
             raise self._refusal()
         size = len(rec)
-        if size - PREFIX_SIZE > self._max_record:
-            raise StoreError(
-                f"the record of {key!r} would be {size - PREFIX_SIZE} bytes, more than the "
-                f"store's max_record of {self._max_record}; keep the state smaller, record "
-                f"changes with patch(), or open the store with a larger max_record",
-                path=self.path)
+        if not records and size - PREFIX_SIZE > self._max_record:
+            raise self._too_large(size - PREFIX_SIZE, key)
         fd = self._fd
         try:
             written = _write(fd, rec)
@@ -485,7 +593,7 @@ class SqliteStore:
             raise self._write_failed(exc, key) from exc
         self._offset += size
         self._seq = seq
-        self._records += 1
+        self._records += records or 1
         self._bytes += size
         if self._group:
             if not self._sync_wanted:
@@ -771,6 +879,9 @@ class SqliteStore:
         self._stop_compactor = True
         self._compact_wake.set()
         self._compactor.join()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         self._lock.release()
         self.log.debug("store_closed", seq=self._seq, log_segments=len(self._sealed))
 

@@ -54,6 +54,7 @@ from .._core.server import (
 from .._core.supervisor import Child, ChildInfo, Supervisor
 from .._core.timers import TimerRef
 from .._exceptions import OtpyError
+from .._store.base import Store
 from ._ops import Call, Cast, Crash, Downgrade, Operation, Sleep, Upgrade
 
 _KIND = ("call", "cast", "info")
@@ -151,6 +152,8 @@ class _SimCaller(InlineCaller):
 
     __slots__ = ("client", "sim")
 
+    _inline = False  # a client outside the node, as on a node: replies may be held
+
     def __init__(self, sim: Simulation, client: Client) -> None:
         super().__init__()
         self.sim = sim
@@ -228,13 +231,14 @@ class _SimScheduler(Scheduler):
             self.sim._line(proc._otpy_name, f"crash {_error_text(exc)}")
         super().crashed(proc, exc, kind, payload, caller)
 
-    def stopped(self, proc: GenServer[Any], result: Stop[Any], caller: Caller | None) -> None:
+    def stopped(self, proc: GenServer[Any], result: Stop[Any], caller: Caller | None,
+                held: int = 0) -> None:
         steps = self.sim._steps
         if steps and steps[-1].proc is proc:
             reply = "" if caller is None else (
                 " without reply" if result.reply is NOTHING else f", reply {_text(result.reply)}")
             steps[-1].outcome = f"stop {_text(result.reason)}{reply}"
-        super().stopped(proc, result, caller)
+        super().stopped(proc, result, caller, held)
 
 
 class _Migrating:
@@ -322,6 +326,12 @@ class Simulation:
         :meth:`crash_at` (a server crashes at its n-th step), :meth:`delay_timer`,
         :meth:`fail_code_change`, and a client's ``yield otpy.testing.crash(name)``.
 
+    Durable servers
+        ``store=otpy.testing.MemoryStore()`` keeps durable servers' states (a tree with a
+        durable child needs one). A second Simulation on the same store is the node
+        started again after a kill -9: each durable server resumes from what was
+        recorded, as on a node.
+
     What it does not cover
         Tasks run without trio (one that awaits trio fails), sockets and the network
         endpoints, and wall-clock time (callbacks take no virtual time; ``step_timeout``
@@ -329,7 +339,7 @@ class Simulation:
     """
 
     def __init__(self, root: Supervisor, seed: int | random.Random = 0, *,
-                 migration_chunk: int = 1) -> None:
+                 migration_chunk: int = 1, store: Store | None = None) -> None:
         if not isinstance(root, Supervisor):
             raise TypeError(f"Simulation needs an otpy.Supervisor as the root of the tree, "
                             f"got {root!r}")
@@ -360,6 +370,9 @@ class Simulation:
         self._releases = self._rt.release_handler
         self._releases.fault = self._code_change_fault
         self._active_faults: dict[str, BaseException] = {}
+        self.store = store
+        if store is not None:
+            self._rt.use_store(store)
         self._line("sim", f"start tree {root.name!r}, seed {_seed_text(seed)}")
         self._rt.start()
 
