@@ -188,7 +188,8 @@ class Node:
         restarts), ``waiting`` (calls waiting for room in its mailbox), ``restarts``,
         ``vsn``, ``step_timeout`` and ``status``. For the node: ``servers``,
         ``supervisors``, ``run_queue``, ``timers``, ``queued`` (messages in all
-        mailboxes), ``refused`` (total), ``refused_by_server`` and ``waiting``."""
+        mailboxes), ``refused`` (total), ``refused_by_server`` and ``waiting``; in a
+        cluster, ``cluster`` too (what :meth:`cluster_info` returns)."""
         return self._rt.statistics(name)
 
     # -- supervisors -----------------------------------------------------------------
