@@ -559,3 +559,25 @@ async def test_the_otpy_command_shows_the_cluster(
         assert 0 == await trio.to_thread.run_sync(main, ["stats", *where])
         assert any(line.startswith('cluster: {"cluster": ')
                    for line in capsys.readouterr().out.splitlines())
+
+
+async def test_monitoring_a_server_of_a_node_that_just_died_is_noconnection(
+        nats_server: NatsServer) -> None:
+    """A monitor set on a server of a node whose process is gone (before this node's
+    probes noticed) fires noconnection, not noproc: the node, not the server, is
+    missing."""
+    cluster = f"t{next(_clusters)}"
+    async with otpy.open_node(tree(otpy.Child("w", Watcher)), cluster=nats_server.url,
+                              cluster_name=cluster, node_name="a") as a, \
+            fake_member(nats_server, cluster, "b") as b:
+        with trio.fail_after(5):
+            while "b" not in a.cluster_info()["members"]:  # type: ignore[index]
+                await trio.sleep(0.01)
+        b.unsubscribe()  # its process is gone
+        await b._client.flush()
+        ref = await a.call("w", ("monitor", "kv@b"))
+        with trio.fail_after(5):
+            while not await a.call("w", ("downs", None)):
+                await trio.sleep(0.01)
+        [down] = await a.call("w", ("downs", None))
+        assert (ref, "noconnection") == (down.ref, down.reason)

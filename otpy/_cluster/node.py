@@ -561,8 +561,11 @@ class ClusterNode:
                 if not ok:
                     self._remote_down(ref, address, "noproc")
             else:
-                reason = "noproc" if isinstance(result, NoResponders) else "noconnection"
-                self._remote_down(ref, address, reason)
+                # "No responders" too: a node subject, or a name subject its owner holds
+                # until it leaves, has no subscriber only once that node's process is
+                # gone (Erlang: a monitor of a server of a node that is down fires
+                # noconnection). A server that is not running is answered "noproc".
+                self._remote_down(ref, address, "noconnection")
 
         try:
             self.client.request_nowait(subject, wire.encode(
