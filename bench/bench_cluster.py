@@ -17,13 +17,19 @@ starts (JetStream on, 127.0.0.1, a temporary directory) and stops by its pid:
   processes in one cluster, each holds 32 counters (``scope="cluster"``) and runs 32
   tasks that call the counters of its own shard by name (as a sharded service does: a
   client is routed to the node that owns its key). The figure is calls/s summed over
-  the nodes, all started together by a "go" and each measuring the same window. Also
-  measured, as information: ``any`` - each task calls any of the 64 counters, so half
-  of the calls cross to the other node.
+  the nodes, all started together by a "go" and each measuring the same window. With
+  it, the CPU seconds the nodes used per second of the window (``cores_used``: 2.0
+  when both had a core of their own) and calls per CPU second, whose ratio says what
+  the cluster costs each call whatever the machine's other load. Also measured, as
+  information: ``any`` - each task calls any of the 64 counters, so half of the calls
+  cross to the other node.
 - ``local``: ``await node.call`` (sequential) and ``self.call`` (from inside a
   callback) of a node in a cluster whose other member (node B) it probes every 50 ms
   and whose KV buckets it watches, against an unclustered node: bench_node.py's
-  ``call_rate`` and ``self_call_rate``, each variant in a fresh process per round.
+  ``call_rate`` and ``self_call_rate``, each variant in a fresh process per round;
+  also per CPU second of the node's process (the loops are CPU-bound: that figure
+  leaves out the time other processes took the core, and keeps the cluster's
+  background work, which runs on the same loop).
 - ``monitor``: node A monitors a server of node B (a fresh process per sample); B is
   killed with SIGKILL at a random point of A's probe cycle; the time from the kill to
   A's ``ServerDown(..., "noconnection")`` and to the failure of a call B held.
@@ -44,6 +50,7 @@ import json
 import os
 import pstats
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -62,7 +69,7 @@ from otpy._cluster.nats_client import open_client
 from otpy._cluster.server import start_server_blocking
 
 ROUNDS = 3
-LOCAL_ROUNDS = 5
+LOCAL_ROUNDS = 6
 CONCURRENCY = 64
 AGG_SERVERS = 64
 AGG_CLIENTS = 64
@@ -202,8 +209,11 @@ async def measured(one: Any, conc: int, peer: int) -> dict[str, float]:
 
 
 def measure_local(clustered: bool, url: str, cluster: str) -> dict[str, float]:
-    """bench_node.py's sequential node.call and self.call, best of 3 in this process."""
-    from bench_node import _tree, call_rate, self_call_rate
+    """bench_node.py's sequential node.call and self.call, best of 3 in this process;
+    also per CPU second of this process (the loop is CPU-bound, so that figure does
+    not count the time other processes of a busy machine took the core; the cluster's
+    background tasks, which run on this loop meanwhile, are in both)."""
+    from bench_node import N_CALL, N_SELF_CALL, _tree, call_rate, self_call_rate
 
     async def main() -> dict[str, float]:
         options: dict[str, Any] = ({"cluster": url, "cluster_name": cluster,
@@ -213,10 +223,13 @@ def measure_local(clustered: bool, url: str, cluster: str) -> dict[str, float]:
                 await until(lambda: has_names(node, 1, 2))
             await call_rate(node)
             await self_call_rate(node)
-            out = {"call": 0.0, "self_call": 0.0}
+            out = {"call": 0.0, "self_call": 0.0, "call_cpu": 0.0, "self_call_cpu": 0.0}
             for _ in range(3):
-                out["call"] = max(out["call"], await call_rate(node))
-                out["self_call"] = max(out["self_call"], await self_call_rate(node))
+                for op, run, n in (("call", call_rate, N_CALL),
+                                   ("self_call", self_call_rate, N_SELF_CALL)):
+                    cpu = time.process_time()
+                    out[op] = max(out[op], await run(node))
+                    out[f"{op}_cpu"] = max(out[f"{op}_cpu"], n / (time.process_time() - cpu))
             return out
 
     result: dict[str, float] = trio.run(main)
@@ -265,10 +278,18 @@ def shard(url: str, cluster: str, name: str, first: int, count: int, total: int,
                     n += 1
                     counts[k] = n
 
+            cpu: list[float] = []
+
+            async def cpu_at_warm() -> None:
+                await trio.sleep_until(trio.current_time() + (warm - clock()))
+                cpu.append(time.process_time())
+
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(cpu_at_warm)
                 for k in range(clients):
                     nursery.start_soon(client, k)
-            result = {"calls": sum(counts) - at_warm[0], "seconds": clock() - warm}
+            result = {"calls": sum(counts) - at_warm[0], "seconds": clock() - warm,
+                      "cpu": time.process_time() - cpu[0]}
             print(f"RESULT {json.dumps(result)}", flush=True)
             await trio.to_thread.run_sync(wait_stdin, abandon_on_cancel=True)
 
@@ -365,8 +386,10 @@ def one(*args: str) -> Any:
                        f"{proc.stderr.strip()[-2000:]}")
 
 
-def aggregate(url: str, cluster: str, nodes: int, mode: str) -> float:
-    """Calls/s summed over ``nodes`` shard processes started together."""
+def aggregate(url: str, cluster: str, nodes: int, mode: str) -> tuple[float, float, float]:
+    """Calls/s summed over ``nodes`` shard processes started together; the CPU seconds
+    they used per second of the window (summed: at most ``nodes`` on an idle machine);
+    and calls per CPU second."""
     per = AGG_SERVERS // nodes
     procs = []
     try:
@@ -385,7 +408,7 @@ def aggregate(url: str, cluster: str, nodes: int, mode: str) -> float:
             assert p.stdin is not None
             p.stdin.write("go\n")
             p.stdin.flush()
-        total = 0.0
+        total = share = calls = cpu = 0.0
         for p in procs:
             assert p.stdout is not None
             line = p.stdout.readline()
@@ -393,7 +416,10 @@ def aggregate(url: str, cluster: str, nodes: int, mode: str) -> float:
                 raise RuntimeError(f"a shard printed {line!r}")
             result = json.loads(line[7:])
             total += result["calls"] / result["seconds"]
-        return total
+            share += result["cpu"] / result["seconds"]
+            calls += result["calls"]
+            cpu += result["cpu"]
+        return total, share, calls / cpu
     finally:
         for p in procs:
             assert p.stdin is not None
@@ -451,20 +477,36 @@ def main() -> None:
         for op in ("call", "self_call"):
             for variant, values in local.items():
                 emit(f"cluster_local_{op}_{variant}", max(v[op] for v in values), "calls/s",
-                     rounds=[round(v[op]) for v in values])
+                     rounds=[round(v[op]) for v in values],
+                     per_cpu_second=max(v[f"{op}_cpu"] for v in values))
             best_and_pairs(f"cluster_local_{op}_ratio",
                            [v[op] for v in local["clustered"]],
                            [v[op] for v in local["plain"]],
                            f"a clustered node's local {op} / an unclustered node's")
+            best_and_pairs(f"cluster_local_{op}_cpu_ratio",
+                           [v[f"{op}_cpu"] for v in local["clustered"]],
+                           [v[f"{op}_cpu"] for v in local["plain"]],
+                           "the same per CPU second of the node's process")
 
         agg: dict[str, list[float]] = {"one": [], "two": [], "two_any": []}
+        shares: dict[str, list[float]] = {key: [] for key in agg}
+        per_cpu: dict[str, list[float]] = {key: [] for key in agg}
         for r in range(ROUNDS):
-            agg["one"].append(aggregate(url, f"{cluster}o{r}", 1, "own"))
-            agg["two"].append(aggregate(url, f"{cluster}t{r}", 2, "own"))
-            agg["two_any"].append(aggregate(url, f"{cluster}y{r}", 2, "any"))
+            for key, nodes, mode in (("one", 1, "own"), ("two", 2, "own"),
+                                     ("two_any", 2, "any")):
+                rate, share, calls_per_cpu = aggregate(url, f"{cluster}{key}{r}", nodes,
+                                                       mode)
+                agg[key].append(rate)
+                shares[key].append(share)
+                per_cpu[key].append(calls_per_cpu)
         for key, values in agg.items():
             emit(f"cluster_aggregate_{key}", max(values), "calls/s",
-                 rounds=[round(v) for v in values])
+                 rounds=[round(v) for v in values],
+                 cores_used=[round(v, 2) for v in shares[key]],
+                 per_cpu_second=[round(v) for v in per_cpu[key]])
+        best_and_pairs("cluster_aggregate_cpu_ratio", per_cpu["two"], per_cpu["one"],
+                       "calls per CPU second: 2 nodes on their own shards / 1 node (what "
+                       "the cluster costs each call; x2 is the ratio with 2 free cores)")
         best_and_pairs("cluster_aggregate_ratio", agg["two"], agg["one"],
                        f"2 nodes (2 processes, each {AGG_SERVERS // 2} counters and "
                        f"{AGG_CLIENTS // 2} tasks calling its own shard) / 1 node "
@@ -483,13 +525,15 @@ def main() -> None:
         for peer in peers:
             peer.stop()
         server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def profile(conc: int) -> None:
     """cProfile of both ends of remote calls (``conc`` in flight): node A here, node B
     a process that profiles itself and prints its top functions when stdin closes."""
     quiet_logging()
-    server = start_server_blocking(workdir=Path(tempfile.mkdtemp(prefix="otpy-prof-")))
+    workdir = Path(tempfile.mkdtemp(prefix="otpy-prof-"))
+    server = start_server_blocking(workdir=workdir)
     cluster = f"prof{os.getpid()}"
     try:
         b = Peer("--serve-profiled", server.url, cluster, "b")
@@ -519,6 +563,7 @@ def profile(conc: int) -> None:
         b.proc.wait(10)
     finally:
         server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def serve_profiled(url: str, cluster: str, name: str) -> None:

@@ -206,6 +206,12 @@ def table(r: dict[str, dict[str, Any]]) -> list[Row]:
     row("  ... 1 node, same work", "cluster_aggregate_one", rate, "-", None)
     row("  ... 2 nodes / 1 node", "cluster_aggregate_ratio", ratio, ">= 1.5x (aim 1.8x)",
         lambda v: v >= 1.5)
+    rows.append(("  ... cores used: 2 nodes / 1 node",
+                 " / ".join(" ".join(f"{c:.2f}" for c in r.get(f"cluster_aggregate_{k}", {})
+                                     .get("cores_used", [])) for k in ("two", "one")),
+                 "(info: 2.0 / 1.0 on an idle machine)", "", "", ""))
+    row("  ... calls per CPU second, 2 nodes / 1", "cluster_aggregate_cpu_ratio", ratio,
+        "(info: ~1.0)", None)
     row("  ... 2 nodes, any shard (half remote) / 1", "cluster_aggregate_any_ratio", ratio,
         "(info)", None)
     for op, what in (("call", "await node.call"), ("self_call", "self.call")):
@@ -214,6 +220,8 @@ def table(r: dict[str, dict[str, Any]]) -> list[Row]:
         row("  ... unclustered node, same run", f"cluster_local_{op}_plain", rate, "-", None)
         row("  ... clustered / unclustered", f"cluster_local_{op}_ratio", ratio, ">= 0.97x",
             lambda v: v >= 0.97)
+        row("  ... the same per CPU second", f"cluster_local_{op}_cpu_ratio", ratio,
+            ">= 0.97x", lambda v: v >= 0.97)
     rec = r.get("cluster_kill_down_ms", {})
     row("cluster: SIGKILL -> ServerDown (median)", "cluster_kill_down_ms",
         lambda v, rec=rec: f"{v:.0f} ms (max {rec.get('max', 0):.0f})", "<= 100 ms",

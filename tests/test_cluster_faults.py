@@ -241,8 +241,9 @@ async def test_a_frozen_node_is_cut_off_after_cut_after(
         [(t_down, down)] = await a.call("w", "downs")
         assert (ref, "noconnection") == (down.ref, down.reason)
         assert 1 == len(failed) and noconnection(failed[0][1])
-        # cut_after, one probe interval, and a generous margin for a loaded machine
-        assert cut_after <= t_down - t_stop < cut_after + 1.0
+        # cut_after after the oldest unanswered probe (which may have gone out up to a
+        # probe interval before the stop), with a generous margin for a loaded machine
+        assert cut_after - 0.1 <= t_down - t_stop < cut_after + 1.0
         with pytest.raises(otpy.ServerStopped, match=r"is down"):
             await a.call("kv", ("echo", 1))
         b.signal(signal.SIGCONT)
