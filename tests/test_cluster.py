@@ -581,3 +581,37 @@ async def test_monitoring_a_server_of_a_node_that_just_died_is_noconnection(
                 await trio.sleep(0.01)
         [down] = await a.call("w", ("downs", None))
         assert (ref, "noconnection") == (down.ref, down.reason)
+
+
+class Log(otpy.GenServer[list[Any]]):
+    """Keeps every cast and call it gets, in the order it handles them."""
+
+    vsn = "1"
+
+    def init(self, arg: Any) -> list[Any]:
+        return []
+
+    def handle_call(self, request: Any, caller: otpy.Caller, state: list[Any]) -> Any:
+        return otpy.Reply(len(state), [*state, request])
+
+    def handle_cast(self, message: Any, state: list[Any]) -> list[Any]:
+        return [*state, message]
+
+
+async def test_one_senders_messages_to_a_remote_server_keep_their_order(
+        nats_server: NatsServer) -> None:
+    """Casts and calls from one node to a server of another are handled in the order
+    sent (a call does not overtake the casts before it), each once."""
+    async with nodes(nats_server, a=tree(otpy.Child("w", Watcher)),
+                     b=tree(otpy.Child("log", Log, scope="cluster"))) as n:
+        sent: list[Any] = []
+        for i in range(300):
+            if i % 50 == 49:
+                sent.append(("call", i))
+                await n["a"].call("log", ("call", i))
+            else:
+                sent.append(i)
+                n["a"].cast("log", i)
+        sent.append("last")
+        assert 300 == await n["a"].call("log", "last")
+        assert sent == n["b"].get_state("log")
