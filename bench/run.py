@@ -185,6 +185,48 @@ def table(r: dict[str, dict[str, Any]]) -> list[Row]:
                 ratio, "(report)", None)
     row("  NATS round trip p50 (sequential)", "nats_otpy_rtt_direct_p50", usec, "(report)",
         None)
+    for load, what, natspy, erl in (("seq", "sequential", "2.5-2.7k/s", "10.8-12k/s"),
+                                    ("c64", "64 in flight", "29-35k/s", "42k/s")):
+        row(f"cluster: remote node.call, {what}", f"cluster_remote_{load}", rate,
+            f"(nats-py bare echo {natspy} quoted)", None, erl)
+        row("  ... bare NATS request, same run", f"cluster_bare_{load}", rate, "-", None)
+        row("  ... remote / bare (best over best)", f"cluster_remote_vs_bare_{load}", ratio,
+            ">= 0.6x (aim 0.85x)", lambda v: v >= 0.6)
+        pairs = r.get(f"cluster_remote_vs_bare_{load}", {}).get("paired", [])
+        if pairs:
+            rows.append(("  ... each round's pair", " ".join(f"{p:.2f}" for p in pairs),
+                         "(info)", "", "", ""))
+        for end in ("caller", "callee"):
+            rec = r.get(f"cluster_remote_{load}", {})
+            bare = r.get(f"cluster_bare_{load}", {})
+            if rec and bare:
+                rows.append((f"  ... {end} CPU per call, remote / bare",
+                             f"{rec[f'{end}_cpu_us']:.0f} / {bare[f'{end}_cpu_us']:.0f} µs",
+                             "(info)", "", "", ""))
+    row("cluster: 2 nodes on 2 cores, own shards", "cluster_aggregate_two", rate, "-", None)
+    row("  ... 1 node, same work", "cluster_aggregate_one", rate, "-", None)
+    row("  ... 2 nodes / 1 node", "cluster_aggregate_ratio", ratio, ">= 1.5x (aim 1.8x)",
+        lambda v: v >= 1.5)
+    rows.append(("  ... cores used: 2 nodes / 1 node",
+                 " / ".join(" ".join(f"{c:.2f}" for c in r.get(f"cluster_aggregate_{k}", {})
+                                     .get("cores_used", [])) for k in ("two", "one")),
+                 "(info: 2.0 / 1.0 on an idle machine)", "", "", ""))
+    row("  ... calls per CPU second, 2 nodes / 1", "cluster_aggregate_cpu_ratio", ratio,
+        "(info: ~1.0)", None)
+    row("  ... 2 nodes, any shard (half remote) / 1", "cluster_aggregate_any_ratio", ratio,
+        "(info)", None)
+    for op, what in (("call", "await node.call"), ("self_call", "self.call")):
+        row(f"cluster: local {what}, clustered node", f"cluster_local_{op}_clustered", rate,
+            "-", None)
+        row("  ... unclustered node, same run", f"cluster_local_{op}_plain", rate, "-", None)
+        row("  ... clustered / unclustered", f"cluster_local_{op}_ratio", ratio, ">= 0.97x",
+            lambda v: v >= 0.97)
+        row("  ... the same per CPU second", f"cluster_local_{op}_cpu_ratio", ratio,
+            ">= 0.97x", lambda v: v >= 0.97)
+    rec = r.get("cluster_kill_down_ms", {})
+    row("cluster: SIGKILL -> ServerDown (median)", "cluster_kill_down_ms",
+        lambda v, rec=rec: f"{v:.0f} ms (max {rec.get('max', 0):.0f})", "<= 100 ms",
+        lambda v, rec=rec: rec.get("max", v) <= 100)
     for conns in ("1", "16"):
         row(f"http: POST /call, {conns} keep-alive conn.", f"http_otpy_call_c{conns}", rate,
             "(report)", None)
@@ -276,8 +318,11 @@ def print_table(rows: list[Row]) -> None:
     print(f"* {ERLANG} and {TRIOTP} columns are QUOTED from issues #2 and #3 (measured on "
           f"this machine when the issues were filed), NOT measured by this run.")
     print("  Targets from issues #2 and #3 (upgrades: #4, wire: #5, attacks: #11, durable: "
-          "#13, http: #14); '(>= 1M/s)' on queued casts is the plain cast target, shown "
-          "for comparison only.")
+          "#13, http: #14, cluster: #15); '(>= 1M/s)' on queued casts is the plain cast "
+          "target, shown for comparison only.")
+    print("  cluster rows: node B (and the bare responder) in a process of their own, "
+          "each measurement a fresh process; 'own shards': each node's tasks call only its "
+          "own counters (bench_cluster.py's docstring says exactly what is measured).")
     print("  http rows: wrk -t1 against a server in its own process (2 cores: one each), "
           "best of 3 interleaved rounds; the call is a full POST /call with a JSON body.")
     print(f"  Logging: {LOGGING_NOTE}.")
@@ -314,6 +359,7 @@ def main() -> None:
     results += run_group("bench_durable.py", "rates", str(DURABLE_ROUNDS))
     results += run_group("bench_durable.py", "start", "100000")
     results += run_group("bench_nats.py")
+    results += run_group("bench_cluster.py")
     results += run_group("bench_http.py")
     results += run_group("bench_attack.py")
     by = {x["bench"]: x for x in results}

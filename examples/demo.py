@@ -17,9 +17,11 @@ counter do not notice.
 
 Then 500 counters are upgraded in process under load, a node in another process
 (``python demo.py --serve``) is driven over TCP while the ``otpy`` command upgrades it
-through its admin endpoint, and last a node of durable counters (``python demo.py
---serve-durable STORE``) is killed with SIGKILL under load and started again: every
-acknowledged increment is still there.
+through its admin endpoint, a node of durable counters (``python demo.py --serve-durable
+STORE``) is killed with SIGKILL under load and started again: every acknowledged
+increment is still there. Last, two nodes in two processes form a cluster (``python
+demo.py --cluster-node`` is the other one): a call by name crosses to the node that runs
+the server, and a monitor hears when that node is killed.
 """
 
 from __future__ import annotations
@@ -452,6 +454,116 @@ async def kill_9_under_load() -> None:
             print(f"   => MISMATCH: {lost} acknowledged increments lost")
 
 
+# -- a cluster ------------------------------------------------------------------------
+
+
+class Ledger(otpy.GenServer[int]):
+    """A running total: ``("add", n)`` answers the new total; ``"pid"`` its pid."""
+
+    vsn = "1"
+
+    def init(self, arg: Any) -> int:
+        return 0
+
+    def handle_call(self, request: Any, caller: otpy.Caller, state: int) -> Any:
+        if request == "pid":
+            return otpy.Reply(self.pid, state)
+        _, n = request
+        return otpy.Reply(state + n, state + n)
+
+
+class Watcher(otpy.GenServer[list[Any]]):
+    """Monitors what it is asked to; keeps the ServerDown messages it gets."""
+
+    vsn = "1"
+
+    def init(self, arg: Any) -> list[Any]:
+        return []
+
+    def handle_call(self, request: Any, caller: otpy.Caller, state: list[Any]) -> Any:
+        if request == "downs":
+            return otpy.Reply(state, state)
+        return otpy.Reply(self.monitor(request), state)
+
+    def handle_info(self, message: Any, state: list[Any]) -> list[Any]:
+        return [*state, (trio.current_time(), message)]
+
+
+def cluster_node() -> None:
+    """``demo.py --cluster-node``: node b of cluster "demo", running ``ledger`` with
+    scope="cluster"; prints READY, then serves until its stdin closes (or it is
+    killed)."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    root = otpy.Supervisor([otpy.Child("ledger", Ledger, scope="cluster")])
+
+    async def main(node: otpy.Node) -> None:
+        print("READY", flush=True)
+        await trio.to_thread.run_sync(sys.stdin.buffer.read, abandon_on_cancel=True)
+
+    otpy.run(root, main, cluster=True, cluster_name="demo", node_name="b")
+
+
+async def a_cluster() -> None:
+    heading("A cluster: two nodes in two processes, one namespace")
+    # Nodes started with cluster=True meet in $XDG_RUNTIME_DIR/otpy/<cluster>, through
+    # the nats-server the first of them starts. Here that is a temporary directory, so
+    # that this run of the demo is a cluster of its own.
+    saved = os.environ.get("XDG_RUNTIME_DIR")
+    with tempfile.TemporaryDirectory(prefix="otpy-demo-cluster-") as meet:
+        os.environ["XDG_RUNTIME_DIR"] = meet
+        proc = await trio.lowlevel.open_process([sys.executable, __file__, "--cluster-node"],
+                                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None
+            with trio.fail_after(30):
+                await read_line(proc.stdout)
+            print("Started `python demo.py --cluster-node`: node b of cluster 'demo', "
+                  "running 'ledger' with scope=\"cluster\".")
+            print("This process is node a of the same cluster; it calls 'ledger' by name.")
+            root = otpy.Supervisor([otpy.Child("watcher", Watcher)])
+            async with otpy.open_node(root, cluster=True, cluster_name="demo",
+                                      node_name="a") as a:
+                await across(a, proc)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                with trio.CancelScope(shield=True):
+                    await proc.wait()
+            if saved is None:
+                del os.environ["XDG_RUNTIME_DIR"]
+            else:
+                os.environ["XDG_RUNTIME_DIR"] = saved
+
+
+async def across(a: otpy.Node, proc: trio.Process) -> None:
+    with trio.fail_after(30):
+        while (a.cluster_info() or {}).get("names", {}).get("ledger") != "b":
+            await trio.sleep(0.01)
+    await a.call("watcher", "ledger")
+    print("A watcher on node a monitors ledger (a monitor across nodes).")
+    await call(a, "ledger", ("add", 5))
+    await call(a, "ledger", ("add", 37))
+    pid = await a.call("ledger", "pid")
+    print(f"   ledger's pid is {pid}: it runs on node {pid.node}")
+    info = a.cluster_info()
+    assert info is not None
+    print(f"Node a's view: members {info['members']}, names {info['names']}")
+    print("Now node b is killed with SIGKILL...")
+    killed = trio.current_time()
+    proc.kill()
+    with trio.fail_after(10):
+        while not await a.call("watcher", "downs"):
+            await trio.sleep(0.005)
+    [(when, down)] = await a.call("watcher", "downs")
+    print(f"   watcher got ServerDown(reason={down.reason!r}) "
+          f"{(when - killed) * 1000:.0f} ms after the kill")
+    try:
+        await a.call("ledger", ("add", 1))
+    except otpy.ServerStopped as exc:
+        print(f"   a call to ledger now: ServerStopped, reason {exc.reason!r}")
+
+
 async def main() -> None:
     configure_logging()
     print("otpy demo: one trio loop steps every server inline, in a supervision tree.")
@@ -467,6 +579,7 @@ async def main() -> None:
         heading("Shutting down: children stop in reverse start order")
     await over_the_network()
     await kill_9_under_load()
+    await a_cluster()
     print("\nDone.")
 
 
@@ -475,5 +588,7 @@ if __name__ == "__main__":
         serve()
     elif sys.argv[1:2] == ["--serve-durable"]:
         serve_durable(sys.argv[2])
+    elif sys.argv[1:] == ["--cluster-node"]:
+        cluster_node()
     else:
         trio.run(main)

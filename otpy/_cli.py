@@ -18,6 +18,9 @@
     otpy upgrade RELEASE_FILE --cluster nats://HOST:PORT   every node of the cluster,
     otpy downgrade --cluster nats://HOST:PORT              all or none
     otpy releases
+    otpy cluster                    the node's cluster: its members and whether each
+                                    answers, and the node each cluster-scoped name
+                                    runs on
 
 The node is ``--node HOST:PORT`` (default ``$OTPY_NODE``, else 127.0.0.1:4370); the
 cookie is ``$OTPY_COOKIE``, else the file ``$OTPY_COOKIE_FILE`` or ``~/.otpy_cookie``.
@@ -92,6 +95,27 @@ def _servers(names: Sequence[str], shown: int = 5) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return f"{len(names)} server{'s' if len(names) > 1 else ''} " \
            f"({', '.join(names[:shown])}{more})"
+
+
+def _cluster_lines(info: dict[str, Any] | None) -> list[str]:
+    """What ``otpy cluster`` prints for the admin operation's answer."""
+    if info is None:
+        return ["this node is in no cluster (it was started without cluster=...)"]
+    me = info["node"]
+    lines = [f"cluster {info['cluster']}, as node {me} sees it", "members:"]
+    members = info["members"]
+    width = max(map(len, members))
+    for node, status in members.items():
+        what = "this node" if node == me else (
+            "answers" if status == "up" else "does not answer (down)")
+        lines.append(f"  {node.ljust(width)}  {what}")
+    names = info["names"]
+    lines.append(f"cluster-scoped names: {len(names)}")
+    if names:
+        width = max(map(len, names))
+        lines += [f"  {name.ljust(width)}  on {node}" for name, node in names.items()]
+    lines.append(f"calls in flight to other nodes: {info['calls_in_flight']}")
+    return lines
 
 
 async def _tree(admin: Client, sup: str, prefix: str, out: list[str]) -> None:
@@ -196,6 +220,8 @@ async def _run(args: argparse.Namespace) -> int:
                 report = await admin.request("downgrade", timeout=args.timeout)
                 print(f"release {report['release']} taken back: "
                       f"{_servers(report['servers'])}")
+            elif cmd == "cluster":
+                print("\n".join(_cluster_lines(await admin.request("cluster"))))
             elif cmd == "releases":
                 releases = await admin.request("releases")
                 if not releases:
@@ -265,6 +291,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("downgrade", parents=[common, clustered],
                    help="go back to the release before")
     sub.add_parser("releases", parents=[common], help="the installed releases, oldest first")
+    sub.add_parser("cluster", parents=[common],
+                   help="the node's cluster: members, whether each answers, and where "
+                        "each cluster-scoped name runs")
     return parser
 
 

@@ -194,7 +194,8 @@ class Node:
         mailboxes), ``refused`` (total), ``refused_by_server`` and ``waiting``; with a
         store, ``store``: its figures (``records`` and ``bytes`` written since it
         opened, ``pending`` records not yet synced, ``last_sync``, ``held_replies``,
-        ... see docs/durability.md)."""
+        ... see docs/durability.md); in a cluster, ``cluster`` too (what
+        :meth:`cluster_info` returns)."""
         return self._rt.statistics(name)
 
     # -- supervisors -----------------------------------------------------------------

@@ -14,7 +14,7 @@ import signal
 import ssl as _ssl
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from functools import partial
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import structlog
 import trio
 
-from ._cluster.join import default_node_name, open_cluster
+from ._cluster.join import check_cluster_options, default_node_name, open_cluster
 from ._core.supervisor import Supervisor
 from ._node import DEFAULT_NODE_NAME, Node
 from ._serve.limits import EndpointLimits
@@ -104,7 +104,7 @@ async def open_node(
     root: Supervisor, *, listen: tuple[str, int] | None = None,
     admin: tuple[str, int] | None = None, limits: EndpointLimits | None = None,
     node_name: str | None = None, cluster: str | bool | None = None,
-    cluster_name: str = "otpy",
+    cluster_name: str = "otpy", cluster_options: Mapping[str, float] | None = None,
     ssl: _ssl.SSLContext | None = None,
     store: str | os.PathLike[str] | Store | None = None, fsync: FsyncMode | None = None,
 ) -> AsyncIterator[Node]:
@@ -134,8 +134,11 @@ async def open_node(
     nats-server (started by the first node that needs it); ``cluster="nats://host:port"``
     through that server. Names stay local unless a child has ``scope="cluster"``; a
     call by name reaches a local server first, else the cluster-registered one;
-    ``"name@node"`` reaches one node's server, and pids route to their node. See
-    docs/cluster.md.
+    ``"name@node"`` reaches one node's server, and pids route to their node.
+    ``cluster_options={"cut_after": 5.0, "probe_interval": 0.05}`` tunes how the node
+    watches the others: each is probed every ``probe_interval`` seconds, and one that
+    stays silent for ``cut_after`` seconds is taken as cut off (its monitors get
+    ``ServerDown(..., "noconnection")``). See docs/cluster.md.
 
     ``store=PATH`` is the directory where durable servers keep their states (an
     :class:`otpy.SqliteStore`, opened before the tree starts and closed after it stops;
@@ -160,7 +163,7 @@ async def open_node(
     try:
         async with trio.open_nursery() as system:
             system.start_soon(node._dispatch)
-            async with _cluster(node, root, cluster, cluster_name), \
+            async with _cluster(node, root, cluster, cluster_name, cluster_options), \
                     trio.open_nursery() as tasks:
                 node._tasks = tasks
                 node._start_tree()
@@ -200,19 +203,28 @@ async def open_node(
 
 
 def _cluster(node: Node, root: Supervisor, cluster: str | bool | None,
-             cluster_name: str) -> AbstractAsyncContextManager[Any]:
+             cluster_name: str, options: Mapping[str, float] | None
+             ) -> AbstractAsyncContextManager[Any]:
     """The node's membership of its cluster, around its tree (none without one)."""
     if cluster is None or cluster is False:
+        if options:
+            raise TypeError(f"open_node(cluster_options=...) needs a cluster: pass "
+                            f"cluster=True or cluster='nats://host:port' too (got "
+                            f"cluster={cluster!r})")
         return nullcontext()
+    checked = check_cluster_options(options)
 
     @asynccontextmanager
     async def joined() -> AsyncIterator[Any]:
-        async with open_cluster(node._rt, cluster, cluster_name, root) as membership:
+        async with open_cluster(node._rt, cluster, cluster_name, root,
+                                **checked) as membership:
             node._cluster = membership
+            node._rt.cluster_info = membership.info
             try:
                 yield membership
             finally:
                 node._cluster = None
+                node._rt.cluster_info = None
 
     return joined()
 

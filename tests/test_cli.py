@@ -315,6 +315,17 @@ def test_cli_releases_says_when_there_are_none(
     assert (0, "no releases installed\n", "") == (code, out, err)
 
 
+def test_cli_cluster_says_when_the_node_is_in_none(
+        node_port: int, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``otpy cluster`` of a node started without cluster=... (the cluster's own view
+    is in tests/test_cluster.py)."""
+    code, out, err = otpy_cmd("cluster", "--node", f"127.0.0.1:{node_port}",
+                              capsys=capsys, monkeypatch=monkeypatch)
+    assert (0, "this node is in no cluster (it was started without cluster=...)\n",
+            "") == (code, out, err)
+
+
 GATED = """
 import os, time
 open({started!r}, "w").close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import msgpack
@@ -386,3 +387,231 @@ async def test_a_cluster_supervisors_child_stands_by_and_takes_over(
             stands = c if runs[0] is b else b
             assert "standby" == stands.which_children("svc")[0].status
             assert 1 == await stands.call("kv", "incr")  # a new incarnation, from init
+
+
+# -- failure detection -------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def fake_member(server: NatsServer, cluster: str, node: str) -> AsyncIterator[Any]:
+    """A member ``node`` of ``cluster`` played by a bare NATS client: it takes its
+    place in the members bucket and subscribes to its subject, and answers nothing."""
+    from otpy._cluster.jetstream import JetStream
+
+    async with open_client(server.url) as nc:
+        nodes = await JetStream(nc).key_value(f"otpy-{cluster}-nodes")
+        await nodes.put(node, msgpack.packb((node, 1)))
+        sub = nc.subscribe(f"otpy.{cluster}.node.{node}", lambda msg: None)
+        await nc.flush()
+        yield sub
+
+
+async def test_a_node_that_dies_with_a_probe_unanswered_is_down_at_once(
+        nats_server: NatsServer) -> None:
+    """A node that dies while a probe to it is on its way (it will never answer that
+    one) is down at the next probe's "no responders", not after cut_after; the calls
+    it held fail then with noconnection."""
+    cluster = f"t{next(_clusters)}"
+    async with otpy.open_node(tree(), cluster=nats_server.url, cluster_name=cluster,
+                              node_name="a") as a, \
+            fake_member(nats_server, cluster, "b") as b:
+        with trio.fail_after(5):
+            while "b" not in a.cluster_info()["members"]:  # type: ignore[index]
+                await trio.sleep(0.01)
+        failures: list[BaseException] = []
+
+        async def held() -> None:
+            try:
+                await a.call("kv@b", "incr", timeout=30)
+            except otpy.OtpyError as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(held)
+            await trio.sleep(0.2)  # a few probes are out, unanswered
+            b.unsubscribe()  # its process is gone
+            with trio.fail_after(2):  # cut_after is 5 s
+                while a.cluster_info()["members"]["b"] != "down":  # type: ignore[index]
+                    await trio.sleep(0.01)
+        [failure] = failures
+        assert isinstance(failure, otpy.ServerStopped) and "noconnection" == failure.reason
+        assert "process is gone" in str(failure)
+
+
+async def test_a_node_silent_for_cut_after_is_down(nats_server: NatsServer) -> None:
+    """A node that keeps its subscription but answers no probe (frozen, or cut off
+    without NATS noticing) is down once a probe has gone unanswered for cut_after."""
+    cluster = f"t{next(_clusters)}"
+    async with otpy.open_node(tree(), cluster=nats_server.url, cluster_name=cluster,
+                              node_name="a", cluster_options={"cut_after": 0.3}) as a, \
+            fake_member(nats_server, cluster, "b"):
+        with trio.fail_after(5):
+            while "b" not in a.cluster_info()["members"]:  # type: ignore[index]
+                await trio.sleep(0.01)
+        start = trio.current_time()
+        with trio.fail_after(3):  # NATS itself would drop a frozen client after 4 s
+            while a.cluster_info()["members"]["b"] != "down":  # type: ignore[index]
+                await trio.sleep(0.01)
+        assert trio.current_time() - start >= 0.2
+
+
+async def test_cluster_options_are_checked() -> None:
+    """Unknown cluster options, durations that are not positive, a cut shorter than a
+    probe, and options without a cluster are refused, saying which."""
+    for options, error, match in (
+            ({"cut": 1.0}, TypeError, r"unknown cluster option\(s\) \['cut'\]"),
+            ({"cut_after": 0}, ValueError, "positive number"),
+            ({"cut_after": "1"}, ValueError, "positive number"),
+            ({"cut_after": 0.01}, ValueError, "longer than probe_interval")):
+        with pytest.raises(error, match=match):
+            async with otpy.open_node(tree(), cluster="nats://127.0.0.1:1",
+                                      cluster_options=options):
+                pass  # pragma: no cover
+    with pytest.raises(TypeError, match="needs a cluster"):
+        async with otpy.open_node(tree(), cluster_options={"cut_after": 1.0}):
+            pass  # pragma: no cover
+
+
+async def test_nodes_taking_over_a_dead_nodes_name_name_the_winner(
+        nats_server: NatsServer) -> None:
+    """A cluster name whose node is dead is taken over by one of the nodes that start
+    it at once; the others' starts fail naming that node (not the dead one)."""
+    from otpy._cluster.jetstream import JetStream
+
+    cluster = f"race{next(_clusters)}"
+    async with open_client(nats_server.url) as nc:
+        names = await JetStream(nc).key_value(f"otpy-{cluster}-names")
+        await names.put("kv", msgpack.packb(("dead", 1)))
+    outcomes: dict[str, str] = {}
+
+    async def start(name: str) -> None:
+        try:
+            async with otpy.open_node(tree(otpy.Child("kv", Counter, scope="cluster")),
+                                      cluster=nats_server.url, cluster_name=cluster,
+                                      node_name=name):
+                outcomes[name] = "runs kv"
+                await trio.sleep(0.5)
+        except otpy.StartFailed as exc:
+            outcomes[name] = str(exc)
+
+    async with trio.open_nursery() as nursery:
+        for name in ("x", "y", "z"):
+            nursery.start_soon(start, name)
+    [winner] = [name for name, outcome in outcomes.items() if outcome == "runs kv"]
+    assert 2 * [f"the cluster-scoped name 'kv' is registered by node {winner!r} of "
+                f"cluster {cluster!r}; it runs once in the cluster"] == [
+        outcome for outcome in outcomes.values() if outcome != "runs kv"]
+
+
+# -- what operators see ------------------------------------------------------------------
+
+
+async def test_statistics_and_the_admin_table_show_the_cluster(
+        nats_server: NatsServer) -> None:
+    """A node in a cluster shows it in its statistics (members, where each name runs,
+    calls in flight) and answers the admin operation "cluster"; a node in none does
+    not, and answers None."""
+    async with nodes(nats_server, a=tree(otpy.Child("w", Watcher)),
+                     b=tree(otpy.Child("kv", Counter, scope="cluster"))) as n:
+        cluster = n["a"].cluster_info()["cluster"]  # type: ignore[index]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(n["a"].call, "kv", "later", timeout=0.5))
+            await trio.sleep(0.1)
+            expected = {"cluster": cluster, "node": "a", "members": {"a": "up", "b": "up"},
+                        "names": {"kv": "b"}, "calls_in_flight": 1}
+            assert expected == n["a"].statistics()["cluster"]
+            assert expected == n["a"]._rt.admin("cluster", ())
+            nursery.cancel_scope.cancel()
+    async with otpy.open_node(tree()) as alone:
+        assert "cluster" not in alone.statistics()
+        assert alone._rt.admin("cluster", ()) is None
+
+
+async def test_the_otpy_command_shows_the_cluster(
+        nats_server: NatsServer, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, logs: list[dict[str, Any]]) -> None:
+    """``otpy cluster`` prints the members and whether each answers, and the node each
+    cluster-scoped name runs on; ``otpy stats`` includes the cluster."""
+    from otpy._cli import main
+
+    monkeypatch.setenv("OTPY_COOKIE", "cluster-cookie")
+    cluster = f"t{next(_clusters)}"
+    opened = [otpy.open_node(tree(otpy.Child(f"s{i}", Counter, scope="cluster")),
+                             cluster=nats_server.url, cluster_name=cluster,
+                             node_name=name, admin=("127.0.0.1", 0))
+              for i, name in enumerate(["alpha", "b"])]
+    async with opened[0] as alpha, opened[1] as b:
+        await settle({"alpha": alpha, "b": b})
+        with trio.fail_after(5):
+            while len(alpha.cluster_info()["names"]) < 2:  # type: ignore[index]
+                await trio.sleep(0.01)
+        where = ["--node", f"127.0.0.1:{alpha.admin_address[1]}"]  # type: ignore[index]
+        capsys.readouterr()
+        assert 0 == await trio.to_thread.run_sync(main, ["cluster", *where])
+        assert [f"cluster {cluster}, as node alpha sees it",
+                "members:",
+                "  alpha  this node",
+                "  b      answers",
+                "cluster-scoped names: 2",
+                "  s0  on alpha",
+                "  s1  on b",
+                "calls in flight to other nodes: 0"] == capsys.readouterr().out.splitlines()
+        assert 0 == await trio.to_thread.run_sync(main, ["stats", *where])
+        assert any(line.startswith('cluster: {"cluster": ')
+                   for line in capsys.readouterr().out.splitlines())
+
+
+async def test_monitoring_a_server_of_a_node_that_just_died_is_noconnection(
+        nats_server: NatsServer) -> None:
+    """A monitor set on a server of a node whose process is gone (before this node's
+    probes noticed) fires noconnection, not noproc: the node, not the server, is
+    missing."""
+    cluster = f"t{next(_clusters)}"
+    async with otpy.open_node(tree(otpy.Child("w", Watcher)), cluster=nats_server.url,
+                              cluster_name=cluster, node_name="a") as a, \
+            fake_member(nats_server, cluster, "b") as b:
+        with trio.fail_after(5):
+            while "b" not in a.cluster_info()["members"]:  # type: ignore[index]
+                await trio.sleep(0.01)
+        b.unsubscribe()  # its process is gone
+        await b._client.flush()
+        ref = await a.call("w", ("monitor", "kv@b"))
+        with trio.fail_after(5):
+            while not await a.call("w", ("downs", None)):
+                await trio.sleep(0.01)
+        [down] = await a.call("w", ("downs", None))
+        assert (ref, "noconnection") == (down.ref, down.reason)
+
+
+class Log(otpy.GenServer[list[Any]]):
+    """Keeps every cast and call it gets, in the order it handles them."""
+
+    vsn = "1"
+
+    def init(self, arg: Any) -> list[Any]:
+        return []
+
+    def handle_call(self, request: Any, caller: otpy.Caller, state: list[Any]) -> Any:
+        return otpy.Reply(len(state), [*state, request])
+
+    def handle_cast(self, message: Any, state: list[Any]) -> list[Any]:
+        return [*state, message]
+
+
+async def test_one_senders_messages_to_a_remote_server_keep_their_order(
+        nats_server: NatsServer) -> None:
+    """Casts and calls from one node to a server of another are handled in the order
+    sent (a call does not overtake the casts before it), each once."""
+    async with nodes(nats_server, a=tree(otpy.Child("w", Watcher)),
+                     b=tree(otpy.Child("log", Log, scope="cluster"))) as n:
+        sent: list[Any] = []
+        for i in range(300):
+            if i % 50 == 49:
+                sent.append(("call", i))
+                await n["a"].call("log", ("call", i))
+            else:
+                sent.append(i)
+                n["a"].cast("log", i)
+        sent.append("last")
+        assert 300 == await n["a"].call("log", "last")
+        assert sent == n["b"].get_state("log")

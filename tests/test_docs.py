@@ -163,6 +163,10 @@ EXAMPLE_LINES: dict[str, list[str]] = {
         "Calling kv2: ('lookup', 'x')",
         "   -> None",
     ],
+    "many_cores.py": [  # as many nodes as the machine has cores: lines that do not vary
+        "All 64 counters are registered in the cluster; every node sees them.",
+        "Every call incremented one counter, once.",
+    ],
     "demo.py": [
         "== Calls and casts: each one steps its server inline on the loop",
         "Calling counter: 'count'",
@@ -191,6 +195,11 @@ EXAMPLE_LINES: dict[str, list[str]] = {
         "   release 2 installed: 500 servers (c0, c1, c2, c3, c4 and 495 more)",
         "   => no call failed, no increment was lost",
         "The node shut down when its stdin closed (exit code 0).",
+        "== A cluster: two nodes in two processes, one namespace",
+        "Calling ledger: ('add', 37)",
+        "   -> 42",
+        "Node a's view: members {'a': 'up', 'b': 'up'}, names {'ledger': 'b'}",
+        "   a call to ledger now: ServerStopped, reason 'noconnection'",
         "Done.",
     ],
 }

@@ -162,3 +162,19 @@ def test_handle_for_a_pid_we_did_not_start(tmp_path: Path) -> None:
         proc.wait(5)
     assert not server_mod._pid_alive(proc.pid)
     assert not server_mod._is_nats_server(os.getpid())
+
+
+async def test_two_nodes_of_one_process_are_two_members(tmp_path: Path) -> None:
+    """Two nodes of one process share the server as two members: the first to leave
+    does not stop it under the other."""
+    cluster = tmp_path / "cluster"
+    first = await open_shared_server(cluster)
+    second = await open_shared_server(cluster)
+    try:
+        assert first.server.pid == second.server.pid and first.member != second.member
+        first.release()
+        assert second.server.alive()
+        second.release()
+        assert not second.server.alive()
+    finally:
+        first.server.stop()

@@ -8,10 +8,11 @@ cluster-scoped names) before the first ``init`` runs, and leaves after the last
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,12 +22,40 @@ import trio
 from .._core.runtime import Runtime
 from .._core.supervisor import Supervisor
 from .nats_client import Client, NatsError
-from .node import ClusterError, ClusterNode, cluster_specs
+from .node import CUT_AFTER, PROBE_INTERVAL, ClusterError, ClusterNode, cluster_specs
 from .server import default_cluster_dir, open_shared_server
 
 log = structlog.get_logger("otpy")
 
 LEAVE_GRACE = 2.0
+CLUSTER_OPTIONS = {"probe_interval": PROBE_INTERVAL, "cut_after": CUT_AFTER}
+
+
+def check_cluster_options(options: Mapping[str, float] | None) -> dict[str, float]:
+    """``open_node(cluster_options=...)`` checked: known keys, positive finite seconds,
+    and ``cut_after`` longer than ``probe_interval`` (TypeError/ValueError saying
+    which). Missing keys keep their defaults."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"open_node(cluster_options=...) takes a dict such as "
+                        f"{{'cut_after': 1.0}}, got {options!r:.80}")
+    unknown = sorted(set(options) - set(CLUSTER_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown cluster option(s) {unknown}; the options are "
+                        f"{sorted(CLUSTER_OPTIONS)}")
+    checked = dict(CLUSTER_OPTIONS)
+    for key, value in options.items():
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"cluster option {key!r} is a duration in seconds (a "
+                             f"positive number), got {value!r:.80}")
+        checked[key] = float(value)
+    if checked["cut_after"] <= checked["probe_interval"]:
+        raise ValueError(f"cluster option cut_after ({checked['cut_after']:g} s) must be "
+                         f"longer than probe_interval ({checked['probe_interval']:g} s): "
+                         f"a node is cut off when it misses the probes of that long")
+    return {key: checked[key] for key in options}
 
 
 def default_node_name() -> str:

@@ -335,16 +335,15 @@ class ClusterNode:
                 if supervisor is not None:
                     self._stand_by(name, node)
                     return
-                raise StartFailed(
-                    f"the cluster-scoped name {name!r} is registered by node {node!r} of "
-                    f"cluster {self.cluster!r}; it runs once in the cluster",
-                    child=name, reason="already_started") from None
+                raise self._taken(name, node) from None
             try:
                 rev = await self._names_kv.update(key, value, existing.revision)
             except WrongRevision:
-                raise StartFailed(f"node {node!r} and this node raced to register "
-                                  f"{name!r}; the other won", child=name,
-                                  reason="already_started") from None
+                # Another node took it over from the same dead owner first: name it,
+                # not the dead one.
+                winner = await self._names_kv.get(key)
+                raise self._taken(name, _unpack_pair(winner.value)[0] if winner
+                                  else "another node") from None
         self._own(name, rev)
         await self.client.flush()
         log.info("cluster_name_registered", name=name, node=self.node)
@@ -405,6 +404,11 @@ class ClusterNode:
         for name, owner in list(self.names.items()):
             if owner == dead and name in self.sched.standby:
                 self._nursery.start_soon(self._take_over, name, dead, since)
+
+    def _taken(self, name: str, node: str) -> StartFailed:
+        return StartFailed(f"the cluster-scoped name {name!r} is registered by node "
+                           f"{node!r} of cluster {self.cluster!r}; it runs once in the "
+                           f"cluster", child=name, reason="already_started")
 
     async def unregister(self, name: str) -> None:
         owned = self._owned.pop(name, None)
@@ -557,8 +561,11 @@ class ClusterNode:
                 if not ok:
                     self._remote_down(ref, address, "noproc")
             else:
-                reason = "noproc" if isinstance(result, NoResponders) else "noconnection"
-                self._remote_down(ref, address, reason)
+                # "No responders" too: a node subject, or a name subject its owner holds
+                # until it leaves, has no subscriber only once that node's process is
+                # gone (Erlang: a monitor of a server of a node that is down fires
+                # noconnection). A server that is not running is answered "noproc".
+                self._remote_down(ref, address, "noconnection")
 
         try:
             self.client.request_nowait(subject, wire.encode(
@@ -699,34 +706,47 @@ class ClusterNode:
 
     async def _probe(self) -> None:
         """Probe every other member each interval: "no responders" means its process is
-        gone; silence past ``cut_after`` means it is cut off."""
+        gone; silence past ``cut_after`` means it is cut off.
+
+        A probe goes out every interval even while earlier ones are unanswered: a node
+        killed while a probe was on its way never answers that one, and only the next
+        probe's "no responders" tells at once (waiting for the first would take
+        ``cut_after``). ``_probing`` keeps when the oldest unanswered probe went out;
+        at most ``cut_after / probe_interval`` are out per node."""
         while True:
             now = trio.current_time()
             for node in list(self.members):
-                if node in self._probing:
-                    if now - self._probing[node] >= self.cut_after:
-                        self._probing.pop(node)
-                        self._node_down(node, f"it did not answer for {self.cut_after:g} s")
+                since = self._probing.setdefault(node, now)
+                if now - since >= self.cut_after:
+                    self._probing.pop(node)
+                    self._node_down(node, f"it did not answer for {self.cut_after:g} s")
                     continue
-                self._probing[node] = now
                 try:
                     self.client.request_nowait(
                         self.node_subject(node), wire.encode(self.cluster, wire.Ping()),
                         self._prober(node), timeout=self.cut_after)
                 except NatsError:
-                    self._probing.pop(node, None)
+                    pass  # this node lost NATS: _on_disconnect said so
             await trio.sleep(self.probe_interval)
 
     def _prober(self, node: str) -> Callable[[Msg | NatsError], None]:
         def answered(result: Msg | NatsError) -> None:
-            self._probing.pop(node, None)
             if isinstance(result, Msg):
+                self._probing.pop(node, None)
                 if self.members.get(node) == "down":
                     self.members[node] = "up"
                     log.info("cluster_node_up", node=node)
             elif isinstance(result, NoResponders):
+                self._probing.pop(node, None)
                 self._node_down(node, "its process is gone")
-            elif not isinstance(result, RequestTimeout):
+            elif isinstance(result, RequestTimeout):
+                # This probe's deadline was cut_after, and nothing has answered since
+                # the oldest unanswered one went out, no later than this one.
+                if node in self._probing:
+                    self._probing.pop(node)
+                    self._node_down(node, f"it did not answer for {self.cut_after:g} s")
+            else:
+                self._probing.pop(node, None)
                 self._node_down(node, f"this node lost the cluster ({result})")
         return answered
 

@@ -23,11 +23,12 @@ Sharing one server (``cluster=True`` on one machine): :func:`open_shared_server`
 of one cluster use one directory; under an exclusive ``flock`` on ``lock`` they read
 ``server.json`` (pid, port) and join the server it names if that pid still is a live
 nats-server, or start one, detached in its own session, and write the file. Each node
-also leaves ``members/<pid>``. The choice when the node that started the server exits:
+also leaves ``members/<pid>.<n>`` (one file per node, so that two nodes of one process
+are two members). The choice when the node that started the server exits:
 the server is NOT tied to it (as Erlang's epmd outlives the node that started it), so
 the other nodes keep their connection; the last member to leave (its
 :meth:`SharedServer.release`) stops the server. A member killed with SIGKILL leaves a
-stale ``members/<pid>`` that the next release ignores (its pid is dead); if the last
+stale member file that the next release ignores (its pid is dead); if the last
 members are all killed, the server keeps running and the next node joins it (its
 JetStream data in ``<dir>/jetstream`` survives either way). :func:`stop_shared_server`
 stops it by pid.
@@ -42,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -402,6 +404,7 @@ class SharedServer:
     server: NatsServer
     directory: Path
     started_here: bool
+    member: str = ""  # this node's file in members/
     released: bool = False
 
     @property
@@ -416,7 +419,7 @@ class SharedServer:
         self.released = True
         with _locked(self.directory, lock_timeout):
             with contextlib.suppress(FileNotFoundError):
-                (self.directory / "members" / str(os.getpid())).unlink()
+                (self.directory / "members" / self.member).unlink()
             if _live_members(self.directory):
                 log.info("nats_shared_server_left", pid=self.server.pid,
                          directory=str(self.directory))
@@ -428,12 +431,15 @@ class SharedServer:
                 (self.directory / "server.json").unlink()
 
 
+_member_serials = itertools.count()
+
+
 def _live_members(directory: Path) -> list[int]:
     members = directory / "members"
     alive = []
     for entry in members.glob("*") if members.is_dir() else []:
         try:
-            pid = int(entry.name)
+            pid = int(entry.name.split(".")[0])  # <pid>.<n>, or <pid> as before
         except ValueError:
             continue
         if _pid_alive(pid):
@@ -462,8 +468,9 @@ def _join_or_start(directory: Path, options: dict[str, Any]) -> SharedServer:
         started = True
     members = directory / "members"
     members.mkdir(exist_ok=True)
-    (members / str(os.getpid())).touch()
-    return SharedServer(server, directory, started)
+    member = f"{os.getpid()}.{next(_member_serials)}"
+    (members / member).touch()
+    return SharedServer(server, directory, started, member)
 
 
 async def open_shared_server(directory: Path | None = None, *, lock_timeout: float = 10.0,

@@ -44,6 +44,9 @@ class Runtime:
         self.root: SupervisorRuntime | None = None
         # The one call path, bound once: every edge delivers calls through it.
         self.start_call = sched.start_call
+        # The cluster as this node sees it, while the node is in one (set by the edge
+        # that joined it): a plain dict, for statistics and the admin table.
+        self.cluster_info: Callable[[], dict[str, Any]] | None = None
 
     # -- the tree --------------------------------------------------------------------
 
@@ -109,7 +112,10 @@ class Runtime:
         return self.sched.lookup(address)
 
     def statistics(self, address: Any = None) -> dict[str, Any]:
-        return self.sched.statistics(address)
+        stats = self.sched.statistics(address)
+        if address is None and self.cluster_info is not None:
+            stats["cluster"] = self.cluster_info()
+        return stats
 
     # -- supervisors -----------------------------------------------------------------
 
@@ -207,6 +213,11 @@ def _statistics(rt: Runtime, params: tuple[Any, ...]) -> Any:
     return rt.statistics(_text(params, 0, "a server name") if params else None)
 
 
+def _cluster(rt: Runtime, params: tuple[Any, ...]) -> Any:
+    _arity("cluster", params, 0, 0)
+    return None if rt.cluster_info is None else rt.cluster_info()
+
+
 def _suspend(rt: Runtime, params: tuple[Any, ...]) -> Any:
     _arity("suspend", params, 1, 1)
     rt.suspend(_text(params, 0, "a server name"))
@@ -248,6 +259,7 @@ ADMIN_OPS: dict[str, Callable[[Runtime, tuple[Any, ...]], Any]] = {
     "count_children": _count_children,
     "get_state": _get_state,
     "statistics": _statistics,
+    "cluster": _cluster,
     "suspend": _suspend,
     "resume": _resume,
     "releases": _releases,
