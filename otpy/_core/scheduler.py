@@ -81,8 +81,9 @@ DEAD = 8  # terminated; a new incarnation (if any) holds the name
 SCHEDULED = 16  # in the run queue
 TOUCHED = 32  # stepped since its migration was computed: migrate again at commit
 OBSERVED = 64  # its commits are observed (on_commit): its steps take the general path
+COUNTED = 128  # its steps are counted (on_step), for a while: they take the general path
 NOT_STEPPABLE = BUSY | SUSPENDED | DEAD
-NOT_IDLE = ~OBSERVED
+NOT_IDLE = ~(OBSERVED | COUNTED)
 
 # How many of one server's messages the dispatcher serves before moving to the next.
 PER_SERVER_TURN = 64
@@ -201,6 +202,10 @@ class Scheduler:
         self.on_fatal: Callable[[BaseException], None] = lambda exc: None
         # Called after each commit of an OBSERVED server's state (see commit).
         self.on_commit: Callable[[GenServer[Any]], None] | None = None
+        # Called after each step of a COUNTED server (see _settle): an observer that
+        # wants step counts flags a few servers for a moment, so that counting costs
+        # the steps of every other server nothing.
+        self.on_step: Callable[[GenServer[Any]], None] | None = None
         self.stopping = False
 
     # -- addresses -------------------------------------------------------------------
@@ -437,6 +442,8 @@ class Scheduler:
                 result: Any) -> None:
         """Act on a callback's result: commit the state, answer the caller, stop, crash
         on a wrong value, run a continuation."""
+        if proc._otpy_flags & COUNTED and self.on_step is not None:
+            self.on_step(proc)
         if proc._otpy_flags & DEAD:
             # A sibling's restart terminated this server while it was stepping (it
             # called the sibling inline): its result belongs to a dead incarnation.
@@ -1123,6 +1130,7 @@ class Scheduler:
                 "refused": self.refused.get(name, 0),
                 "waiting": len(self.waiting.get(name, ())), "restarts": proc._otpy_restarts,
                 "vsn": type(proc).vsn, "step_timeout": budget_of(proc),
+                "supervisor": proc._otpy_sup.name,
                 "status": ("suspended" if flags & SUSPENDED else
                            "running" if flags & BUSY else "idle"),
             }
