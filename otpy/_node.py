@@ -110,6 +110,8 @@ class Node:
         """The bound ``(host, port)`` of the client endpoint (``listen=``), else None."""
         self.admin_address: tuple[str, int] | None = None
         """The bound ``(host, port)`` of the admin endpoint (``admin=``), else None."""
+        self.http_address: tuple[str, int] | None = None
+        """The bound ``(host, port)`` of the HTTP endpoint (``http=``), else None."""
 
     # -- calls and messages ----------------------------------------------------------
 
