@@ -542,9 +542,11 @@ async def test_a_stream_ends_with_logout_and_with_the_drain() -> None:
 # -- step statistics ------------------------------------------------------------------------
 
 
-async def test_count_steps_counts_the_flagged_servers_only_and_then_stops() -> None:
+async def test_count_steps_counts_the_flagged_servers_only_and_then_stops(
+        autojump_clock: trio.testing.MockClock) -> None:
     """Runtime.count_steps: exact counts of the named servers' steps, inline and
-    queued, none of the others'; after stop their steps take the fast path again."""
+    queued, none of the others', over the time they were counted; after stop their
+    steps take the fast path again."""
     async with otpy.open_node(tree()) as node:
         rt = node._rt
         stop = rt.count_steps(["a", "b"])
@@ -552,12 +554,28 @@ async def test_count_steps_counts_the_flagged_servers_only_and_then_stops() -> N
             await node.call("a", "x")
             node.cast("b", 1)
             await node.call("c", "x")
+        await trio.sleep(2.0)
         counts = stop()
         await node.call("a", "x")
         flags = [rt.server(n)._otpy_flags for n in ("a", "b", "c")]
-    assert {"a": 5, "b": 5} == counts
+    assert {"a": (5, 2.0), "b": (5, 2.0)} == counts
     assert [0, 0, 0] == flags
     assert rt.sched.on_step is None
+
+
+async def test_count_steps_stops_counting_a_server_at_its_cap(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A server is counted for ``cap`` steps at most (so counting a very busy server
+    costs a bounded number of slower steps); its count says over what time."""
+    async with otpy.open_node(tree()) as node:
+        rt = node._rt
+        stop = rt.count_steps(["a", "b"], cap=3)
+        for _ in range(5):
+            await node.call("a", "x")
+            await trio.sleep(1.0)
+        flag = rt.server("a")._otpy_flags
+        counts = stop()
+    assert (0, {"a": (3, 2.0), "b": (0, 5.0)}) == (flag, counts)
 
 
 async def test_the_sampler_finds_the_server_whose_callback_runs() -> None:

@@ -110,31 +110,42 @@ class Runtime:
         survey.finish()
         yield survey
 
-    def count_steps(self, names: Iterable[str]) -> Callable[[], dict[str, int]]:
+    def count_steps(self, names: Iterable[str], cap: int = 256
+                    ) -> Callable[[], dict[str, tuple[int, float]]]:
         """Count the steps of the servers ``names`` run now, from now until the
-        returned function is called, which returns the counts by name. Meanwhile their
-        steps take the general path (a little slower): count a few servers for a short
-        while. One count at a time (RuntimeError otherwise)."""
+        returned function is called, which returns for each server counted its steps
+        and the seconds they were counted in. Meanwhile their steps take the general
+        path (a little slower), so a server stops being counted after ``cap`` steps:
+        counting costs at most ``cap`` slower steps per server, however busy it is.
+        One count at a time (RuntimeError otherwise)."""
         sched = self.sched
         if sched.on_step is not None:
             raise RuntimeError("steps are being counted already; one count at a time")
+        clock = sched.clock
         counts: dict[str, int] = {}
+        capped: dict[str, float] = {}  # name -> when it reached the cap
         procs = [p for p in map(sched.procs.get, names) if p is not None]
 
         def stepped(proc: GenServer[Any]) -> None:
             name = proc._otpy_name
-            counts[name] = counts.get(name, 0) + 1
+            n = counts[name] = counts.get(name, 0) + 1
+            if n >= cap:
+                proc._otpy_flags &= ~COUNTED
+                capped[name] = clock()
 
         for proc in procs:
             proc._otpy_flags |= COUNTED
         sched.on_step = stepped
+        begin = clock()
 
-        def stop() -> dict[str, int]:
+        def stop() -> dict[str, tuple[int, float]]:
+            end = clock()
             for proc in procs:
                 proc._otpy_flags &= ~COUNTED
             if sched.on_step is stepped:
                 sched.on_step = None
-            return counts
+            return {p._otpy_name: (counts.get(p._otpy_name, 0),
+                                   capped.get(p._otpy_name, end) - begin) for p in procs}
 
         return stop
 

@@ -12,12 +12,13 @@ dashboard's views from the node's Runtime:
 - **Loop lag**: a task sleeps ``LAG_INTERVAL`` and notes how late it wakes.
 - **Step statistics**, only while someone watches (a dashboard is open, or ``/metrics``
   or the API was read within ``DEMAND_SECONDS``): each server's share of the loop comes
-  from :class:`otpy._sampler.StepSampler` (a thread sampling the node's stack; a step
-  writes nothing); its steps per second from an exact count of the steps of the
+  from :class:`otpy._sampler.StepSampler` (samples of the node's stack; a step writes
+  nothing); its steps per second from an exact count of the steps of the
   ``COUNT_TOP`` busiest servers, taken for ``COUNT_WINDOW`` seconds of every ``TICK``
-  (``Runtime.count_steps``: those servers' steps take the general path meanwhile, so
-  steps of every other server, and of them the rest of the time, cost nothing more);
-  and its step time is the one divided by the other.
+  or until ``COUNT_CAP`` steps (``Runtime.count_steps``: those steps take the general
+  path, so the count costs at most ``COUNT_CAP`` slower steps per server and second;
+  every other step, and theirs the rest of the time, costs nothing more); and its step
+  time is the one divided by the other.
 - **The snapshot** the dashboard's page shows, rebuilt every ``TICK`` while a page is
   open (sooner after a crash) and shared by every open page as one encoded JSON text:
   the node's figures, the supervision tree, the server table, the releases and the
@@ -62,11 +63,13 @@ if TYPE_CHECKING:
 TICK = 1.0  # seconds between two rebuilds of the views, and two step-count windows
 COUNT_WINDOW = 0.1  # seconds of each TICK during which the busiest servers' steps count
 COUNT_TOP = 32  # servers whose steps are counted in each window
+COUNT_CAP = 256  # steps counted per server and window, at most
 DEMAND_SECONDS = 60.0  # step statistics run this long after the last reader went
 LAG_INTERVAL = 0.1  # seconds between two loop-lag probes
 LAG_WINDOW = 10  # the worst lag is the worst of the last LAG_WINDOW seconds
 SURVEY_CHUNK = 5000  # servers looked at between two yields to the loop
-VIEW_SHARE = 0.01  # at most this share of the loop goes into building views
+SLICE = 0.002  # seconds the views hold the loop before they let it run
+VIEW_SHARE = 0.02  # at most this share of the loop goes into building views
 POKE_DELAY = 0.25  # a crash brings the next rebuild this close (within VIEW_SHARE)
 TABLE_ROWS = 50  # servers in the table, by each column
 TREE_ROWS = 1000  # rows (children) in the tree, in all
@@ -204,8 +207,8 @@ class NodeViews:
         self._survey: tuple[float, Survey] | None = None
         self._survey_lock = trio.Lock()
         # what building views cost the loop (read by bench_dashboard.py)
-        self.build_seconds = 0.0  # loop time of the last rebuild, waits excluded
-        self.worst_chunk = 0.0  # the longest the views held the loop at once
+        self.build_seconds = 0.0  # CPU time of the last rebuild (and surveys since)
+        self.worst_chunk = 0.0  # the longest the views held the loop at once (CPU)
 
     # -- running -------------------------------------------------------------------
 
@@ -371,7 +374,7 @@ class NodeViews:
         stop = None
         if names:
             try:
-                stop = self.rt.count_steps(names)
+                stop = self.rt.count_steps(names, COUNT_CAP)
             except RuntimeError:  # another count runs (a second endpoint): skip
                 stop = None
         begin = trio.current_time()
@@ -379,12 +382,11 @@ class NodeViews:
             await trio.sleep(COUNT_WINDOW)
         finally:
             counts = stop() if stop is not None else {}
-        window = max(trio.current_time() - begin, 1e-6)
         await trio.sleep(TICK - COUNT_WINDOW)
         seconds = self.sampler.take()
         wall = max(trio.current_time() - begin, 1e-6)
         self._fold({n: t / wall for n, t in seconds.items()},
-                   {n: counts.get(n, 0) / window for n in names})
+                   {n: steps / max(took, 1e-6) for n, (steps, took) in counts.items()})
 
     def _fold(self, shares: dict[str, float], rates: dict[str, float]) -> None:
         """Fold one tick's loop shares and step rates into the averages."""
@@ -429,21 +431,20 @@ class NodeViews:
             if self._survey is not None and now - self._survey[0] <= max_age:
                 await trio.lowlevel.checkpoint()
                 return self._survey[1]
-            clock = time.perf_counter
-            spent = 0.0
+            slices = _Slices(self)
             survey = None
-            start = clock()
             for part in self.rt.survey(SURVEY_CHUNK, self.survey_top):
                 survey = part
-                held = clock() - start
-                spent += held
-                self.worst_chunk = max(self.worst_chunk, held)
-                await trio.lowlevel.checkpoint()
-                start = clock()
+                await slices.next()
+            slices.end()
             assert survey is not None
-            self.build_seconds = spent
             self._survey = (trio.current_time(), survey)
             return survey
+
+    def _held(self, seconds: float) -> None:
+        """The views held the loop ``seconds`` at once."""
+        self.build_seconds += seconds
+        self.worst_chunk = max(self.worst_chunk, seconds)
 
     async def _rebuild(self) -> None:
         """While pages are open: a new snapshot every TICK (sooner after a crash),
@@ -477,24 +478,23 @@ class NodeViews:
             begin = trio.current_time()
             if begin - self.snapshot_at < POKE_DELAY:  # made while this one waited
                 return
+            self.build_seconds = 0.0
             view = await self.build()
-            start = time.perf_counter()
+            start = _cpu()
             self.snapshot = json.dumps(view, separators=(",", ":"),
                                        default=_plain).encode()
-            held = time.perf_counter() - start
-            self.build_seconds += held
-            self.worst_chunk = max(self.worst_chunk, held)
+            self._held(_cpu() - start)
             self.snapshot_at = begin
             self.seq += 1
             self._wake()
 
     async def build(self) -> dict[str, Any]:
-        """The dashboard's view of the node now (the snapshot, as plain data)."""
+        """The dashboard's view of the node now (the snapshot, as plain data), built in
+        slices between which the loop runs."""
         survey = await self.survey(max_age=0.0)
-        start = time.perf_counter()
-        spent = self.build_seconds
-        tree = self._tree(survey)
-        table = self._table(survey)
+        slices = _Slices(self)
+        tree = await self._tree(survey, slices)
+        table = await self._table(survey, slices)
         now = trio.current_time()
         view = {
             "node": self.node_view(survey),
@@ -506,9 +506,7 @@ class NodeViews:
                        "children_shown": CHILDREN_SHOWN},
             "seq": self.seq + 1,
         }
-        held = time.perf_counter() - start
-        self.build_seconds = spent + held
-        self.worst_chunk = max(self.worst_chunk, held)
+        slices.end()
         return view
 
     def node_view(self, survey: Survey) -> dict[str, Any]:
@@ -546,19 +544,22 @@ class NodeViews:
 
     # -- the tree --------------------------------------------------------------------
 
-    def _tree(self, survey: Survey) -> dict[str, Any] | None:
+    async def _tree(self, survey: Survey, slices: _Slices) -> dict[str, Any] | None:
         root = self.rt.root
         if root is None or not root.alive:
             return None
         subs: dict[str, int] = {}
-        for sup in self.sched.sups.values():
+        for sup in list(self.sched.sups.values()):
             if sup.parent is not None:
                 subs[sup.parent.name] = subs.get(sup.parent.name, 0) + 1
+            await slices.next()
         budget = [TREE_ROWS]
-        return self._supervisor(root, survey, subs, budget, self.sched.clock())
+        return await self._supervisor(root, survey, subs, budget, self.sched.clock(),
+                                      slices)
 
-    def _supervisor(self, sup: SupervisorRuntime, survey: Survey, subs: dict[str, int],
-                    budget: list[int], now: float) -> dict[str, Any]:
+    async def _supervisor(self, sup: SupervisorRuntime, survey: Survey,
+                          subs: dict[str, int], budget: list[int], now: float,
+                          slices: _Slices) -> dict[str, Any]:
         spec = sup.spec
         horizon = now - spec.max_seconds
         specs = sup.specs
@@ -566,8 +567,8 @@ class NodeViews:
         if len(specs) > len(shown) and budget[0] > len(shown):
             # Beyond the first: the children restarted most, and those restarting.
             seen = set(shown)
-            extra = [i for i, _ in heapq.nlargest(CHILDREN_SHOWN, sup.child_restarts.items(),
-                                                  key=itemgetter(1))]
+            extra = [i for i, _ in await _top(sup.child_restarts.items(), CHILDREN_SHOWN,
+                                              slices)]
             extra += sorted(sup.pending)[:CHILDREN_SHOWN]
             for child_id in extra:
                 if child_id not in seen and child_id in specs and \
@@ -577,6 +578,9 @@ class NodeViews:
         budget[0] -= len(shown)
         children = []
         for child_id in shown:
+            await slices.next()
+            if child_id not in specs:  # deleted while the loop ran
+                continue
             info = sup.info(child_id)
             row: dict[str, Any] = {"id": child_id, "kind": info.kind, "status": info.status,
                                    "vsn": info.vsn, "restarts": info.restarts,
@@ -584,7 +588,8 @@ class NodeViews:
             if info.kind == "supervisor":
                 child = self.sched.sups.get(child_id)
                 if child is not None and child.parent is sup:
-                    row["supervisor"] = self._supervisor(child, survey, subs, budget, now)
+                    row["supervisor"] = await self._supervisor(child, survey, subs, budget,
+                                                               now, slices)
             else:
                 if info.status == "running":
                     try:
@@ -607,27 +612,27 @@ class NodeViews:
 
     # -- the server table ------------------------------------------------------------
 
-    def _table(self, survey: Survey) -> dict[str, Any]:
+    async def _table(self, survey: Survey, slices: _Slices) -> dict[str, Any]:
         n = TABLE_ROWS
         sched = self.sched
         names: dict[str, None] = {}  # ordered, no duplicates
 
-        def top(items: Iterable[tuple[str, float]]) -> None:
-            for name, value in heapq.nlargest(n, items, key=itemgetter(1)):
+        async def top(items: Iterable[tuple[str, float]]) -> None:
+            for name, value in await _top(items, n, slices):
                 if value:
                     names[name] = None
 
         for _, name in survey.busiest:
             names[name] = None
-        top(sched.refused.items())
+        await top(sched.refused.items())
         restarted: list[tuple[str, int]] = []
-        for sup in sched.sups.values():
-            restarted += heapq.nlargest(n, sup.child_restarts.items(), key=itemgetter(1))
-        top(restarted)
-        top(self.rates.items())
-        top(self.step_seconds.items())
-        top(self.busy.items())
-        top(self.crash_counts.items())
+        for sup in list(sched.sups.values()):
+            restarted += await _top(sup.child_restarts.items(), n, slices)
+        await top(restarted)
+        await top(self.rates.items())
+        await top(self.step_seconds.items())
+        await top(self.busy.items())
+        await top(self.crash_counts.items())
         for name in survey.suspended_names:
             names[name] = None
         filler = not names
@@ -638,6 +643,7 @@ class NodeViews:
             row = self.server_row(name)
             if row is not None:
                 rows.append(row)
+            await slices.next()
         return {"rows": rows, "total": len(sched.procs), "filler": filler}
 
     def server_row(self, name: str) -> dict[str, Any] | None:
@@ -673,6 +679,46 @@ class NodeViews:
             "crash_log": list(reversed(self.crashes.get(name, ()))),
         })
         return row
+
+
+class _Slices:
+    """Loop time taken in slices of at most ``SLICE`` seconds, between which the loop
+    runs; each slice is reported to the views (``_held``). Measured in the thread's CPU
+    time: what the views cost the loop, not the moments the OS ran something else."""
+
+    __slots__ = ("start", "views")
+
+    def __init__(self, views: NodeViews) -> None:
+        self.views = views
+        self.start = _cpu()
+
+    async def next(self) -> None:
+        """End the slice if it is long enough: let the loop run, start another."""
+        held = _cpu() - self.start
+        if held >= SLICE:
+            self.views._held(held)
+            await trio.lowlevel.checkpoint()
+            self.start = _cpu()
+
+    def end(self) -> None:
+        self.views._held(_cpu() - self.start)
+        self.start = _cpu()
+
+
+_cpu = time.thread_time
+
+
+async def _top(items: Iterable[tuple[str, Any]], n: int, slices: _Slices
+               ) -> list[tuple[str, Any]]:
+    """The ``n`` pairs with the largest values, looked at in chunks between which the
+    loop may run (a dict of 100k refusals or restarts is not scanned at once)."""
+    pending = list(items)
+    best: list[tuple[str, Any]] = []
+    for i in range(0, len(pending), SURVEY_CHUNK):
+        best = heapq.nlargest(n, itertools.chain(best, pending[i:i + SURVEY_CHUNK]),
+                              key=itemgetter(1))
+        await slices.next()
+    return best
 
 
 def _plain(value: Any) -> Any:
