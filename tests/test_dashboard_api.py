@@ -187,6 +187,23 @@ async def test_without_a_session_the_api_and_the_stream_are_401() -> None:
     assert b'"a"' not in login.body
 
 
+async def test_failed_logins_are_counted_and_logged_once_per_interval(
+        logs: list[dict[str, Any]], autojump_clock: trio.testing.MockClock) -> None:
+    """A flood of wrong cookies is one http_login_failed event per 10 s, the next one
+    saying how many attempts came between; each is counted in /metrics."""
+    async with dash_node() as (_, port):
+        for _ in range(5):
+            async with connect(port) as client:
+                await client.request("POST", "/login", b"cookie=guess")
+        await trio.sleep(11)
+        async with connect(port) as client:
+            await client.request("POST", "/login", b"cookie=guess")
+            metrics = (await client.request("GET", "/metrics")).body.decode()
+    events = [e for e in logs if e["event"] == "http_login_failed"]
+    assert [1, 5] == [e["attempts"] for e in events]
+    assert 'otpy_http_refused_total{kind="LoginFailed"} 6.0' in metrics.splitlines()
+
+
 async def test_an_action_without_the_sessions_csrf_token_is_refused() -> None:
     """The session alone is not enough to act: no token, another session's token, or a
     form's content type are refused, and nothing is done."""

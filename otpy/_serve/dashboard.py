@@ -30,6 +30,10 @@ endpoint's do: the same checks and errors. A downgrade is installed by the ``ins
 callable the node gave the endpoint, in a task of the endpoint's own, so that closing
 the page does not abort it.
 
+Failed logins are counted (``otpy_http_refused_total{kind="LoginFailed"}``) and logged
+as one ``http_login_failed`` event per 10 s, with the number of ``attempts`` since the
+last one, so that a flood of guesses cannot flood the log.
+
 Bounds: at most ``HttpLimits.max_streams`` live streams (one more is 503); a stream
 holds one snapshot at most (a client that reads slower than snapshots are made skips
 to the newest: they are coalesced, never queued) and is cut when the client does not
@@ -41,6 +45,7 @@ from __future__ import annotations
 import hmac
 import html
 import json
+import math
 import os
 import secrets
 from collections.abc import Awaitable, Callable
@@ -65,6 +70,7 @@ MAX_SESSIONS = 64
 SESSION_COOKIE = "otpy_session"
 CSRF_HEADER = b"x-otpy-csrf"
 KEEPALIVE = 15.0  # seconds between two comments on an idle stream
+LOG_INTERVAL = 10.0  # seconds between two http_login_failed events
 ACTION_OBJECTS = 64
 
 Install = Callable[[Planner], Awaitable[dict[str, Any]]]
@@ -130,6 +136,8 @@ class Dashboard:
         self.spawn = spawn
         self.sessions: dict[str, Session] = {}
         self.static = static_files()
+        self._failed = 0  # failed logins not yet logged
+        self._failed_log_at = -math.inf
         get, post = ("GET", "HEAD"), ("POST",)
         self.routes: dict[str, tuple[tuple[str, ...], Callable[[Request], Any]]] = {
             "/": (get, self.page),
@@ -178,7 +186,11 @@ class Dashboard:
         given = form.get("cookie", "").encode()
         if not hmac.compare_digest(given, self.cookie):
             self._refuse("LoginFailed")
-            self.log.warning("http_login_failed")
+            now = trio.current_time()
+            self._failed += 1
+            if now >= self._failed_log_at:  # one event per LOG_INTERVAL, however many
+                self.log.warning("http_login_failed", attempts=self._failed)
+                self._failed, self._failed_log_at = 0, now + LOG_INTERVAL
             page = self.render("login.html", error="That is not the node's cookie.")
             page.status = 403
             return page
