@@ -110,7 +110,7 @@ class Runtime:
         survey.finish()
         yield survey
 
-    def count_steps(self, names: Iterable[str], cap: int = 256
+    def count_steps(self, names: Iterable[str], cap: int = 64
                     ) -> Callable[[], dict[str, tuple[int, float]]]:
         """Count the steps of the servers ``names`` run now, from now until the
         returned function is called, which returns for each server counted its steps

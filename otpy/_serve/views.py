@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 TICK = 1.0  # seconds between two rebuilds of the views, and two step-count windows
 COUNT_WINDOW = 0.1  # seconds of each TICK during which the busiest servers' steps count
 COUNT_TOP = 32  # servers whose steps are counted in each window
-COUNT_CAP = 256  # steps counted per server and window, at most
+COUNT_CAP = 64  # steps counted per server and window, at most
 DEMAND_SECONDS = 60.0  # step statistics run this long after the last reader went
 LAG_INTERVAL = 0.1  # seconds between two loop-lag probes
 LAG_WINDOW = 10  # the worst lag is the worst of the last LAG_WINDOW seconds
