@@ -460,6 +460,25 @@ async def test_streams_past_max_streams_are_503() -> None:
     assert "snapshot" == name
 
 
+async def test_a_stream_that_never_starts_frees_its_place() -> None:
+    """A HEAD of /events gets the stream's head and no stream; its place is free again
+    at once (with max_streams=1, a GET after two HEADs is served)."""
+    async with dash_node(limits=HttpLimits(max_streams=1)) as (_, port):
+        session = await log_in(port)
+        heads = []
+        for _ in range(2):
+            async with connect(port) as client:
+                await client.send(raw("HEAD", "/events", headers=session.headers()))
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += await client.stream.receive_some(4096)
+                heads.append(data.split(b"\r\n", 1)[0])
+        async with connect(port) as client:
+            name, _ = await (await EventStream(client).open(session)).event()
+    assert [b"HTTP/1.1 200 OK"] * 2 == heads
+    assert "snapshot" == name
+
+
 async def test_a_slow_stream_reader_gets_the_newest_snapshot_not_a_queue() -> None:
     """A reader slower than the snapshots skips to the newest: the stream holds one
     snapshot at most, and sends the one current when the client takes the last."""

@@ -382,13 +382,17 @@ class Stream(Response):
     no ``Content-Length``: its end is the connection's close, so it is always the last
     response of its connection."""
 
-    __slots__ = ("run",)
+    __slots__ = ("abandon", "run")
 
     def __init__(self, status: int, content_type: str,
                  run: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]],
-                 headers: Sequence[tuple[str, str]] = ()) -> None:
+                 headers: Sequence[tuple[str, str]] = (),
+                 abandon: Callable[[], None] | None = None) -> None:
         super().__init__(status, b"", content_type, headers)
         self.run = run
+        # Called instead of run when the stream never starts (a HEAD request, a client
+        # gone before the head was sent): what the route reserved for it is freed.
+        self.abandon = abandon
 
 
 _CONTENT_TYPES: dict[str, bytes] = {}

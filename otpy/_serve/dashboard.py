@@ -297,7 +297,7 @@ class Dashboard:
 
         return Stream(200, "text/event-stream", run, (
             ("cache-control", "no-store"), ("x-accel-buffering", "no"),
-            ("x-content-type-options", "nosniff")))
+            ("x-content-type-options", "nosniff")), abandon=views.stream_closed)
 
     async def snapshot(self, request: Request) -> Response:
         if self.session(request) is None:

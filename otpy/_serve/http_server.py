@@ -310,10 +310,16 @@ class _Connection:
         server = self.server
         responses = server.stats.responses
         responses[response.status] = responses.get(response.status, 0) + 1
-        self._write_now()
-        self.out += encode(response, head=True, close=True)
-        await self._flush()
-        if request.method == "HEAD":
+        started = False
+        try:
+            self._write_now()
+            self.out += encode(response, head=True, close=True)
+            await self._flush()
+            started = request.method != "HEAD"
+        finally:
+            if not started and response.abandon is not None:
+                response.abandon()
+        if not started:
             return
 
         async def send(piece: bytes) -> None:

@@ -464,9 +464,11 @@ class NodeViews:
                 await self._publish()
 
     async def current(self) -> bytes:
-        """The snapshot, rebuilt first if it is older than TICK (so that readers of
-        the API share one rebuild per TICK)."""
-        if trio.current_time() - self.snapshot_at > TICK:
+        """The snapshot, rebuilt first if it is older than TICK and the views' share
+        of the loop allows (so that readers of the API share one rebuild per TICK, and
+        polling it costs no more than an open page)."""
+        if trio.current_time() - self.snapshot_at > max(
+                TICK, self.build_seconds / VIEW_SHARE):
             await self._publish()
         else:
             await trio.lowlevel.checkpoint()
