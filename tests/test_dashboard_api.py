@@ -379,6 +379,38 @@ async def test_a_100k_server_node_is_shown_within_bounds(
     assert 5 == metrics.count("otpy_server_crashes_total{")
 
 
+async def test_an_upgrade_in_progress_is_shown_with_its_progress(
+        quiet_logging: Callable[[], None]) -> None:
+    """While a release of 3,000 servers installs (in chunks, between which the loop
+    runs), the views show its phase and how far it got; then it is in the history."""
+    quiet_logging()
+    root = otpy.Supervisor([otpy.Child(f"s{i}", Counter) for i in range(3000)])
+    seen: list[tuple[str, int, int | None]] = []
+    async with otpy.open_node(root) as node:
+        views = NodeViews(node._rt)
+        done = trio.Event()
+
+        async def watch() -> None:
+            while not done.is_set():
+                installing = views.releases_view(trio.current_time())["installing"]
+                if installing is not None:
+                    seen.append((installing["phase"], installing["done"],
+                                 installing["total"]))
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await node.upgrade(otpy.Release("2", [otpy.Update(Counter, CounterV2)]))
+            done.set()
+        after = views.releases_view(trio.current_time())
+    phases = [phase for phase, _, _ in seen]
+    assert {"planning", "migrating"} == set(phases)
+    assert all(total == 3000 for phase, _, total in seen if phase == "migrating")
+    assert any(0 < done < 3000 for phase, done, _ in seen if phase == "migrating")
+    assert (None, [("2", 3000)]) == (after["installing"], [
+        (r["vsn"], r["servers"]) for r in after["history"]])
+
+
 def test_a_state_is_shown_as_a_bounded_repr() -> None:
     """A huge or deep state is shown cut in depth, items and characters; a dataclass
     as its fields."""

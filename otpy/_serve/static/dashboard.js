@@ -319,7 +319,11 @@
     $("node-name").textContent = n.name;
     $("uptime").textContent = fmt.uptime(n.uptime);
     $("lag").textContent = `${fmt.ms(n.lag_ms)} (${fmt.ms(n.lag_worst_ms)})`;
-    $("busy").textContent = fmt.pct(n.loop_busy);
+    const busy = $("busy");
+    busy.textContent = fmt.pct(n.loop_busy) + (n.sampling === "gil" ? " (sampling: gil)" : "");
+    busy.title = n.sampling === "gil"
+      ? "sampled by a thread, which sees the loop mostly while it polls for I/O: busy servers look less busy"
+      : "the share of the loop's time spent in callbacks, sampled";
     $("rss").textContent = fmt.bytes(n.rss);
     $("servers").textContent = fmt.int(n.servers);
     $("supervisors").textContent = fmt.int(n.supervisors);
