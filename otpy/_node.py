@@ -187,7 +187,7 @@ class Node:
         For a server: ``mailbox`` (queued messages), ``max_mailbox``, ``refused``
         (messages refused because its mailbox was full, counted per name across
         restarts), ``waiting`` (calls waiting for room in its mailbox), ``restarts``,
-        ``vsn``, ``step_timeout`` and ``status``. For the node: ``servers``,
+        ``vsn``, ``step_timeout``, ``status`` and ``supervisor``. For the node: ``servers``,
         ``supervisors``, ``run_queue``, ``timers``, ``queued`` (messages in all
         mailboxes), ``refused`` (total), ``refused_by_server`` and ``waiting``."""
         return self._rt.statistics(name)
