@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test lint typecheck bench clean browser wrk
+.PHONY: demo test lint typecheck bench clean browser wrk screenshot
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ typecheck: $(STAMP)
 
 test: lint typecheck browser
 	$(PY) -m pytest
+
+# The README's picture of the dashboard, taken by headless Chromium.
+screenshot: $(STAMP) browser
+	$(PY) examples/dashboard_shot.py docs/img/dashboard.png
 
 bench: $(BENCH_STAMP) wrk
 	$(PY) bench/run.py

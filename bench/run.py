@@ -3,7 +3,8 @@
 Each group runs in a fresh Python process (so memory is measured cleanly and one
 group's garbage does not slow the next); this script passes their JSON lines through,
 adds its own, and ends with a table of measured figures beside the targets of issues
-#2 and #3 and the Erlang/OTP and triotp figures those issues quote.
+#2 and #3 (and of #14's HTTP and dashboard) and the Erlang/OTP and triotp figures
+those issues quote.
 
 The machine is noisy, so the rate benchmarks run interleaved in rounds (every
 benchmark once per round) and report the best round, and ratios are paired within a
@@ -263,6 +264,18 @@ def table(r: dict[str, dict[str, Any]]) -> list[Row]:
         "attack_idle_connections",
         lambda v, rec=rec: f"client {rec.get('client')}, admin {rec.get('admin')}",
         "both", lambda v: v == 2)
+    row("dashboard open, 100k servers: node.call", "dashboard_call_ratio", ratio,
+        ">= 0.95x", lambda v: v >= 0.95)
+    row("  ... worst loop hold by its views", "dashboard_worst_stall_ms",
+        lambda v: f"{v:.1f} ms", "<= 20 ms", lambda v: v <= 20)
+    row("  ... loop time per rebuild", "dashboard_build_ms", lambda v: f"{v:.0f} ms",
+        "(info)", None)
+    row("  ... 1 ms sleeper's worst lateness", "dashboard_probe_stall_ms",
+        lambda v: f"{v:.1f} ms", "(info)", None)
+    row("  ... the same, no page open", "dashboard_probe_stall_closed_ms",
+        lambda v: f"{v:.1f} ms", "(info)", None)
+    row("step statistics on: node.call", "step_stats_call_ratio", ratio, ">= 0.97x",
+        lambda v: v >= 0.97)
     row("step watchdog: node.call on/off", "watchdog_call_ratio", ratio, "(info: ~1.0)",
         None)
     row("  ... node.cast on/off", "watchdog_cast_ratio", ratio, "(info: ~1.0)", None)
@@ -362,6 +375,7 @@ def main() -> None:
     results += run_group("bench_cluster.py")
     results += run_group("bench_http.py")
     results += run_group("bench_attack.py")
+    results += run_group("bench_dashboard.py")
     by = {x["bench"]: x for x in results}
     results.append(emit("sup_total_us_1000000",
                         by["sup_start_us_1000000"]["value"] + by["sup_spec_us_1000000"]["value"],

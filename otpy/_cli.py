@@ -9,8 +9,10 @@
                                     store shows its figures as store.records, ...
     otpy call NAME REQUEST          REQUEST is JSON ('"incr"', '["store", "x", 1]'):
                                     arrays are sent as tuples, {"$bytes": base64} as
-                                    bytes; the reply is printed as JSON by the same rule
-                                    (otpy._protocol.json_rules) as the HTTP endpoint's
+                                    bytes, {"$pid": [...]} as a pid; the reply is printed
+                                    as JSON by the same rule (otpy._protocol.json_rules)
+                                    as the HTTP endpoint's. NAME may be a pid in that
+                                    JSON form, as a reply printed it
     otpy upgrade RELEASE_FILE       the release file and the modules of its code
                                     directory are sent to the node (see below)
     otpy upgrade --node-path PATH   PATH is a release file on the node's host
@@ -52,13 +54,20 @@ from ._client import Client, connect_admin
 from ._cookie import read_cookie
 from ._exceptions import (
     AuthFailed,
+    BadRequest,
     CallTimeout,
     ConnectionLost,
     CookieError,
     RemoteError,
     UpgradeFailed,
 )
-from ._protocol.json_rules import Undecodable, Unencodable, decode_json, encode_json
+from ._protocol.json_rules import (
+    Undecodable,
+    Unencodable,
+    address_of,
+    decode_json,
+    encode_json,
+)
 from ._protocol.release_bundle import encode_bundle
 from ._release_files import read_bundle
 
@@ -138,6 +147,15 @@ def _request(text: str) -> Any:
                     f"NAME '\"{text[:40]}\"'", EX_USAGE) from None
 
 
+def _name(text: str) -> Any:
+    """NAME as the HTTP endpoint reads an address: a name, or a pid in JSON."""
+    try:
+        return address_of(text)
+    except BadRequest as exc:
+        raise _Fail(f"NAME must be a server name or a pid as {{\"$pid\": [node, creation, "
+                    f"name, serial]}}: {exc}", EX_USAGE) from None
+
+
 def _release(args: argparse.Namespace) -> bytes | str:
     """What ``upgrade`` sends: the release as a bundle, or the node-side path."""
     if args.node_path:
@@ -183,6 +201,7 @@ async def _run(args: argparse.Namespace) -> int:
     host, port = _address(args.node)
     # What can be checked on this side is, before any node is contacted.
     request = _request(args.request) if args.command == "call" else None
+    name = _name(args.name) if args.command == "call" else None
     release = _release(args) if args.command == "upgrade" else None
     try:
         cookie = read_cookie()
@@ -207,7 +226,7 @@ async def _run(args: argparse.Namespace) -> int:
                     else:
                         print(f"{key}: {_show(value)}")
             elif cmd == "call":
-                reply = await admin.request("call", args.name, request,
+                reply = await admin.request("call", name, request,
                                             timeout=args.timeout)
                 try:
                     print(encode_json(reply).decode())

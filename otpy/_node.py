@@ -113,6 +113,8 @@ class Node:
         """The bound ``(host, port)`` of the admin endpoint (``admin=``), else None."""
         self.store: Any = None
         """The :class:`otpy.Store` durable servers keep their states in, else None."""
+        self.http_address: tuple[str, int] | None = None
+        """The bound ``(host, port)`` of the HTTP endpoint (``http=``), else None."""
 
     # -- calls and messages ----------------------------------------------------------
 
@@ -189,7 +191,8 @@ class Node:
         For a server: ``mailbox`` (queued messages), ``max_mailbox``, ``refused``
         (messages refused because its mailbox was full, counted per name across
         restarts), ``waiting`` (calls waiting for room in its mailbox), ``restarts``,
-        ``vsn``, ``step_timeout``, ``durable`` and ``status``. For the node: ``servers``,
+        ``vsn``, ``step_timeout``, ``durable``, ``status`` and ``supervisor``. For the
+        node: ``servers``,
         ``supervisors``, ``run_queue``, ``timers``, ``queued`` (messages in all
         mailboxes), ``refused`` (total), ``refused_by_server`` and ``waiting``; with a
         store, ``store``: its figures (``records`` and ``bytes`` written since it

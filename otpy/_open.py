@@ -26,7 +26,8 @@ import trio
 from ._cluster.join import check_cluster_options, default_node_name, open_cluster
 from ._core.supervisor import Supervisor
 from ._node import DEFAULT_NODE_NAME, Node
-from ._serve.limits import EndpointLimits
+from ._serve.http import serve_http
+from ._serve.limits import EndpointLimits, HttpLimits
 from ._serve.rpc import serve_admin, serve_client
 from ._store import FSYNC_MODES, FsyncMode, SqliteStore, Store
 
@@ -107,6 +108,7 @@ async def open_node(
     cluster_name: str = "otpy", cluster_options: Mapping[str, float] | None = None,
     ssl: _ssl.SSLContext | None = None,
     store: str | os.PathLike[str] | Store | None = None, fsync: FsyncMode | None = None,
+    http: tuple[str, int] | None = None, http_limits: HttpLimits | None = None,
 ) -> AsyncIterator[Node]:
     """Start the supervision tree ``root`` on the current trio loop.
 
@@ -140,6 +142,12 @@ async def open_node(
     stays silent for ``cut_after`` seconds is taken as cut off (its monitors get
     ``ServerDown(..., "noconnection")``). See docs/cluster.md.
 
+    ``http=(host, port)`` serves HTTP/1.1 (``node.http_address``): calls and casts in
+    JSON, ``/metrics``, ``/healthz``, ``/readyz`` and the dashboard, for holders of the
+    node's cookie (see docs/http.md); ``http_limits=otpy.HttpLimits(...)`` bounds it.
+    When the body ends, the HTTP endpoint drains first (it stops accepting and lets the
+    requests in progress finish, within ``drain_grace``), then the tree shuts down.
+
     ``store=PATH`` is the directory where durable servers keep their states (an
     :class:`otpy.SqliteStore`, opened before the tree starts and closed after it stops;
     :class:`otpy.StoreError` if it cannot be opened); a tree with a durable child and no
@@ -154,10 +162,15 @@ async def open_node(
         raise TypeError(f"open_node(ssl=...) takes a server-side ssl.SSLContext, got "
                         f"{ssl!r}; e.g. ctx = ssl.create_default_context("
                         f"ssl.Purpose.CLIENT_AUTH); ctx.load_cert_chain(cert, key)")
+    if http_limits is not None and not isinstance(http_limits, HttpLimits):
+        raise TypeError(f"open_node(http_limits=...) takes an otpy.HttpLimits, got "
+                        f"{http_limits!r}; e.g. http_limits=otpy.HttpLimits(max_body=65536)")
     named = node_name is not None or not cluster
     if node_name is None:
         node_name = default_node_name() if cluster else DEFAULT_NODE_NAME
     node = Node(root, node_name=node_name)
+    http_shutdown = trio.Event()
+    http_done: trio.Event | None = None
     sched = node._sched
     opened = await _open_store(node, store, fsync, named)
     try:
@@ -180,6 +193,10 @@ async def open_node(
                         node.admin_address = await system.start(
                             partial(serve_admin, node._rt, node._install, admin,
                                     limits=limits, ssl_context=ssl))
+                    if http is not None:
+                        http_done = trio.Event()
+                        node.http_address = await system.start(
+                            _serve_http, node, http, http_limits, http_shutdown, http_done)
                     with trio.CancelScope() as body:
                         node._body = body
                         if sched.fatal is not None:
@@ -187,6 +204,8 @@ async def open_node(
                         yield node
                 finally:
                     node._body = None
+                    if http_done is not None:
+                        await _drain(http_shutdown, http_done, http_limits or HttpLimits())
                     node._shutdown_tree()
             system.cancel_scope.cancel()
     except BaseException as exc:
@@ -229,13 +248,33 @@ def _cluster(node: Node, root: Supervisor, cluster: str | bool | None,
     return joined()
 
 
+async def _serve_http(node: Node, address: tuple[str, int], limits: HttpLimits | None,
+                      shutdown: trio.Event, done: trio.Event,
+                      task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    try:
+        await serve_http(node._rt, address, limits=limits, shutdown=shutdown,
+                         install=node._install, task_status=task_status)
+    finally:
+        done.set()
+
+
+async def _drain(shutdown: trio.Event, done: trio.Event, limits: HttpLimits) -> None:
+    """Stop the HTTP endpoint and let its requests in progress finish (bounded by its
+    drain_grace), before the tree they call shuts down; shielded, so that it runs
+    also when the body was cancelled."""
+    shutdown.set()
+    with trio.CancelScope(shield=True) as scope:
+        scope.deadline = trio.current_time() + limits.drain_grace + 1.0
+        await done.wait()
+
+
 def run(
     root: Supervisor, main: Callable[[Node], Awaitable[T]] | None = None, **options: Any,
 ) -> T | None:
     """Run a node from synchronous code: start ``root``, run ``await main(node)`` (or
     serve until stopped when ``main`` is None), shut down, return main's result.
     ``options`` are the keyword options of :func:`open_node` (``listen``, ``admin``,
-    ``limits``, ``node_name``, ``store``, ``fsync``, ...).
+    ``limits``, ``node_name``, ``http``, ``store``, ``fsync``, ...).
 
     Stopping
         SIGTERM (what docker, systemd and Kubernetes send) and SIGINT (Ctrl-C) stop the
@@ -252,13 +291,21 @@ def run(
         if threading.current_thread() is not threading.main_thread():
             return await _serve(root, main, options, trio.CancelScope())
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as watcher:
-                body = trio.CancelScope()
-                watcher.start_soon(_stop_on_signal, signals, body)
-                try:
-                    return await _serve(root, main, options, body)
-                finally:
-                    watcher.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as watcher:
+                    body = trio.CancelScope()
+                    watcher.start_soon(_stop_on_signal, signals, body)
+                    try:
+                        return await _serve(root, main, options, body)
+                    finally:
+                        watcher.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # What main or the node raised reaches run's caller bare, as without
+                # the signal watcher beside it.
+                bare = _unwrap(group)
+                if bare is group:
+                    raise
+                raise bare from bare.__cause__
 
     return trio.run(_amain)
 

@@ -210,6 +210,23 @@ def test_cli_call_sends_json_by_the_shared_rule(node_port: int,
     assert '["tuple",["x",[1],{"$bytes":"aGk="}],"tuple","bytes"]' == out.strip()
 
 
+def test_cli_call_takes_and_prints_pids_in_their_json_form(
+        node_port: int, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pid in REQUEST is ``{"$pid": [...]}`` and prints back so; NAME may be a pid in
+    that form too (here one of another run of the node, which names nothing)."""
+    pid = '{"$pid":["nonode",1,"c0",1]}'
+    code, out, err = otpy_cmd("call", "echo", f'["x", {pid}, 2]', "--node",
+                              f"127.0.0.1:{node_port}", capsys=capsys,
+                              monkeypatch=monkeypatch)
+    assert (0, "") == (code, err)
+    assert f'["tuple",["x",{pid},2],"Pid","int"]' == out.strip()
+    code, out, err = otpy_cmd("call", pid, '"count"', "--node", f"127.0.0.1:{node_port}",
+                              capsys=capsys, monkeypatch=monkeypatch)
+    assert (1, "") == (code, out)
+    assert "NoSuchServer" in err and "earlier run" in err
+
+
 def test_console_script_is_installed(node_port: int) -> None:
     """The ``otpy`` console script runs the same program (checked end to end once)."""
     script = Path(sys.executable).parent / "otpy"

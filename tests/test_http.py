@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import functools
 import json
+import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httptools
 import msgpack
 import pytest
 import trio
 import trio.testing
+from _http import Client, Reply, call, connect, healthy, raw
 
 import otpy
 from otpy._protocol.http1 import Request, Response
+from otpy._protocol.json_rules import pid_json as encode_pid
 from otpy._serve.http import HttpLimits, HttpStats, NodeRouter, serve_http, serve_router
 
 COOKIE = b"test-http-cookie"
@@ -112,102 +114,6 @@ async def http_node(limits: HttpLimits | None = None,
         nursery.cancel_scope.cancel()
 
 
-class Reply:
-    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    def __repr__(self) -> str:
-        return f"Reply({self.status}, {self.body[:80]!r})"
-
-
-class Client:
-    """A raw HTTP/1.1 client over one connection: send bytes, read whole responses."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.parser = httptools.HttpResponseParser(self)
-        self.done: list[Reply] = []
-        self.headers: dict[str, str] = {}
-        self.body = bytearray()
-        self.closed = False
-
-    # httptools' callbacks
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode().lower()] = value.decode()
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-
-    def on_message_complete(self) -> None:
-        self.done.append(Reply(self.parser.get_status_code(), self.headers,
-                               bytes(self.body)))
-        self.headers, self.body = {}, bytearray()
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def read(self, n: int = 1) -> list[Reply]:
-        """The next ``n`` responses (fewer if the server closes first)."""
-        while len(self.done) < n and not self.closed:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                self.closed = True
-                break
-            self.parser.feed_data(data)
-        out, self.done = self.done[:n], self.done[n:]
-        return out
-
-    async def eof(self) -> bool:
-        """Whether the server closes the connection (reading and dropping the rest)."""
-        while not self.closed:
-            try:
-                data = await self.stream.receive_some(65536)
-            except trio.BrokenResourceError:  # a reset is a close too
-                data = b""
-            if not data:
-                self.closed = True
-        return True
-
-    async def request(self, method: str, path: str, body: bytes = b"",
-                      headers: tuple[tuple[str, str], ...] = ()) -> Reply:
-        await self.send(raw(method, path, body, headers))
-        [reply] = await self.read(1)
-        return reply
-
-
-def raw(method: str, path: str, body: bytes = b"",
-        headers: tuple[tuple[str, str], ...] = ()) -> bytes:
-    head = f"{method} {path} HTTP/1.1\r\nHost: test\r\n"
-    if body or method == "POST":
-        head += f"Content-Length: {len(body)}\r\n"
-    head += "".join(f"{k}: {v}\r\n" for k, v in headers)
-    return head.encode() + b"\r\n" + body
-
-
-@asynccontextmanager
-async def connect(port: int) -> AsyncIterator[Client]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        yield Client(stream)
-
-
-async def call(port: int, name: str, body: bytes, query: str = "",
-               headers: tuple[tuple[str, str], ...] = ()) -> Reply:
-    async with connect(port) as client:
-        return await client.request("POST", f"/call/{name}{query}", body, headers)
-
-
-async def healthy(port: int) -> bool:
-    """Another client is still served."""
-    async with connect(port) as client:
-        return 200 == (await client.request("GET", "/healthz")).status
-
-
 # -- calls and casts ---------------------------------------------------------------------
 
 
@@ -271,6 +177,34 @@ async def test_a_reply_json_cannot_carry_is_a_500_naming_its_type(
         assert 200 == (await client.request("POST", "/call/echo", b"1")).status
     assert ["http_reply_unencodable"] == [e["event"] for e in logs
                                           if e["event"].startswith("http_reply")]
+
+
+async def test_a_pid_in_its_json_form_addresses_a_call_and_a_reply_carries_one() -> None:
+    """A reply's pid is ``{"$pid": [...]}``; that same JSON, percent-encoded in the
+    path, calls that incarnation; once it has restarted, the pid is 404 saying which
+    pid holds the name now, and a cast to it is dropped (202), as in Erlang."""
+    async with http_node() as (node, port):
+        pid = node.whereis("echo")
+        assert pid is not None
+        path = urllib.parse.quote(json.dumps(encode_pid(pid)), safe="")
+        before = await call(port, path, b'"x"')
+        echoed = (await call(port, "echo", json.dumps(encode_pid(pid)).encode())).json()
+        await call(port, "echo", b'"crash"')  # a new incarnation, a new pid
+        after = await call(port, path, b'"x"')
+        async with connect(port) as client:
+            cast = await client.request("POST", f"/cast/{path}", b"1")
+    assert (200, ["str", "x"]) == (before.status, before.json())
+    assert ["Pid", encode_pid(pid)] == echoed
+    assert (404, "NoSuchServer") == (after.status, after.json()["error"])
+    assert "is now <echo." in after.json()["message"]
+    assert 202 == cast.status
+
+
+async def test_an_address_in_json_that_is_not_a_pid_is_400() -> None:
+    """``/call/{"name": ...}``: a JSON address must be a pid object."""
+    async with http_node() as (_, port):
+        reply = await call(port, urllib.parse.quote('{"name":"echo"}', safe=""), b"1")
+    assert (400, "BadJson") == (reply.status, reply.json()["error"])
 
 
 # -- errors as statuses ------------------------------------------------------------------
@@ -873,3 +807,70 @@ async def test_readyz_is_503_while_a_release_installs_or_the_endpoint_drains() -
         assert (200, "") == ready(router)
         stats.draining = True
         assert (503, "Draining") == ready(router)
+
+
+# -- open_node(http=...) -----------------------------------------------------------------
+
+
+async def test_open_node_serves_http_at_its_http_address(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``open_node(root, http=(host, 0))`` binds a free port, ``node.http_address``
+    says which; the dashboard's cookie is the node's ($OTPY_COOKIE)."""
+    monkeypatch.setenv("OTPY_COOKIE", "node-cookie")
+    async with otpy.open_node(tree(), http=("127.0.0.1", 0)) as node:
+        assert node.http_address is not None
+        host, port = node.http_address
+        reply = await call(port, "echo", b'["add", 1]')
+        async with connect(port) as client:
+            login = await client.request("POST", "/login", b"cookie=node-cookie")
+    assert ("127.0.0.1", 200, 303) == (host, reply.status, login.status)
+    assert port > 0
+
+
+async def test_open_node_drains_http_before_the_tree_shuts_down(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A call in progress when the body ends is answered by the still-running tree:
+    the endpoint stops accepting, finishes it, then the tree stops."""
+
+    class Slow(otpy.GenServer[None]):
+        def init(self, arg: Any) -> None:
+            return None
+
+        def handle_call(self, request: Any, caller: otpy.Caller, state: None) -> Any:
+            self.send_after(2.0, "slow", caller)
+            return otpy.NoReply(state)
+
+        def handle_info(self, caller: Any, state: None) -> None:
+            caller.reply("late")
+
+    replies: list[Reply] = []
+
+    async def client(port: int, task_status: Any) -> None:
+        async with connect(port) as conn:
+            await conn.send(raw("POST", "/call/slow", b"1"))
+            task_status.started()
+            replies.extend(await conn.read(1))
+
+    async with trio.open_nursery() as nursery:
+        async with otpy.open_node(otpy.Supervisor([otpy.Child("slow", Slow)]),
+                                  http=("127.0.0.1", 0)) as node:
+            assert node.http_address is not None
+            await nursery.start(client, node.http_address[1])
+            await trio.sleep(0.5)
+        # the body ended at 0.5 s; the node waited for the call (answered at 2 s)
+        ended = trio.current_time()
+    assert [(200, "late")] == [(r.status, r.json()) for r in replies]
+    assert ended >= 2.0
+
+
+def test_run_forwards_http_options() -> None:
+    """``otpy.run(root, main, http=...)`` serves HTTP too; a wrong http_limits is a
+    TypeError that says what to pass."""
+
+    async def main(node: otpy.Node) -> int:
+        assert node.http_address is not None
+        return (await call(node.http_address[1], "echo", b"7")).status
+
+    assert 200 == otpy.run(tree(), main, http=("127.0.0.1", 0))
+    with pytest.raises(TypeError, match=r"otpy\.HttpLimits"):
+        otpy.run(tree(), main, http=("127.0.0.1", 0), http_limits={"max_body": 1})

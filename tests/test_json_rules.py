@@ -12,9 +12,11 @@ import msgpack
 import pydantic
 import pytest
 
+import otpy
 from otpy._protocol.json_rules import (
     Undecodable,
     Unencodable,
+    address_of,
     decode_json,
     decode_msgpack,
     encode_json,
@@ -195,3 +197,40 @@ def test_msgpack_reply_of_an_unencodable_value_is_a_clear_error() -> None:
         encode_msgpack({"x": object()})
     assert "MessagePack" in str(info.value)
     assert msgpack.packb([1]) == encode_msgpack((1,))
+
+
+# -- pids ----------------------------------------------------------------------------------
+
+PID = otpy.Pid("a", 7, "counter", 3)
+
+
+def test_a_pid_round_trips_through_json_as_a_pid_object() -> None:
+    """A reply's pid is ``{"$pid": [node, creation, name, serial]}``, and that object in
+    a request is the same pid again (creation included, so it names one incarnation)."""
+    text = encode_json(("monitoring", PID))
+    assert b'["monitoring",{"$pid":["a",7,"counter",3]}]' == text
+    assert ("monitoring", PID) == decode_json(text)
+
+
+def test_a_pid_round_trips_through_msgpack_bodies_as_the_wire_does() -> None:
+    """A msgpack body carries a pid as the MessagePack-RPC endpoint does (extension 1)."""
+    assert [PID] == list(decode_msgpack(encode_msgpack((PID,))))
+
+
+@pytest.mark.parametrize("text", ['{"$pid": ["a", 7, "counter"]}', '{"$pid": "<c.1@a>"}',
+                                  '{"$pid": ["a", "7", "counter", 3]}'])
+def test_a_malformed_pid_object_is_bad_json_saying_what_a_pid_is(text: str) -> None:
+    """A ``$pid`` object that is not [str, int, str, int] is refused, not passed on."""
+    with pytest.raises(Undecodable) as info:
+        decode_json(text)
+    assert ("BadJson", True) == (info.value.kind, "[node, creation, name, serial]" in
+                                 str(info.value))
+
+
+def test_an_address_is_a_name_or_a_pid_in_its_json_form() -> None:
+    """One rule for addresses (the HTTP path and ``otpy call NAME``): text is a name (or
+    name@node) as it is; a JSON pid object is that pid; other JSON is refused."""
+    assert ("kv", "kv@b", PID) == (address_of("kv"), address_of("kv@b"),
+                                   address_of(encode_json(PID).decode()))
+    with pytest.raises(Undecodable):
+        address_of('{"name": "kv"}')

@@ -105,3 +105,20 @@ def test_a_second_signal_forces_the_exit(tmp_path: Path) -> None:
     assert time.monotonic() - started < 5
     assert "node_forced_exit" in out
     assert "Traceback" not in err
+
+
+def test_run_raises_what_main_raises_bare() -> None:
+    """The signal watcher that runs beside the node does not wrap main's exception in
+    an ExceptionGroup: ``run`` raises it as ``main`` did (in the main thread, where the
+    watcher runs)."""
+    import otpy
+
+    class Idle(otpy.GenServer[int]):
+        def init(self, arg: object) -> int:
+            return 0
+
+    async def main(node: otpy.Node) -> None:
+        raise LookupError("from main")
+
+    with pytest.raises(LookupError, match="from main"):
+        otpy.run(otpy.Supervisor([otpy.Child("idle", Idle)]), main)

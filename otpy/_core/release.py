@@ -187,13 +187,21 @@ class Migration:
     roll back as a whole."""
 
     def __init__(self, handler: ReleaseHandler, moves: list[_Move], release: Release,
-                 downgrade: bool) -> None:
+                 downgrade: bool, started: float | None = None) -> None:
         self.handler = handler
         self.sched = handler.sched
         self.moves = moves
         self.release = release
         self.downgrade = downgrade
         self._next = 0
+        # When its planning began (the node's clock): its events report how long the
+        # release took, planning included.
+        self.started = handler.sched.clock() if started is None else started
+
+    @property
+    def migrated(self) -> int:
+        """Servers migrated so far (of ``len(moves)``)."""
+        return self._next
 
     def watch(self) -> None:
         """Watch the servers: a step from now on marks its server for re-migration."""
@@ -285,7 +293,8 @@ class Migration:
         if failures:
             self.abort()
             self.sched.log.error("upgrade_rolled_back", release=self.release.vsn,
-                                 downgrade=self.downgrade, failures=failures)
+                                 downgrade=self.downgrade, failures=failures,
+                                 seconds=self.sched.clock() - self.started)
             shown = "; ".join(f"{k!r}: {v}" for k, v in list(failures.items())[:5])
             more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
             raise UpgradeFailed(
@@ -312,7 +321,8 @@ class Migration:
                 self.sched.room_for(waiter)
         self.handler.committed(self)
         self.sched.log.info("upgrade_committed", release=self.release.vsn,
-                            downgrade=self.downgrade, servers=len(self.moves))
+                            downgrade=self.downgrade, servers=len(self.moves),
+                            seconds=self.sched.clock() - self.started)
         return {"release": self.release.vsn, "downgrade": self.downgrade,
                 "servers": [m.name for m in self.moves]}
 
@@ -373,6 +383,7 @@ class Planner:
         self._items = items
         self.moves: list[_Move] = []
         self.failures: dict[str, str] = {}
+        self.started = handler.sched.clock()
 
     def plan(self, budget: int) -> bool:
         """Check up to ``budget`` more servers; True when all are checked."""
@@ -398,7 +409,8 @@ class Planner:
             what = (f"downgrade from release {self.release.vsn!r}" if self.downgrade
                     else f"release {self.release.vsn!r}")
             raise UpgradeFailed(f"{what} refused, nothing changed: {shown}", failures)
-        migration = Migration(self.handler, self.moves, self.release, self.downgrade)
+        migration = Migration(self.handler, self.moves, self.release, self.downgrade,
+                              self.started)
         self.handler.active = migration
         return migration
 

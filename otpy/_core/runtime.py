@@ -15,13 +15,15 @@ dicts, strings), so that every transport can encode them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import heapq
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import BadRequest, SupervisorError
 from .durable import Durability
-from .release import Planner, Release, ReleaseHandler, ReleaseInfo
-from .scheduler import CAST, INFO, Scheduler
+from .release import Migration, Planner, Release, ReleaseHandler, ReleaseInfo
+from .scheduler import CAST, COUNTED, DEAD, INFO, SUSPENDED, Scheduler
 from .server import GenServer
 from .supervisor import Child, ChildInfo, Supervisor, SupervisorRuntime, check_unique_names
 
@@ -117,6 +119,59 @@ class Runtime:
             stats["cluster"] = self.cluster_info()
         return stats
 
+    def survey(self, chunk: int = 5000, top: int = 50) -> Iterator[Survey]:
+        """Look at every running server, ``chunk`` at a time: a generator that yields
+        the same :class:`Survey` after each chunk, complete after the last, so that an
+        edge can let its loop run between chunks (a node of 100k servers is never
+        stalled by it). Servers that stop meanwhile are left out; ones started meanwhile
+        are not seen."""
+        procs = list(self.sched.procs.values())
+        survey = Survey(top)
+        for i in range(0, len(procs), chunk):
+            survey.add(procs[i:i + chunk])
+            yield survey
+        survey.finish()
+        yield survey
+
+    def count_steps(self, names: Iterable[str], cap: int = 64
+                    ) -> Callable[[], dict[str, tuple[int, float]]]:
+        """Count the steps of the servers ``names`` run now, from now until the
+        returned function is called, which returns for each server counted its steps
+        and the seconds they were counted in. Meanwhile their steps take the general
+        path (a little slower), so a server stops being counted after ``cap`` steps:
+        counting costs at most ``cap`` slower steps per server, however busy it is.
+        One count at a time (RuntimeError otherwise)."""
+        sched = self.sched
+        if sched.on_step is not None:
+            raise RuntimeError("steps are being counted already; one count at a time")
+        clock = sched.clock
+        counts: dict[str, int] = {}
+        capped: dict[str, float] = {}  # name -> when it reached the cap
+        procs = [p for p in map(sched.procs.get, names) if p is not None]
+
+        def stepped(proc: GenServer[Any]) -> None:
+            name = proc._otpy_name
+            n = counts[name] = counts.get(name, 0) + 1
+            if n >= cap:
+                proc._otpy_flags &= ~COUNTED
+                capped[name] = clock()
+
+        for proc in procs:
+            proc._otpy_flags |= COUNTED
+        sched.on_step = stepped
+        begin = clock()
+
+        def stop() -> dict[str, tuple[int, float]]:
+            end = clock()
+            for proc in procs:
+                proc._otpy_flags &= ~COUNTED
+            if sched.on_step is stepped:
+                sched.on_step = None
+            return {p._otpy_name: (counts.get(p._otpy_name, 0),
+                                   capped.get(p._otpy_name, end) - begin) for p in procs}
+
+        return stop
+
     # -- supervisors -----------------------------------------------------------------
 
     def supervisor(self, sup: str) -> SupervisorRuntime:
@@ -156,6 +211,20 @@ class Runtime:
         """Whether a release is being planned or migrated now."""
         return self.release_handler.active is not None
 
+    def install_progress(self) -> dict[str, Any] | None:
+        """The release being installed now (None if none): its ``release`` vsn,
+        ``downgrade``, ``phase`` ("planning" or "migrating"), servers ``done`` so far of
+        ``total`` (None while planning), and ``started`` (the node's clock)."""
+        active = self.release_handler.active
+        if active is None:
+            return None
+        if isinstance(active, Migration):
+            phase, done, total = "migrating", active.migrated, len(active.moves)
+        else:
+            phase, done, total = "planning", len(active.moves) + len(active.failures), None
+        return {"release": active.release.vsn, "downgrade": active.downgrade,
+                "phase": phase, "done": done, "total": total, "started": active.started}
+
     # -- the admin table -------------------------------------------------------------
 
     def admin(self, method: str, params: tuple[Any, ...]) -> Any:
@@ -168,6 +237,56 @@ class Runtime:
             raise BadRequest(f"no admin method {method!r}; the admin methods are "
                              f"{sorted(ADMIN_OPS)}")
         return op(self, params)
+
+
+class Survey:
+    """What :meth:`Runtime.survey` saw of the running servers: ``servers`` seen,
+    ``queued`` messages in all mailboxes, the ``top`` longest mailboxes as ``(length,
+    name)`` (longest first once finished), ``suspended`` servers (count, and the first
+    ``top`` names), and ``running`` servers by supervisor name."""
+
+    __slots__ = ("busiest", "queued", "running", "servers", "suspended", "suspended_names",
+                 "top")
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self.servers = 0
+        self.queued = 0
+        self.busiest: list[tuple[int, str]] = []
+        self.suspended = 0
+        self.suspended_names: list[str] = []
+        self.running: dict[str, int] = {}
+
+    def add(self, procs: Sequence[GenServer[Any]]) -> None:
+        sups: list[SupervisorRuntime] = []
+        keep = sups.append
+        busiest = self.busiest
+        dead = queued = 0
+        for proc in procs:
+            flags = proc._otpy_flags
+            if flags:
+                if flags & DEAD:
+                    dead += 1
+                    continue
+                if flags & SUSPENDED:
+                    self.suspended += 1
+                    if len(self.suspended_names) < self.top:
+                        self.suspended_names.append(proc._otpy_name)
+            keep(proc._otpy_sup)
+            mb = proc._otpy_mbox
+            if mb:
+                queued += len(mb)
+                busiest.append((len(mb), proc._otpy_name))
+        running = self.running
+        for sup, n in Counter(sups).items():
+            running[sup.name] = running.get(sup.name, 0) + n
+        self.servers += len(procs) - dead
+        self.queued += queued
+        if len(busiest) > 4 * self.top:
+            self.busiest = heapq.nlargest(self.top, busiest)
+
+    def finish(self) -> None:
+        self.busiest = heapq.nlargest(self.top, self.busiest)
 
 
 # -- the admin operations ----------------------------------------------------------------

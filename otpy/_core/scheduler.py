@@ -85,8 +85,9 @@ DEAD = DEAD_FLAG  # terminated; a new incarnation (if any) holds the name
 SCHEDULED = 16  # in the run queue
 TOUCHED = 32  # stepped since its migration was computed: migrate again at commit
 OBSERVED = OBSERVED_FLAG  # its commits are observed (on_commit): the general path
+COUNTED = 128  # its steps are counted (on_step), for a while: they take the general path
 NOT_STEPPABLE = BUSY | SUSPENDED | DEAD
-NOT_IDLE = ~OBSERVED
+NOT_IDLE = ~(OBSERVED | COUNTED)
 
 # How many of one server's messages the dispatcher serves before moving to the next.
 PER_SERVER_TURN = 64
@@ -250,6 +251,10 @@ class Scheduler:
             [list[tuple[GenServer[Any], type[GenServer[Any]], Any]]], None] | None = None
         # The durable servers' glue to the node's store (otpy._core.durable), if any.
         self.durable: Durability | None = None
+        # Called after each step of a COUNTED server (see _settle): an observer that
+        # wants step counts flags a few servers for a moment, so that counting costs
+        # the steps of every other server nothing.
+        self.on_step: Callable[[GenServer[Any]], None] | None = None
         self.stopping = False
         # The code the installed releases run, for every start of a child (a restart, a
         # subtree's restart, restart_child, start_child): by name, for a child whose
@@ -564,6 +569,8 @@ class Scheduler:
                 result: Any) -> None:
         """Act on a callback's result: commit the state, answer the caller, stop, crash
         on a wrong value, run a continuation."""
+        if proc._otpy_flags & COUNTED and self.on_step is not None:
+            self.on_step(proc)
         if proc._otpy_flags & DEAD:
             # A sibling's restart terminated this server while it was stepping (it
             # called the sibling inline): its result belongs to a dead incarnation.
@@ -1379,6 +1386,7 @@ class Scheduler:
                 "waiting": len(self.waiting.get(name, ())), "restarts": proc._otpy_restarts,
                 "vsn": type(proc).vsn, "step_timeout": budget_of(proc),
                 "durable": bool(flags & OBSERVED) and self.durable is not None,
+                "supervisor": proc._otpy_sup.name,
                 "status": ("suspended" if flags & SUSPENDED else
                            "running" if flags & BUSY else "idle"),
             }

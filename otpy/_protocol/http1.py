@@ -29,7 +29,7 @@ bad chunk sizes, bare LF, ...): those are :class:`Refusal` 400. No I/O here.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple
 
 import httptools
@@ -376,6 +376,25 @@ class Response:
         return f"Response({self.status}, {self.body[:60]!r})"
 
 
+class Stream(Response):
+    """A response whose body is sent as it is made (server-sent events): after the
+    head, ``run(send)`` awaits ``send(piece)`` for each piece, until it returns. It has
+    no ``Content-Length``: its end is the connection's close, so it is always the last
+    response of its connection."""
+
+    __slots__ = ("abandon", "run")
+
+    def __init__(self, status: int, content_type: str,
+                 run: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]],
+                 headers: Sequence[tuple[str, str]] = (),
+                 abandon: Callable[[], None] | None = None) -> None:
+        super().__init__(status, b"", content_type, headers)
+        self.run = run
+        # Called instead of run when the stream never starts (a HEAD request, a client
+        # gone before the head was sent): what the route reserved for it is freed.
+        self.abandon = abandon
+
+
 _CONTENT_TYPES: dict[str, bytes] = {}
 
 
@@ -397,7 +416,10 @@ def encode(response: Response, *, head: bool = False, close: bool = False,
             if len(_CONTENT_TYPES) < 64:
                 _CONTENT_TYPES[ctype] = header
         parts.append(header)
-    parts.append(b"content-length: %d\r\n" % len(body))
+    if type(response) is Stream:
+        close = True
+    else:
+        parts.append(b"content-length: %d\r\n" % len(body))
     for name, value in response.headers:
         _check(name)
         _check(value)

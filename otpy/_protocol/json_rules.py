@@ -5,10 +5,16 @@ comes over MessagePack-RPC, whose arrays decode as tuples::
 
     decode_json(b'["store", "x", [1, 2]]') == ("store", "x", (1, 2))
 
-Requests (JSON -> Python): arrays become tuples, objects dicts, and an object whose only
-key is ``"$bytes"`` with a base64 string becomes ``bytes`` (so bytes round-trip). Only
-strict JSON is read: ``NaN`` and ``Infinity`` are refused, as are integers longer than
-Python's 4300-digit limit.
+Requests (JSON -> Python): arrays become tuples, objects dicts, an object whose only
+key is ``"$bytes"`` with a base64 string becomes ``bytes``, and one whose only key is
+``"$pid"`` with ``[node, creation, name, serial]`` becomes that :class:`otpy.Pid` (so
+bytes and pids round-trip). Only strict JSON is read: ``NaN`` and ``Infinity`` are
+refused, as are integers longer than Python's 4300-digit limit.
+
+Addresses (:func:`address_of`): a server is named by its name, ``"name@node"``, or a
+pid in that same JSON form (``{"$pid": [...]}``): the printed form ``<name.7@node>``
+lacks the node's creation, so it could name an incarnation of an earlier run; the JSON
+form names exactly one.
 
 Replies (Python -> JSON), the values JSON cannot carry:
 
@@ -20,6 +26,7 @@ dict                        object (int, float, bool and None keys become
                             strings, as Python's json does; other keys are
                             refused)
 bytes, bytearray            ``{"$bytes": "<base64>"}``
+otpy.Pid                    ``{"$pid": [node, creation, name, serial]}``
 set, frozenset              array, sorted (by value, else by repr when the
                             elements do not compare)
 a dataclass instance        object of its fields (not recursive copies:
@@ -31,8 +38,8 @@ anything else               refused: :class:`Unencodable` names the type
 ==========================  ===============================================
 
 MessagePack bodies (``application/msgpack`` on the HTTP endpoint) decode as the
-MessagePack-RPC endpoint decodes them (arrays as tuples) and replies encode as it
-encodes them.
+MessagePack-RPC endpoint decodes them (arrays as tuples, a pid as extension type 1) and
+replies encode as it encodes them.
 
 What must stay true, as for ``msgpack_rpc.Decoder``: decoding is bounded by what it
 counts, not only by bytes. A body nests at most ``max_depth`` arrays/objects (the body
@@ -58,11 +65,14 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
+from .._core.names import Pid
 from .._exceptions import BadRequest, OtpyError
+from .msgpack_rpc import decode_ext, encode_ext
 
 DEFAULT_MAX_DEPTH = 32
 DEFAULT_MAX_OBJECTS = 65536
 BYTES_KEY = "$bytes"
+PID_KEY = "$pid"
 
 JSON_CONTENT_TYPE = "application/json"
 MSGPACK_CONTENT_TYPE = "application/msgpack"
@@ -167,8 +177,11 @@ class _Walk:
         self.count += 2 * len(obj)
         if self.count > self.max_objects:
             raise _too_many(self.max_objects)
-        if len(obj) == 1 and BYTES_KEY in obj:
-            return _bytes_of(obj[BYTES_KEY])
+        if len(obj) == 1:
+            if BYTES_KEY in obj:
+                return _bytes_of(obj[BYTES_KEY])
+            if PID_KEY in obj:
+                return _pid_of(obj[PID_KEY])
         return {k: walk(v, depth + 1) if type(v) is list or type(v) is dict else v
                 for k, v in obj.items()}
 
@@ -188,6 +201,39 @@ def _bytes_of(text: Any) -> bytes:
     except (binascii.Error, ValueError) as exc:
         raise Undecodable("BadJson", f"{{\"{BYTES_KEY}\": ...}} is not valid base64 "
                           f"({exc})") from None
+
+
+def _pid_of(fields: Any) -> Pid:
+    if (type(fields) is list and len(fields) == 4 and type(fields[0]) is str
+            and type(fields[1]) is int and type(fields[2]) is str
+            and type(fields[3]) is int and fields[0] and fields[2]):
+        return Pid(*fields)
+    raise Undecodable("BadJson", f"{{\"{PID_KEY}\": ...}} takes [node, creation, name, "
+                      f"serial] (a string, an int, a string, an int), as replies encode "
+                      f"a pid; got {_short(fields)}")
+
+
+def pid_json(pid: Pid) -> dict[str, list[Any]]:
+    """``pid`` in the JSON form :func:`decode_json` reads back."""
+    return {PID_KEY: [pid.node, pid.creation, pid.name, pid.serial]}
+
+
+def address_of(text: str) -> str | Pid:
+    """The server address ``text`` names, as a path segment or a command's argument:
+    a pid in its JSON form (``{"$pid": [node, creation, name, serial]}``, the form a
+    JSON reply gives it), else a name or ``"name@node"`` as it is. Raises
+    :class:`Undecodable` for a ``{`` that is not such a pid, and BadRequest for an
+    empty name."""
+    if text.startswith("{"):
+        value = decode_json(text, max_depth=2, max_objects=16)
+        if type(value) is not Pid:
+            raise Undecodable("BadJson", f"an address in JSON is a pid, {{\"{PID_KEY}\": "
+                              f"[node, creation, name, serial]}}; got {_short(text)}")
+        return value
+    if not text:
+        raise BadRequest("no server name: name a server, or give a pid as "
+                         f"{{\"{PID_KEY}\": [node, creation, name, serial]}}")
+    return text
 
 
 def decode_msgpack(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH,
@@ -214,7 +260,8 @@ def decode_msgpack(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH,
         value = msgpack.unpackb(
             data, use_list=False, raw=False, strict_map_key=False, list_hook=arrays,
             object_pairs_hook=maps, max_array_len=max_objects, max_map_len=max_objects,
-            max_str_len=len(data), max_bin_len=len(data), max_ext_len=len(data))
+            max_str_len=len(data), max_bin_len=len(data), max_ext_len=len(data),
+            ext_hook=decode_ext)
     except Undecodable:
         raise
     except msgpack.StackError:
@@ -259,6 +306,8 @@ def _default(obj: Any) -> Any:
     """What JSON cannot carry, in terms it can (see the module's table)."""
     if isinstance(obj, bytes | bytearray | memoryview):
         return {BYTES_KEY: base64.b64encode(obj).decode("ascii")}
+    if type(obj) is Pid:
+        return pid_json(obj)
     if isinstance(obj, set | frozenset):
         return _sorted(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -269,7 +318,7 @@ def _default(obj: Any) -> Any:
     raise Unencodable(
         f"a value of type {type(obj).__module__}.{type(obj).__qualname__} cannot be "
         f"encoded as JSON: {_short(obj)}; reply with None, bool, int, float, str, "
-        f"lists/tuples, dicts, bytes, sets, dataclasses or pydantic models, or convert "
+        f"lists/tuples, dicts, bytes, sets, pids, dataclasses or pydantic models, or convert "
         f"it (e.g. to a dict or str) in handle_call")
 
 
@@ -298,7 +347,7 @@ def encode_json(value: Any) -> bytes:
         raise Unencodable("the reply nests too deeply to be encoded as JSON") from None
 
 
-_packer = msgpack.Packer(use_bin_type=True, datetime=False)
+_packer = msgpack.Packer(use_bin_type=True, datetime=False, default=encode_ext)
 
 
 def encode_msgpack(value: Any) -> bytes:

@@ -12,9 +12,11 @@ Routes (``NodeRouter``)::
                          while the endpoint drains
     GET  /metrics        Prometheus' text format (prometheus-client)
     GET  /               the dashboard, for holders of the node's cookie; else a login
-    POST /login          form field ``cookie``: sets an HttpOnly, SameSite=Strict session
-    POST /logout
+    POST /login, /logout, GET /events, /api/...: the dashboard's (``_serve.dashboard``)
     GET  /static/{file}  the vendored assets in ``otpy/_serve/static``
+
+``{name}`` is a server's name (percent-decoded), ``name@node``, or a pid in the JSON form
+a reply gives it, ``{"$pid": [node, creation, name, serial]}`` (``json_rules``).
 
 The body is JSON unless its Content-Type says msgpack (so curl's default form type is
 read as JSON: ``curl -d '["add", 1]' HOST:PORT/call/counter`` works); JSON follows the
@@ -36,21 +38,18 @@ a call to an idle server is answered within its own step, with no task and no wa
 call that has to wait parks the connection's own task (responses stay in request
 order), and the core's timer gives up on it after its timeout.
 
-The login: ``POST /login`` with the node's cookie makes a session (a random token in an
-HttpOnly, SameSite=Strict cookie, 8 hours, at most 64 at once); a form posted with an
-``Origin`` other than the node's own is refused (403). Pages carry a strict
-Content-Security-Policy: no inline script, nothing from elsewhere.
+The dashboard, its login, its live stream and its actions are ``_serve.dashboard``'s;
+what it shows, and what ``/metrics`` counts beyond the scheduler's own counters, is
+gathered by ``_serve.views.NodeViews``, which ``serve_http`` runs beside the server.
 """
 
 from __future__ import annotations
 
-import hmac
-import html
+import heapq
 import math
-import os
-import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterable
-from importlib import resources
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
@@ -59,6 +58,7 @@ import structlog
 import trio
 
 from .._cookie import read_cookie
+from .._core.names import Pid
 from .._core.server import WAITING, Caller
 from .._exceptions import (
     BadRequest,
@@ -69,6 +69,8 @@ from .._exceptions import (
     ServerCrashed,
     ServerStopped,
     StepTimeout,
+    SupervisorError,
+    UpgradeFailed,
     WouldBlock,
 )
 from .._protocol.http1 import Request, Response
@@ -77,55 +79,57 @@ from .._protocol.json_rules import (
     MSGPACK_CONTENT_TYPE,
     Undecodable,
     Unencodable,
+    address_of,
     decode_json,
     decode_msgpack,
     encode_json,
     encode_msgpack,
 )
+from .dashboard import Dashboard, Install, Spawn
 from .http_server import HttpLimits as HttpLimits
 from .http_server import HttpStats as HttpStats
 from .http_server import Router as Router
 from .http_server import serve_router as serve_router
+from .views import TICK, UPGRADE_BUCKETS, NodeViews, resident_bytes
 
 if TYPE_CHECKING:
-    from .._core.runtime import Runtime
-
-SESSION_SECONDS = 8 * 3600.0
-MAX_SESSIONS = 64
-SESSION_COOKIE = "otpy_session"
+    from .._core.runtime import Runtime, Survey
 
 _log = structlog.get_logger("otpy")
 
 
 async def serve_http(rt: Runtime, address: tuple[str, int], *,
                      limits: HttpLimits | None = None, cookie: bytes | None = None,
-                     shutdown: trio.Event | None = None,
+                     shutdown: trio.Event | None = None, install: Install | None = None,
                      task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the node's HTTP endpoint on ``address`` until cancelled, or until
     ``shutdown`` is set and the requests in progress are done; reports the bound
     ``(host, port)`` through ``nursery.start``. The dashboard's cookie is ``cookie``,
-    else the node's (read, or its file created, first)."""
+    else the node's (read, or its file created, first); ``install`` drives a release
+    (a downgrade asked for on the dashboard) to its commit, as the node's does."""
     limits = limits or HttpLimits()
     secret = cookie if cookie is not None else read_cookie(create=True)
     stats = HttpStats()
-    router = NodeRouter(rt, limits, stats, secret)
-    await serve_router(router, address, limits=limits, shutdown=shutdown, stats=stats,
-                       task_status=task_status)
+    async with trio.open_nursery() as nursery:
+        views = NodeViews(rt, connections=lambda: stats.connections,
+                          node_name=rt.sched.node, survey_top=limits.metrics_top_k)
+        router = NodeRouter(rt, limits, stats, secret, views=views, install=install,
+                            spawn=nursery.start_soon)
+        nursery.start_soon(views.run)
+        if shutdown is not None:
+            nursery.start_soon(_close_on, shutdown, views)
+        await serve_router(router, address, limits=limits, shutdown=shutdown, stats=stats,
+                           task_status=task_status)
+        nursery.cancel_scope.cancel()
+
+
+async def _close_on(shutdown: trio.Event, views: NodeViews) -> None:
+    await shutdown.wait()
+    views.close()  # live streams end, so that the drain need not wait for them
 
 
 # -- the node's routes -----------------------------------------------------------------
 
-_HTML = "text/html; charset=utf-8"
-_HTML_HEADERS = (
-    ("content-security-policy",
-     "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
-    ("x-content-type-options", "nosniff"),
-    ("referrer-policy", "same-origin"),  # no-referrer would make Origin "null" too
-    ("cache-control", "no-store"),
-)
-_STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                 ".html": _HTML, ".svg": "image/svg+xml", ".png": "image/png",
-                 ".txt": "text/plain; charset=utf-8"}
 _MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"application/vnd.msgpack")
 _NO_HEADERS: tuple[tuple[str, str], ...] = ()
 
@@ -133,6 +137,7 @@ _NO_HEADERS: tuple[tuple[str, str], ...] = ()
 _STATUS_OF: tuple[tuple[type[OtpyError], int], ...] = (
     (NoSuchServer, 404), (CallTimeout, 504), (MailboxFull, 429), (ServerCrashed, 500),
     (StepTimeout, 500), (ServerStopped, 503), (WouldBlock, 503), (BadRequest, 400),
+    (SupervisorError, 409), (UpgradeFailed, 409),
 )
 
 
@@ -141,17 +146,6 @@ def _status_of(exc: OtpyError) -> int:
         if isinstance(exc, cls):
             return status
     return 500
-
-
-def _static_files() -> dict[str, tuple[bytes, str]]:
-    """The vendored assets, read once: only these names are ever served."""
-    files = {}
-    folder = resources.files("otpy._serve") / "static"
-    for entry in folder.iterdir():
-        suffix = os.path.splitext(entry.name)[1]
-        if entry.is_file() and suffix in _STATIC_TYPES:
-            files[entry.name] = (entry.read_bytes(), _STATIC_TYPES[suffix])
-    return files
 
 
 def _is_msgpack(content_type: bytes | None) -> bool:
@@ -179,23 +173,24 @@ class NodeRouter:
     response, and ``Runtime.cast``."""
 
     def __init__(self, rt: Runtime, limits: HttpLimits, stats: HttpStats,
-                 cookie: bytes) -> None:
+                 cookie: bytes, *, views: NodeViews | None = None,
+                 install: Install | None = None, spawn: Spawn | None = None) -> None:
         self.rt = rt
         self.limits = limits
         self.stats = stats
-        self.cookie = cookie
-        self.sessions: dict[str, float] = {}  # token -> expiry (trio time)
-        self.static = _static_files()
         self.log = _log.bind(endpoint="http")
-        self.metrics = _Metrics(rt, stats, limits.metrics_top_k)
+        self.views = views if views is not None else NodeViews(
+            rt, connections=lambda: stats.connections, node_name=rt.sched.node,
+            survey_top=limits.metrics_top_k)
+        self.dashboard = Dashboard(rt, self.views, cookie, limits, refused=stats.refused,
+                                   log=self.log, install=install, spawn=spawn)
+        self.metrics = _Metrics(rt, stats, self.views, limits.metrics_top_k)
         get = ("GET", "HEAD")
         self.fixed: dict[str, tuple[tuple[str, ...], Callable[[Request], Any]]] = {
             "/healthz": (get, self._healthz),
             "/readyz": (get, self._readyz),
             "/metrics": (get, self._metrics),
-            "/": (get, self._dashboard),
-            "/login": (("POST",), self._login),
-            "/logout": (("POST",), self._logout),
+            **self.dashboard.routes,
         }
 
     def route(self, request: Request) -> Response | Awaitable[Response]:
@@ -211,11 +206,13 @@ class NodeRouter:
         entry = self.fixed.get(path)
         if entry is None:
             if path.startswith("/static/"):
-                return self._static(request, path[8:])
+                if request.method not in ("GET", "HEAD"):
+                    return _not_allowed(request, ("GET", "HEAD"))
+                return self.dashboard.static_file(request, path[8:])
             return Response.error(404, "NotFound",
                                   f"no route {request.method} {path[:200]}; the routes are "
                                   f"POST /call/NAME, POST /cast/NAME, GET /healthz, "
-                                  f"/readyz, /metrics and /")
+                                  f"/readyz, /metrics and / (the dashboard)")
         methods, handler = entry
         if request.method not in methods:
             return _not_allowed(request, methods)
@@ -247,7 +244,7 @@ class NodeRouter:
 
     # The seam: how a request reaches a server, and how its outcome is answered.
 
-    def _deliver_call(self, name: str, request: Any, timeout: float, vsn: str | None,
+    def _deliver_call(self, name: str | Pid, request: Any, timeout: float, vsn: str | None,
                       msgpack_out: bool) -> Response | Awaitable[Response]:
         """Through the core's one call path: an idle server answers within this step,
         and the response is ready with no task and no wait; otherwise the connection's
@@ -258,7 +255,7 @@ class NodeRouter:
             return caller.response
         return caller.wait()
 
-    def _deliver_cast(self, name: str, message: Any) -> Response:
+    def _deliver_cast(self, name: str | Pid, message: Any) -> Response:
         try:
             self.rt.cast(name, message)
         except Exception as exc:
@@ -349,7 +346,7 @@ class NodeRouter:
     def _readyz(self, request: Request) -> Response:
         if self.stats.draining:
             return Response.error(503, "Draining", "the node is shutting down")
-        if not self.rt.statistics()["supervisors"]:
+        if not self.rt.sched.sups:
             return Response.error(503, "NotStarted", "the supervision tree is not running")
         if self.rt.installing:
             return Response.error(503, "Upgrading", "a release is being installed")
@@ -357,101 +354,6 @@ class NodeRouter:
 
     async def _metrics(self, request: Request) -> Response:
         return Response(200, await self.metrics.render(), _Metrics.content_type)
-
-    # -- the dashboard and its login -----------------------------------------------
-
-    def _session(self, request: Request) -> str | None:
-        """The valid session token the request carries, if any."""
-        header = request.header(b"cookie")
-        if not header:
-            return None
-        now = trio.current_time()
-        for part in header.decode("latin-1").split(";"):
-            key, _, value = part.strip().partition("=")
-            if key == SESSION_COOKIE:
-                expiry = self.sessions.get(value)
-                if expiry is not None:
-                    if now < expiry:
-                        return value
-                    del self.sessions[value]
-        return None
-
-    def _dashboard(self, request: Request) -> Response:
-        if self._session(request) is None:
-            return self._page("login.html", error="")
-        stats = self.rt.statistics()
-        names = sorted(self.rt.servers()[:1000])[:20]
-        return self._page("dashboard.html", servers=str(stats["servers"]),
-                          supervisors=str(stats["supervisors"]), names=", ".join(names))
-
-    def _login(self, request: Request) -> Response:
-        refused = self._cross_origin(request)
-        if refused is not None:
-            return refused
-        try:
-            form = dict(parse_qsl(request.body.decode("utf-8"), max_num_fields=4))
-        except (UnicodeDecodeError, ValueError):
-            form = {}
-        given = form.get("cookie", "").encode()
-        if not hmac.compare_digest(given, self.cookie):
-            self.stats.refused["LoginFailed"] = self.stats.refused.get("LoginFailed", 0) + 1
-            self.log.warning("http_login_failed")
-            page = self._page("login.html", error="That is not the node's cookie.")
-            page.status = 403
-            return page
-        now = trio.current_time()
-        self.sessions = {t: e for t, e in self.sessions.items() if now < e}
-        while len(self.sessions) >= MAX_SESSIONS:  # the oldest goes
-            del self.sessions[min(self.sessions, key=self.sessions.__getitem__)]
-        token = secrets.token_urlsafe(32)
-        self.sessions[token] = now + SESSION_SECONDS
-        self.log.info("http_login")
-        return Response(303, b"", None, (
-            ("location", "/"),
-            ("set-cookie", f"{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; "
-                           f"Max-Age={int(SESSION_SECONDS)}"),
-        ))
-
-    def _logout(self, request: Request) -> Response:
-        refused = self._cross_origin(request)
-        if refused is not None:
-            return refused
-        token = self._session(request)
-        if token is not None:
-            del self.sessions[token]
-        return Response(303, b"", None, (
-            ("location", "/"),
-            ("set-cookie", f"{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; "
-                           f"Max-Age=0"),
-        ))
-
-    def _cross_origin(self, request: Request) -> Response | None:
-        """A form posted from another site is refused (with SameSite=Strict cookies,
-        the second line against CSRF)."""
-        origin = request.header(b"origin")
-        if origin is None:  # not a browser's form, or one that sends no Origin
-            return None
-        host = request.header(b"host")
-        if host is None or origin not in (b"http://" + host, b"https://" + host):
-            return Response.error(403, "CrossOrigin", "a form from another origin was "
-                                  "refused; use the node's own page")
-        return None
-
-    def _page(self, name: str, **values: str) -> Response:
-        text = self.static[name][0].decode("utf-8")
-        for key, value in values.items():
-            text = text.replace("{{" + key + "}}", html.escape(value))
-        return Response(200, text.encode("utf-8"), _HTML, _HTML_HEADERS)
-
-    def _static(self, request: Request, name: str) -> Response:
-        if request.method not in ("GET", "HEAD"):
-            return _not_allowed(request, ("GET", "HEAD"))
-        entry = self.static.get(name)
-        if entry is None or name.endswith(".html"):
-            return Response.error(404, "NotFound", f"no static file {name[:80]!r}")
-        body, content_type = entry
-        return Response(200, body, content_type, (("x-content-type-options", "nosniff"),))
-
 
 class _HttpCaller(Caller):
     """A call made over HTTP: its reply or error becomes the response, made as soon as
@@ -506,9 +408,11 @@ def _not_allowed(request: Request, methods: Iterable[str]) -> Response:
                           f"{allowed}", (("allow", allowed),))
 
 
-def _server_name(raw: str) -> str:
-    if raw.isascii() and "%" not in raw and raw:  # nearly always: nothing to decode
-        return raw
+def _server_name(raw: str) -> str | Pid:
+    """The address in a ``/call/`` or ``/cast/`` path: a name (percent-decoded), or a pid
+    in the JSON form its replies give it (``json_rules.address_of``)."""
+    if raw.isascii() and "%" not in raw and raw and raw[0] != "{":
+        return raw  # nearly always: nothing to decode
     try:
         name = unquote_to_bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
@@ -516,69 +420,111 @@ def _server_name(raw: str) -> str:
                          ) from None
     if not name:
         raise BadRequest("no server name: POST /call/NAME or /cast/NAME")
-    return name
+    return address_of(name)
 
 
 class _Metrics:
-    """``/metrics``: the node's counters in Prometheus' text format, with per-server
-    series for the ``top_k`` servers with the longest mailboxes (then the most refused
-    messages); servers with neither get none, so series do not churn."""
+    """``/metrics``: the node's counters in Prometheus' text format. Per-server series
+    only for ``top_k`` servers each, so that cardinality stays bounded: by mailbox
+    length (then refused messages), by share of the loop (steps per second, step time),
+    and by crashes; servers that stand out in none get none, so series do not churn.
+    A scrape reuses the views' survey of the servers when it is fresh (else takes one,
+    in chunks between which the loop runs), and keeps the step statistics going."""
 
     content_type = "text/plain; version=0.0.4; charset=utf-8"
-    chunk = 1000  # servers looked at between two yields to the loop
 
-    def __init__(self, rt: Runtime, stats: HttpStats, top_k: int) -> None:
+    def __init__(self, rt: Runtime, stats: HttpStats, views: NodeViews, top_k: int) -> None:
         from prometheus_client import CollectorRegistry
         from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
         self.rt = rt
         self.stats = stats
+        self.views = views
         self.top_k = top_k
         self.content_type = CONTENT_TYPE_LATEST
         self.registry = CollectorRegistry(auto_describe=False)
-        self.snapshot: tuple[dict[str, Any], list[tuple[int, int, int, str]]] = ({}, [])
+        self.snapshot: tuple[Survey | None, list[tuple[int, int, int, str]]] = (None, [])
         self.registry.register(self)
 
     async def render(self) -> bytes:
         from prometheus_client.exposition import generate_latest
 
+        views = self.views
+        views.touch()
+        survey = await views.survey(max_age=TICK)
         rt = self.rt
-        await trio.lowlevel.checkpoint()
-        totals = rt.statistics()
+        names = {name for _, name in survey.busiest}
+        names.update(n for n, _ in heapq.nlargest(self.top_k, rt.sched.refused.items(),
+                                                  key=itemgetter(1)))
         top: list[tuple[int, int, int, str]] = []
-        for i, name in enumerate(rt.servers()):
-            if i % self.chunk == self.chunk - 1:
-                await trio.lowlevel.checkpoint()
+        for name in names:
             try:
                 s = rt.statistics(name)
             except NoSuchServer:  # stopped meanwhile
                 continue
-            if s["mailbox"] or s["refused"]:
-                top.append((s["mailbox"], s["refused"], s["restarts"], name))
-                if len(top) > 4 * self.top_k:
-                    top.sort(reverse=True)
-                    del top[self.top_k:]
+            top.append((s["mailbox"], s["refused"], s["restarts"], name))
         top.sort(reverse=True)
-        self.snapshot = (totals, top[:self.top_k])
+        self.snapshot = (survey, top[:self.top_k])
         data: bytes = generate_latest(self.registry)
         return data
 
     def collect(self) -> Iterable[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
 
-        totals, top = self.snapshot
-        for key, help_text in (
-                ("servers", "Running servers."), ("supervisors", "Running supervisors."),
-                ("run_queue", "Servers with messages waiting to be served."),
-                ("timers", "Pending timers."),
-                ("queued", "Messages queued in all mailboxes."),
-                ("waiting", "Calls waiting for room in a full mailbox.")):
-            name = "otpy_queued_messages" if key == "queued" else \
-                "otpy_waiting_calls" if key == "waiting" else f"otpy_{key}"
-            yield GaugeMetricFamily(name, help_text, value=totals.get(key, 0))
-        yield CounterMetricFamily("otpy_refused_messages",
-                                  "Messages refused because a mailbox was full.",
-                                  value=totals.get("refused", 0))
+        survey, top = self.snapshot
+        sched = self.rt.sched
+        views = self.views
+        for name, help_text, value in (
+                ("otpy_servers", "Running servers.", len(sched.procs)),
+                ("otpy_supervisors", "Running supervisors.", len(sched.sups)),
+                ("otpy_run_queue", "Servers with messages waiting to be served.",
+                 len(sched.runq)),
+                ("otpy_timers", "Pending timers.", sched.pending_timers()),
+                ("otpy_queued_messages", "Messages queued in all mailboxes.",
+                 survey.queued if survey is not None else 0),
+                ("otpy_suspended_servers", "Suspended servers.",
+                 survey.suspended if survey is not None else 0),
+                ("otpy_waiting_calls", "Calls waiting for room in a full mailbox.",
+                 sum(len(line) for line in sched.waiting.values())),
+                ("otpy_loop_lag_seconds", "How late the loop last woke a sleeping task.",
+                 views.lag),
+                ("otpy_loop_lag_max_seconds", "The worst loop lag of the last 10 s.",
+                 views.lag_worst),
+                ("otpy_uptime_seconds", "Seconds since the HTTP endpoint started.",
+                 time.time() - views.wall_started)):
+            yield GaugeMetricFamily(name, help_text, value=value)
+        rss = resident_bytes()
+        if rss is not None:
+            yield GaugeMetricFamily("otpy_resident_memory_bytes",
+                                    "Resident memory of the node's process.", value=rss)
+        if views.loop_busy is not None:
+            yield GaugeMetricFamily("otpy_loop_busy_ratio",
+                                    "Share of the loop's time spent in callbacks "
+                                    "(sampled).", value=views.loop_busy)
+        for name, help_text, value in (
+                ("otpy_refused_messages", "Messages refused because a mailbox was full.",
+                 sum(sched.refused.values())),
+                ("otpy_crashes", "Server crashes (and abnormal stops).",
+                 views.crashes_total),
+                ("otpy_restarts", "Children restarted by their supervisors.",
+                 views.restarts_total),
+                ("otpy_supervisors_gave_up", "Supervisors that exceeded their restart "
+                 "intensity.", views.gave_up_total)):
+            yield CounterMetricFamily(name, help_text, value=value)
+        upgrades = HistogramMetricFamily("otpy_upgrade_duration_seconds",
+                                         "Releases installed (upgrades and downgrades), "
+                                         "from planning to commit or rollback.",
+                                         labels=["outcome"])
+        for result, counts in sorted(views.upgrade_buckets.items()):
+            upgrades.add_metric(
+                [result], [(_le(le), count) for le, count in zip(UPGRADE_BUCKETS, counts,
+                                                                   strict=True)],
+                views.upgrade_sums.get(result, 0.0))
+        yield upgrades
         mailbox = GaugeMetricFamily("otpy_server_mailbox", "Queued messages (top servers).",
                                     labels=["server"])
         refused = CounterMetricFamily("otpy_server_refused_messages",
@@ -594,9 +540,37 @@ class _Metrics:
         yield mailbox
         yield refused
         yield restarts
+        busy = GaugeMetricFamily("otpy_server_busy_ratio", "Share of the loop's time in "
+                                 "the server's callbacks (sampled; top servers).",
+                                 labels=["server"])
+        rate = GaugeMetricFamily("otpy_server_steps_per_second", "Steps per second "
+                                 "(counted in short windows; top servers).",
+                                 labels=["server"])
+        step = GaugeMetricFamily("otpy_server_step_seconds", "Mean step time (loop "
+                                 "share / steps per second; top servers).",
+                                 labels=["server"])
+        for name, share in heapq.nlargest(self.top_k, views.busy.items(),
+                                          key=itemgetter(1)):
+            busy.add_metric([name], share)
+            if name in views.rates:
+                rate.add_metric([name], views.rates[name])
+            if name in views.step_seconds:
+                step.add_metric([name], views.step_seconds[name])
+        yield busy
+        yield rate
+        yield step
+        crashes = CounterMetricFamily("otpy_server_crashes", "Crashes of the server since "
+                                      "the endpoint started (top servers).",
+                                      labels=["server"])
+        for name, count in heapq.nlargest(self.top_k, views.crash_counts.items(),
+                                          key=itemgetter(1)):
+            crashes.add_metric([name], count)
+        yield crashes
         stats = self.stats
         yield GaugeMetricFamily("otpy_http_connections", "Open HTTP connections.",
                                 value=stats.connections)
+        yield GaugeMetricFamily("otpy_dashboard_streams", "Open dashboard pages (live "
+                                "streams).", value=views.streams)
         yield CounterMetricFamily("otpy_http_connections_accepted",
                                   "HTTP connections accepted.", value=stats.accepted)
         responses = CounterMetricFamily("otpy_http_responses", "HTTP responses by status.",
@@ -609,3 +583,7 @@ class _Metrics:
         for kind, count in sorted(stats.refused.items()):
             refusals.add_metric([kind], count)
         yield refusals
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == math.inf else repr(bound)

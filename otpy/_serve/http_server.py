@@ -56,6 +56,7 @@ from .._protocol.http1 import (
     Request,
     RequestParser,
     Response,
+    Stream,
     encode,
 )
 from .limits import HttpLimits as HttpLimits
@@ -266,6 +267,9 @@ class _Connection:
                     response = router.route(msg)
                     if not isinstance(response, Response):
                         response = await self._wait_for(response)
+                    if type(response) is Stream:
+                        await self._stream(msg, response)
+                        return False
                     close = not msg.keep_alive or (
                         server.stats.draining and i == last and not self.parser.has_rest)
                     data = encode(response, head=msg.method == "HEAD", close=close,
@@ -297,6 +301,60 @@ class _Connection:
                 await self._flush()
         self._write_now()
         return True
+
+    async def _stream(self, request: Request, response: Stream) -> None:
+        """Send a streamed response: its head, then each piece its ``run`` makes, each
+        flushed before the next is made (so a slow client holds at most one piece, and
+        is cut after ``write_timeout``), until ``run`` returns or the client closes its
+        side; the connection then closes."""
+        server = self.server
+        responses = server.stats.responses
+        responses[response.status] = responses.get(response.status, 0) + 1
+        started = False
+        try:
+            self._write_now()
+            self.out += encode(response, head=True, close=True)
+            await self._flush()
+            started = request.method != "HEAD"
+        finally:
+            if not started and response.abandon is not None:
+                response.abandon()
+        if not started:
+            return
+
+        async def send(piece: bytes) -> None:
+            self.out += piece
+            await self._flush()
+
+        failure: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._until_eof, nursery.cancel_scope)
+            try:
+                await response.run(send)
+            except (_Gone, _SlowReader) as exc:
+                failure = exc
+            except Exception as exc:  # a bug in the stream must not take the node down
+                server.log.error("http_stream_failed", peer=self.peer, error=repr(exc),
+                                 exc_info=exc)
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _until_eof(self, scope: trio.CancelScope) -> None:
+        """Read (and drop) what the client sends on a streamed response until it
+        closes its side, then end the stream."""
+        fd = self.fd
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    if not os.read(fd, READ_SIZE):
+                        break
+                except BlockingIOError:
+                    continue
+        except OSError:
+            pass
+        scope.cancel()
 
     async def _wait_for(self, response: Awaitable[Response]) -> Response:
         """A response that has to wait: the ones before it are handed to the socket
@@ -498,7 +556,13 @@ async def serve_router(router: Router, address: tuple[str, int], *,
     ``nursery.start``."""
     limits = limits or HttpLimits()
     host, port = address
-    listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
+    except OSError as exc:  # say which endpoint, and where: "address already in use"...
+        raise OSError(exc.errno, f"the HTTP endpoint cannot listen on {host}:{port}: "
+                                 f"{exc.strerror or exc}; is another node (or program) "
+                                 f"using that port? Choose another, or port 0 for a free "
+                                 f"one") from exc
     bound = listeners[0].socket.getsockname()[:2]
     log = _log.bind(endpoint="http")
     log.info("endpoint_listening", address=f"{bound[0]}:{bound[1]}")

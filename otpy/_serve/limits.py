@@ -143,7 +143,10 @@ class HttpLimits:
     ``drain_grace`` (seconds, default 5): on shutdown, how long requests in progress
     may take to finish before their connections are closed.
     ``metrics_top_k`` (default 20): servers with per-server series in ``/metrics``
-    (those with the longest mailboxes), so that cardinality stays bounded.
+    (those with the longest mailboxes, the busiest, the most crashed), so that
+    cardinality stays bounded.
+    ``max_streams`` (default 16): dashboards open at once (live streams of server-sent
+    events); one more is answered 503 ``TooManyStreams``.
     """
 
     max_head: int = 16 * 1024
@@ -161,11 +164,12 @@ class HttpLimits:
     max_call_timeout: float = 60.0
     drain_grace: float = 5.0
     metrics_top_k: int = 20
+    max_streams: int = 16
 
     def __post_init__(self) -> None:
         for field in ("max_head", "max_headers", "max_body", "max_objects", "max_depth",
                       "max_connections", "max_pipelined", "max_send_buffer",
-                      "metrics_top_k"):
+                      "metrics_top_k", "max_streams"):
             value = getattr(self, field)
             if type(value) is not int:
                 raise TypeError(f"HttpLimits({field}=...) takes an int, got {value!r}")
