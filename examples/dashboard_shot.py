@@ -103,55 +103,71 @@ def post(url: str, body: bytes) -> int:
         return exc.code
 
 
-def screenshot(base: str, path: str, settle: float) -> None:
-    """Log in with headless Chromium, wait for the live view, open a server, let the
-    page show ``settle`` seconds more, save."""
+def open_browser(profile: str) -> Any:
+    """Headless Chromium under selenium. Started before the load: selenium's start
+    makes many short blocking calls, each waiting for the GIL that a busy loop holds."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-dev-shm-usage", "--window-size=1480,1250",
+                 "--hide-scrollbars", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path="/usr/bin/chromedriver"),
+                            options=options)
+
+
+def close_browser(driver: Any) -> None:
+    service = driver.service
+    pid = service.process.pid if service.process else None
+    driver.quit()
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def screenshot(driver: Any, base: str, path: str, settle: float) -> None:
+    """Log in, wait for the live view, open a server, let the page show ``settle``
+    seconds more, save."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.wait import WebDriverWait
 
-    with tempfile.TemporaryDirectory(prefix="otpy-shot-") as profile:
-        options = webdriver.ChromeOptions()
-        options.binary_location = "/usr/bin/chromium"
-        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                     "--disable-dev-shm-usage", "--window-size=1480,1250",
-                     "--hide-scrollbars", f"--user-data-dir={profile}"):
-            options.add_argument(flag)
-        service = Service(executable_path="/usr/bin/chromedriver")
-        driver = webdriver.Chrome(service=service, options=options)
-        try:
-            driver.get(base + "/")
-            driver.find_element(By.ID, "cookie").send_keys(COOKIE)
-            driver.find_element(By.ID, "login").click()
-            wait = WebDriverWait(driver, 30, poll_frequency=0.2)
-            # the live view, once the step statistics have come in
-            wait.until(lambda d: d.execute_script(
-                "const row = document.querySelector('#server-table tr[data-server=worker3]');"
-                "return row && /\\d/.test(row.cells[6].textContent)"))
-            # one more crash, seen live: the cart's restart count goes to 3
-            post(base + "/call/cart", b'"crash"')
-            wait.until(lambda d: "3" == d.execute_script(
-                "const e = document.querySelector('[data-child=cart] .restarts');"
-                "return e && e.textContent"))
-            driver.find_element(By.CSS_SELECTOR, '#server-table th[data-key="busy"]').click()
-            driver.execute_script("document.querySelector('[data-child=cart] .row').click()")
-            wait.until(lambda d: "Cart(" in d.execute_script(
-                "return document.getElementById('detail').textContent"))
-            time.sleep(settle)
-            driver.save_screenshot(path)
-        finally:
-            pid = service.process.pid if service.process else None
-            driver.quit()
-            if pid is not None:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+    driver.get(base + "/")
+    driver.find_element(By.ID, "cookie").send_keys(COOKIE)
+    driver.find_element(By.ID, "login").click()
+    wait = WebDriverWait(driver, 30, poll_frequency=0.2)
+    # the live view, once the step statistics have come in
+    wait.until(lambda d: d.execute_script(
+        "const row = document.querySelector('#server-table tr[data-server=worker3]');"
+        "return row && /\\d/.test(row.cells[6].textContent)"))
+    # one more crash, seen live: the cart's restart count goes to 3
+    post(base + "/call/cart", b'"crash"')
+    wait.until(lambda d: "3" == d.execute_script(
+        "const e = document.querySelector('[data-child=cart] .restarts');"
+        "return e && e.textContent"))
+    driver.find_element(By.CSS_SELECTOR, '#server-table th[data-key="busy"]').click()
+    driver.execute_script("document.querySelector('[data-child=cart] .row').click()")
+    wait.until(lambda d: "Cart(" in d.execute_script(
+        "return document.getElementById('detail').textContent"))
+    time.sleep(settle)
+    driver.save_screenshot(path)
 
 
 async def main(path: str, settle: float) -> None:
     os.environ["OTPY_COOKIE"] = COOKIE  # the node's cookie, for this demo only
+    with tempfile.TemporaryDirectory(prefix="otpy-shot-") as profile:
+        driver = await trio.to_thread.run_sync(open_browser, profile)
+        try:
+            await show(driver, path, settle)
+        finally:
+            await trio.to_thread.run_sync(close_browser, driver)
+
+
+async def show(driver: Any, path: str, settle: float) -> None:
     async with otpy.open_node(tree(), http=("127.0.0.1", 0)) as node, \
             trio.open_nursery() as nursery:
         host, port = node.http_address or ("", 0)
@@ -175,7 +191,7 @@ async def main(path: str, settle: float) -> None:
         node.suspend("mailer")
         for _ in range(120):
             node.cast("mailer", "send")
-        await trio.to_thread.run_sync(screenshot, base, path, settle)
+        await trio.to_thread.run_sync(screenshot, driver, base, path, settle)
         print(f"saved the dashboard to {path}")
         nursery.cancel_scope.cancel()
 
