@@ -24,7 +24,10 @@ import structlog
 import trio
 
 from ._cluster.join import check_cluster_options, default_node_name, open_cluster
+from ._cluster.node import durable_cluster_names
+from ._cluster.states import SplitStore
 from ._core.supervisor import Supervisor
+from ._exceptions import StoreError
 from ._node import DEFAULT_NODE_NAME, Node
 from ._serve.http import serve_http
 from ._serve.limits import EndpointLimits, HttpLimits
@@ -50,19 +53,21 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 async def _open_store(node: Node, store: str | os.PathLike[str] | Store | None,
-                      fsync: FsyncMode | None, named: bool = True) -> Store | None:
+                      fsync: FsyncMode | None, named: bool = True,
+                      elsewhere: set[str] | frozenset[str] = frozenset()
+                      ) -> tuple[Store | None, Store | None]:
     """The store the node's durable servers use: opened here (in a thread: it reads
     SQLite and replays the log) from a path, or the default path when the tree has a
-    durable child and no store was named; or the Store given. Returns the store to
-    close at shutdown (the one opened here), or None."""
+    durable child (other than those in ``elsewhere``: the cluster keeps theirs) and no
+    store was named; or the Store given. Returns it and the store to close at shutdown
+    (the one opened here, else None)."""
     if fsync is not None and fsync not in FSYNC_MODES:
         raise ValueError(f"open_node(fsync=...) must be one of "
                          f"{', '.join(map(repr, FSYNC_MODES))}, got {fsync!r}")
     rt = node._rt
-    opened: Store | None = None
     if store is None:
-        if not rt.has_durable():
-            return None
+        if not rt.has_durable(but=elsewhere):
+            return None, None
         if not named:
             raise TypeError(
                 f"the tree has durable servers, whose states go by default in "
@@ -73,19 +78,39 @@ async def _open_store(node: Node, store: str | os.PathLike[str] | Store | None,
     if isinstance(store, str | os.PathLike):
         path = Path(store).absolute()
         log = node._sched.log.log.bind(store=str(path))
-        opened = store = await trio.to_thread.run_sync(partial(
+        opened = await trio.to_thread.run_sync(partial(
             SqliteStore, path, fsync=fsync or "never", log=log))
-    elif not isinstance(store, Store):
+        return opened, opened
+    if not isinstance(store, Store):
         raise TypeError(f"open_node(store=...) takes a directory (a str or a path) or an "
                         f"otpy.Store, got {store!r}")
-    elif fsync is not None:
+    if fsync is not None:
         raise TypeError("open_node(fsync=...) applies to a store the node opens from a "
                         "path; a store given as an object was opened with its own mode")
-    durability = rt.use_store(store)
+    return store, None
+
+
+def _use_store(node: Node, store: Store | None) -> None:
+    """Record the durable servers' states in ``store`` (and, in a cluster whose tree
+    has durable cluster-scoped children, theirs in the cluster's store): before the
+    tree starts."""
+    membership = node._cluster
+    if membership is not None and membership.states is not None:
+        store = SplitStore(store, membership.states, membership.state_names)
+    if store is None:
+        return
+    durability = node._rt.use_store(store)
     durability_token = trio.lowlevel.current_trio_token()
     store.on_synced(durability.synced, durability_token.run_sync_soon)
+    if membership is not None and isinstance(store, SplitStore):
+        lost = membership.lost
+
+        def fenced(name: str, error: StoreError) -> None:
+            durability.fenced(name, error)
+            lost(name)
+
+        store.on_fenced(fenced)
     node.store = store
-    return opened
 
 
 async def _close_store(node: Node, opened: Store | None) -> None:
@@ -172,13 +197,15 @@ async def open_node(
     http_shutdown = trio.Event()
     http_done: trio.Event | None = None
     sched = node._sched
-    opened = await _open_store(node, store, fsync, named)
+    elsewhere = durable_cluster_names(root) if cluster else set()
+    chosen, opened = await _open_store(node, store, fsync, named, elsewhere)
     try:
         async with trio.open_nursery() as system:
             system.start_soon(node._dispatch)
             async with _cluster(node, root, cluster, cluster_name, cluster_options), \
                     trio.open_nursery() as tasks:
                 node._tasks = tasks
+                _use_store(node, chosen)
                 node._start_tree()
                 try:
                     if node._cluster is not None:

@@ -344,6 +344,12 @@ class JetStream:
         return ObjectStore(self, bucket, max_object_size)
 
 
+def parse_ack(msg: Msg, what: str) -> dict[str, Any]:
+    """A JetStream answer (a publish's ack, an API reply) as a dict, or the
+    :class:`JetStreamError` it carries, raised."""
+    return _reply(msg, what)
+
+
 def _reply(msg: Msg, what: str) -> dict[str, Any]:
     try:
         reply = json.loads(msg.payload)
@@ -377,6 +383,15 @@ class KeyValue:
 
     def _subject(self, key: str) -> str:
         return self._prefix + _check_key(key)
+
+    def subject(self, key: str) -> str:
+        """The subject ``key``'s values are published on (ValueError for a bad key)."""
+        return self._subject(key)
+
+    async def last(self, key: str) -> tuple[KvEntry, str] | None:
+        """``key``'s last entry and its operation (``"PUT"``, ``"DEL"``, ``"PURGE"``),
+        markers included; None if the key never had one (or was purged away)."""
+        return await self._last(key)
 
     async def _put(self, key: str, value: bytes, headers: dict[str, str]) -> int:
         ack = await self.js.publish(self._subject(key), value, headers=headers or None)

@@ -22,8 +22,17 @@ import trio
 from .._core.runtime import Runtime
 from .._core.supervisor import Supervisor
 from .nats_client import Client, NatsError
-from .node import CUT_AFTER, PROBE_INTERVAL, ClusterError, ClusterNode, cluster_specs
+from .node import (
+    CUT_AFTER,
+    PROBE_INTERVAL,
+    ClusterError,
+    ClusterNode,
+    cluster_specs,
+    durable_cluster_names,
+    token,
+)
 from .server import default_cluster_dir, open_shared_server
+from .states import ClusterStates
 
 log = structlog.get_logger("otpy")
 
@@ -95,9 +104,25 @@ async def open_cluster(rt: Runtime, cluster: str | bool, cluster_name: str,
                 await nursery.start(node.run)
                 for name, supervisor in cluster_specs(root):
                     await node.register(name, supervisor)
+                durable = durable_cluster_names(root)
+                if durable:
+                    # Their states go to the cluster's bucket, so that another node
+                    # resumes them; the ones this node runs are claimed before they
+                    # start (see otpy._cluster.states).
+                    states = await ClusterStates.open(client, token(cluster_name),
+                                                      node=node.node, creation=node.creation)
+                    await nursery.start(states.run)
+                    node.states, node.state_names = states, durable
+                    await states.claim_at_open(n for n in durable
+                                               if n not in rt.sched.standby)
                 yield node
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(LEAVE_GRACE):
+                    if node.states is not None:
+                        # What the tree's last steps recorded, acknowledged before
+                        # the node leaves (its held replies wait for it).
+                        await node.states.drain(LEAVE_GRACE / 2)
+                        node.states.close()
                     await node.leave()
                     await client.close()
                 nursery.cancel_scope.cancel()

@@ -55,12 +55,14 @@ from .._exceptions import (
     OtpyError,
     ServerStopped,
     StartFailed,
+    StoreError,
     remote_error,
 )
 from .._protocol import cluster as wire
 from .jetstream import JetStream, KeyExists, KeyValue, KvChange, WrongRevision
 from .nats_client import Client, Msg, NatsError, NoResponders, RequestTimeout
 from .releases import NodeReleases, open_buckets
+from .states import ClusterStates
 
 log = structlog.get_logger("otpy")
 
@@ -218,6 +220,10 @@ class ClusterNode:
         # cluster's releases) waits here; probes are answered at once.
         self._held: deque[Msg] | None = deque()
         self._behind: list[Msg] = []  # calls from nodes a release ahead, waiting
+        # The cluster's store of durable states (otpy._cluster.states), when the tree
+        # has durable cluster-scoped children, and their names.
+        self.states: ClusterStates | None = None
+        self.state_names: set[str] = set()
 
     # -- subjects --------------------------------------------------------------------
 
@@ -388,6 +394,18 @@ class ClusterNode:
             return
         self._own(name, rev)
         sup = self._failover.get(name)
+        if self.states is not None and name in self.state_names:
+            # A durable server resumes from the state its dead node recorded last, and
+            # that node, if it was only cut off, can no longer write it.
+            try:
+                stored = await self.states.claim(name)
+            except StoreError as exc:
+                log.error("cluster_failover_failed", name=name, reason=str(exc))
+                await self.unregister(name)
+                self.sched.standby.add(name)
+                return
+            if self.sched.durable is not None:
+                self.sched.durable.offer(name, stored)
         try:
             if sup is not None and sup in self.sched.sups:
                 self.sched.supervisor(sup).restart_child(name)
@@ -404,6 +422,20 @@ class ClusterNode:
         for name, owner in list(self.names.items()):
             if owner == dead and name in self.sched.standby:
                 self._nursery.start_soon(self._take_over, name, dead, since)
+
+    def lost(self, name: str) -> None:
+        """``name``'s stored state moved on under this node (the cluster store fenced
+        it): another node runs it now, so this node's copy stops."""
+        owner = self.names.get(name, "another node")
+        if owner == self.node:
+            owner = "another node"
+        if name in self._failover:
+            self._stand_by(name, owner)
+        else:
+            owned = self._owned.pop(name, None)
+            if owned is not None:
+                owned[1].unsubscribe()
+            log.warning("cluster_name_lost", name=name, to=owner)
 
     def _taken(self, name: str, node: str) -> StartFailed:
         return StartFailed(f"the cluster-scoped name {name!r} is registered by node "
@@ -818,6 +850,26 @@ def _untoken(key: str) -> str:
         except ValueError:
             return key
     return key
+
+
+def durable_cluster_names(spec: Any) -> set[str]:
+    """The ids of the durable children with ``scope="cluster"`` in a tree spec."""
+    from .._core.supervisor import Child, Supervisor
+
+    found: set[str] = set()
+
+    def walk(sup: Supervisor) -> None:
+        for child in sup.children:
+            if isinstance(child, Supervisor):
+                walk(child)
+            elif isinstance(child, Child) and child.scope == "cluster" and (
+                    child.durable if child.durable is not None
+                    else child.server_class.durable):
+                found.add(child.id)
+
+    if isinstance(spec, Supervisor):
+        walk(spec)
+    return found
 
 
 def cluster_specs(spec: Any) -> list[tuple[str, str | None]]:

@@ -107,8 +107,9 @@ class Durability:
         self.recorded: set[str] = set()
         # Keys of a mapping state that a step named with self.changed, per server.
         self.changes: dict[GenServer[Any], list[Any]] = {}
-        # Replies waiting for their record to be synced: (seq, caller, reply), in order.
-        self.held: deque[tuple[int, Caller, Any]] = deque()
+        # Replies waiting for their record to be synced: (seq, caller, reply, server
+        # name), in order.
+        self.held: deque[tuple[int, Caller, Any, str]] = deque()
         # Why a name's stored state was refused at its last start (until one works).
         self.refusals: dict[str, StoreError] = {}
         self.failure: StoreError | None = None
@@ -169,9 +170,10 @@ class Durability:
 
     # -- group commit ----------------------------------------------------------------
 
-    def hold(self, seq: int, caller: Caller, reply: Any) -> None:
-        """Give ``reply`` to ``caller`` once the record ``seq`` is synced."""
-        self.held.append((seq, caller, reply))
+    def hold(self, seq: int, caller: Caller, reply: Any, name: str) -> None:
+        """Give ``reply`` (of server ``name``) to ``caller`` once the record ``seq`` is
+        synced."""
+        self.held.append((seq, caller, reply, name))
 
     def synced(self, seq: int, error: StoreError | None) -> None:
         """The store synced every record up to ``seq`` (its ``on_synced`` callback, run
@@ -179,7 +181,7 @@ class Durability:
         store could not sync what came after: those replies fail with it."""
         held = self.held
         while held and held[0][0] <= seq:
-            _, caller, reply = held.popleft()
+            _, caller, reply, _ = held.popleft()
             try:
                 caller.reply(reply)
             except Exception as exc:  # a caller's own hook failing must not stop the rest
@@ -187,12 +189,38 @@ class Durability:
         if error is not None:
             self.failure = error
             while held:
-                _, caller, _ = held.popleft()
+                _, caller, _, _ = held.popleft()
                 err = StoreError(f"the state this call recorded could not be made durable, "
                                  f"so the call is not acknowledged: {error}",
                                  path=self.origin)
                 err.__cause__ = error
                 caller._fail(err)
+
+    def fenced(self, name: str, error: StoreError) -> None:
+        """Server ``name``'s records can no longer be made durable here: another node
+        owns its stored state now (a cluster store fenced it). The replies held for
+        it fail with ``error``; the others wait as before."""
+        keep: deque[tuple[int, Caller, Any, str]] = deque()
+        for entry in self.held:
+            if entry[3] == name:
+                err = StoreError(f"the state this call recorded was not made durable, so "
+                                 f"the call is not acknowledged: {error}", path=self.origin)
+                err.__cause__ = error
+                entry[1]._fail(err)
+            else:
+                keep.append(entry)
+        self.held = keep
+
+    def offer(self, name: str, stored: StoredState | None) -> None:
+        """The state server ``name`` starts from at its next start here, read from a
+        store the cluster shares when this node takes the server over (None: none,
+        so it starts from ``init``)."""
+        self.recorded.discard(name)
+        self.refusals.pop(name, None)
+        if stored is None:
+            self.loaded.pop(name, None)
+        else:
+            self.loaded[name] = stored
 
     def closed(self) -> None:
         """The store was closed (it synced what was pending): release what is held."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import BadRequest, SupervisorError
@@ -52,9 +52,10 @@ class Runtime:
 
     # -- the tree --------------------------------------------------------------------
 
-    def has_durable(self) -> bool:
-        """Whether the tree has a durable child (the node then needs a store)."""
-        return any(isinstance(spec, Child) and (
+    def has_durable(self, but: Container[str] = ()) -> bool:
+        """Whether the tree has a durable child (the node then needs a store), leaving
+        out the ids in ``but`` (kept elsewhere: a cluster's store)."""
+        return any(isinstance(spec, Child) and spec.id not in but and (
             spec.durable if spec.durable is not None else spec.server_class.durable)
             for spec in self.root_spec.walk())
 

@@ -614,7 +614,7 @@ class Scheduler:
         if kind == CALL and caller is not None:
             if t is Reply:
                 if held and not caller._inline:
-                    self._hold(held, caller, result.reply)
+                    self._hold(proc, held, caller, result.reply)
                 else:
                     caller.reply(result.reply)
             elif caller._status == WAITING:
@@ -622,13 +622,13 @@ class Scheduler:
         if then is not NOTHING:
             self.run_continue(proc, then)
 
-    def _hold(self, seq: int, caller: Caller, reply: Any) -> None:
+    def _hold(self, proc: GenServer[Any], seq: int, caller: Caller, reply: Any) -> None:
         """Hand ``reply`` to the store's group commit: ``caller`` gets it once the record
         ``seq`` is synced (only a caller outside the node is held: an inline one needs
         its answer within the step)."""
         durable = self.durable
         assert durable is not None
-        durable.hold(seq, caller, reply)
+        durable.hold(seq, caller, reply, proc._otpy_name)
 
     @runs_callbacks("proc")
     def run_continue(self, proc: GenServer[Any], arg: Any) -> None:
@@ -1326,7 +1326,7 @@ class Scheduler:
         if caller is not None:
             if result.reply is not NOTHING:
                 if held and not caller._inline:
-                    self._hold(held, caller, result.reply)
+                    self._hold(proc, held, caller, result.reply)
                 else:
                     caller.reply(result.reply)
             else:
