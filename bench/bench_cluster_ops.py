@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -26,8 +27,7 @@ from typing import Any
 import trio
 from _common import emit, python_info, quiet_logging
 
-from otpy._cluster.jetstream import JetStream
-from otpy._cluster.nats_client import open_client
+import otpy
 from otpy._cluster.releases import release_from_outside
 from otpy._cluster.server import start_server_blocking
 from otpy._protocol.release_bundle import encode_bundle
@@ -82,19 +82,27 @@ NODE = textwrap.dedent(
 
 STANDBY = textwrap.dedent(
     """
-    import logging, sys
+    import logging, sys, time
     import structlog, trio, otpy
     sys.path.insert(0, sys.argv[1])
     from counter_v1 import Counter
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     url, cluster, name, k = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+    durable = sys.argv[6] == "durable"
 
     async def main(node):
+        for server in node.servers():  # a state to resume from, recorded
+            await node.call(server, "incr")
         print("READY", flush=True)
+        while len(node.servers()) < k:
+            await trio.sleep(0.002)
+        # Every server runs here (CLOCK_MONOTONIC is the machine's: comparable).
+        print(f"ALL {time.monotonic()}", flush=True)
         await trio.sleep_forever()
 
-    svc = otpy.Supervisor([otpy.Child(f"s{i}", Counter, scope="cluster") for i in range(k)],
+    svc = otpy.Supervisor([otpy.Child(f"s{i}", Counter, scope="cluster", durable=durable)
+                           for i in range(k)],
                           name="svc", scope="cluster", max_restarts=10_000)
     otpy.run(otpy.Supervisor([svc]), main, cluster=url, cluster_name=cluster,
              node_name=name)
@@ -186,33 +194,77 @@ def upgrade(url: str, per_node: int) -> None:
               f"node calling across nodes")
 
 
-def failover(url: str, count: int) -> None:
-    first = spawn(STANDBY, url, "fo", "x", str(count))
-    second = spawn(STANDBY, url, "fo", "y", str(count))
-    try:
-        async def run() -> float:
-            async with open_client(url) as client:
-                kv = await JetStream(client).key_value("otpy-fo-names", create=False)
-                owners: dict[str, bytes] = {}
-                async with kv.watch(callback=lambda ch: owners.__setitem__(ch.key, ch.value)
-                                    ) as watcher:
-                    await watcher.ready.wait()
-                    t0 = time.perf_counter()
-                    os.kill(first.pid, signal.SIGKILL)
-                    with trio.fail_after(60):
-                        while sum(b"y" in v for v in owners.values()) < count:
-                            await trio.sleep(0.005)
-                    return (time.perf_counter() - t0) * 1e3
+def line_within(proc: subprocess.Popen[str], prefix: str, timeout: float) -> str:
+    """The first line ``proc`` prints that starts with ``prefix``, within ``timeout``."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                line = proc.stdout.readline()
+                if line.startswith(prefix):
+                    return line
+                if not line:
+                    break
+    raise SystemExit(f"no {prefix!r} line from {proc.args!r} within {timeout} s")
 
-        took = trio.run(run)
+
+def failover(url: str, count: int, durable: bool) -> None:
+    """Two nodes of ``count`` cluster-scoped servers: x runs them, y stands by. x is
+    killed: how long until every one of them runs on y (durable: each resumed from
+    the state x recorded, claimed from the cluster's store)."""
+    cluster = f"fo{'d' if durable else 'p'}{count}"
+    mode = "durable" if durable else "plain"
+    first = spawn(STANDBY, url, cluster, "x", str(count), mode)
+    second = spawn(STANDBY, url, cluster, "y", str(count), mode)
+    try:
+        time.sleep(0.5)  # y has seen x's names
+        t0 = time.monotonic()
+        os.kill(first.pid, signal.SIGKILL)
+        took = (float(line_within(second, "ALL ", 60).split()[1]) - t0) * 1e3
     finally:
         first.kill()
         first.wait()
         second.send_signal(signal.SIGTERM)
         second.communicate(timeout=60)
-    emit(f"cluster_failover_{count}", took, "ms",
-         what=f"{count:,} cluster-scoped servers registered on the survivor after "
-              f"SIGKILL of their node (floor: 2 s after a process death)")
+    emit(f"cluster_failover{'_durable' if durable else ''}_{count}", took, "ms",
+         what=f"{count:,} cluster-scoped{' durable' if durable else ''} servers running on "
+              f"the survivor after SIGKILL of their node (bound: 2 s)")
+
+
+def durable_calls(url: str, seconds: float = 2.0, callers: int = 64) -> None:
+    """Calls per second to a cluster-scoped counter from ``callers`` concurrent callers
+    on its own node: durable (each reply held until JetStream acknowledged the state)
+    beside the same counter not durable, measured in the same run."""
+    sys.path.insert(0, str(RELEASES))
+    from counter_v1 import Counter  # type: ignore[import-not-found]
+
+    async def rate(durable: bool) -> float:
+        svc = otpy.Supervisor([otpy.Child("c", Counter, scope="cluster", durable=durable)],
+                              name="svc", scope="cluster")
+        async with otpy.open_node(otpy.Supervisor([svc]), cluster=url,
+                                  cluster_name=f"dc{int(durable)}", node_name="n") as node:
+            done = 0
+            stop = time.perf_counter() + seconds
+
+            async def caller() -> None:
+                nonlocal done
+                while time.perf_counter() < stop:
+                    await node.call("c", "incr")
+                    done += 1
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(callers):
+                    nursery.start_soon(caller)
+            return done / seconds
+
+    plain = trio.run(rate, False)
+    durable = trio.run(rate, True)
+    emit("cluster_durable_call_ratio", durable / plain, "x", durable_per_s=round(durable),
+         plain_per_s=round(plain),
+         what=f"calls/s to a cluster-scoped counter, durable in the cluster's store vs "
+              f"not, {callers} callers on its node")
 
 
 def main() -> None:
@@ -224,7 +276,9 @@ def main() -> None:
         server = start_server_blocking(workdir=Path(tmp) / "nats")
         try:
             upgrade(server.url, per_node)
-            failover(server.url, count)
+            failover(server.url, count, durable=False)
+            failover(server.url, count, durable=True)
+            durable_calls(server.url)
         finally:
             server.stop()
 

@@ -228,6 +228,28 @@ def table(r: dict[str, dict[str, Any]]) -> list[Row]:
     row("cluster: SIGKILL -> ServerDown (median)", "cluster_kill_down_ms",
         lambda v, rec=rec: f"{v:.0f} ms (max {rec.get('max', 0):.0f})", "<= 100 ms",
         lambda v, rec=rec: rec.get("max", v) <= 100)
+    ms = lambda v: f"{v:.0f} ms"  # noqa: E731
+    for key, per_node in ((k, k.rsplit("x", 1)[1]) for k in r
+                          if k.startswith("cluster_upgrade_3x")):
+        rec = r[key]
+        row(f"cluster upgrade, 3 nodes x {int(per_node):,}, under load", key,
+            lambda v, rec=rec: f"{v:.0f} ms (down {rec.get('downgrade_ms', 0):.0f} ms)",
+            "(report)", None)
+        row("  ... worst call stall, upgrade / downgrade", key,
+            lambda v, rec=rec: f"{rec.get('worst_stall_ms', 0):.0f} / "
+                               f"{rec.get('downgrade_stall_ms', 0):.0f} ms "
+                               f"(no release: {rec.get('baseline_stall_ms', 0):.0f})",
+            "(report)", None)
+        row("  ... calls failed during both", key,
+            lambda v, rec=rec: f"{rec.get('failed', '?')} of {rec.get('calls', '?'):,}",
+            "0", lambda v, rec=rec: rec.get("failed") == 0)
+    for key in sorted(k for k in r if k.startswith("cluster_failover_")):
+        count = int(key.rsplit("_", 1)[1])
+        kind = "durable " if "durable" in key else ""
+        row(f"cluster failover: {count:,} {kind}servers after SIGKILL", key, ms, "<= 2 s",
+            lambda v: v <= 2000)
+    row("cluster: durable call (KV) / not durable", "cluster_durable_call_ratio", ratio,
+        "(report)", None)
     for conns in ("1", "16"):
         row(f"http: POST /call, {conns} keep-alive conn.", f"http_otpy_call_c{conns}", rate,
             "(report)", None)
@@ -284,6 +306,11 @@ def table(r: dict[str, dict[str, Any]]) -> list[Row]:
         row(f"  ... cut {b} ms budget: late by (median)", f"watchdog_overshoot_{b}ms",
             lambda v, rec=rec: f"{v:.0f} ms (worst {rec.get('worst_ms', 0):.0f})",
             "(info)", None)
+    row("monitor + demonitor in a callback (#12)", "monitor_demonitor", rate, "(report)",
+        None)
+    row("ServerDown after a crash (median)", "server_down_latency_median", usec,
+        "(report)", None)
+    row("node.call by pid / by name", "call_pid_vs_name", ratio, "(info: ~1.0)", None)
     secs = lambda v: f"{v:.2f} s"  # noqa: E731
     row("durable call, fsync never (issue #13)", "durable_call", rate, "(report)", None)
     row("  ... the same server, not durable", "durable_call_plain", rate, "-", None)
@@ -330,9 +357,10 @@ def print_table(rows: list[Row]) -> None:
     print(line)
     print(f"* {ERLANG} and {TRIOTP} columns are QUOTED from issues #2 and #3 (measured on "
           f"this machine when the issues were filed), NOT measured by this run.")
-    print("  Targets from issues #2 and #3 (upgrades: #4, wire: #5, attacks: #11, durable: "
-          "#13, http: #14, cluster: #15); '(>= 1M/s)' on queued casts is the plain cast "
-          "target, shown for comparison only.")
+    print("  Targets from issues #2 and #3 (upgrades: #4, wire: #5, attacks: #11, pids: "
+          "#12, durable: #13, http: #14, cluster: #15, cluster releases and failover: "
+          "#16); '(>= 1M/s)' on queued casts is the plain cast target, shown for "
+          "comparison only.")
     print("  cluster rows: node B (and the bare responder) in a process of their own, "
           "each measurement a fresh process; 'own shards': each node's tasks call only its "
           "own counters (bench_cluster.py's docstring says exactly what is measured).")
@@ -373,6 +401,8 @@ def main() -> None:
     results += run_group("bench_durable.py", "start", "100000")
     results += run_group("bench_nats.py")
     results += run_group("bench_cluster.py")
+    results += run_group("bench_cluster_ops.py")
+    results += run_group("bench_processes.py")
     results += run_group("bench_http.py")
     results += run_group("bench_attack.py")
     results += run_group("bench_dashboard.py")
