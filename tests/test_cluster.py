@@ -343,6 +343,32 @@ async def test_foreign_and_malformed_messages_are_dropped(
     assert any(e["event"] == "cluster_message_dropped" for e in logs)
 
 
+async def test_a_message_of_a_million_empty_maps_is_counted_not_built(
+        nats_server: NatsServer, logs: list[dict[str, Any]]) -> None:
+    """A 1 MB payload that msgpack would turn into a million dicts (~64 MB) is walked
+    before it is decoded and dropped past 65,536 objects, with an event saying so; a
+    reply nested deeper than 32 levels is refused as BadReply, never handed on."""
+    from otpy._protocol import cluster as wire
+
+    flood = b"\xdd" + (1_000_000).to_bytes(4, "big") + b"\x80" * 1_000_000
+    assert "65536 objects" in wire.decode("c", flood).reason  # type: ignore[union-attr]
+    many = msgpack.packb([[{}] * 40_000] * 2)
+    assert "more than 65536 objects" in wire.decode("c", many).reason  # type: ignore[union-attr]
+    deep: Any = 1
+    for _ in range(40):
+        deep = [deep]
+    ok, (kind, why) = wire.decode_reply(msgpack.packb([0, deep]))
+    assert (False, "BadReply") == (ok, kind) and "deeper than 32" in why
+    async with nodes(nats_server, b=tree(otpy.Child("kv", Counter, scope="cluster"))) as n:
+        info = n["b"].cluster_info()
+        assert info is not None
+        async with open_client(nats_server.url) as nc:
+            reply = await nc.request(f"otpy.{info['cluster']}.node.b", flood, timeout=5)
+            assert reply.payload.startswith(b"\x92\x01")  # [1, ["BadRequest", ...]]
+        assert 1 == await n["b"].call("kv", "incr")
+    assert any(e["event"] == "cluster_message_dropped" and "65536" in str(e) for e in logs)
+
+
 # -- failover ----------------------------------------------------------------------------
 
 

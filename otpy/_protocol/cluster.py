@@ -37,10 +37,12 @@ import msgpack  # type: ignore[import-untyped]
 
 from .._core.names import Pid
 from .._exceptions import remote_error
-from .msgpack_rpc import decode_ext, encode_ext
+from .msgpack_rpc import Uncountable, check_objects, decode_ext, encode_ext
 
 MAGIC = "otpy/1"
 MAX_DEPTH = 32
+MAX_OBJECTS = 65_536  # objects of one message, at most (as the wire's max_objects)
+WALK_ABOVE = 4096  # bytes: a payload larger than this is walked before it is decoded
 
 OK, ERROR = 0, 1
 
@@ -156,6 +158,10 @@ def encode_error(kind: str, message: str) -> bytes:
 
 def _unpack(payload: bytes) -> Any:
     n = len(payload)
+    if n > WALK_ABOVE:
+        # A large payload is counted before it is built: at most MAX_OBJECTS objects
+        # (a small one cannot hold more than WALK_ABOVE).
+        check_objects(payload, MAX_OBJECTS)
     return msgpack.unpackb(payload, use_list=False, raw=False, strict_map_key=False,
                            ext_hook=decode_ext, max_str_len=n,
                            max_bin_len=n, max_array_len=n, max_map_len=n, max_ext_len=n)
@@ -183,6 +189,8 @@ def decode(cluster: str, payload: bytes) -> Message | Bad:
     raises."""
     try:
         obj = _unpack(payload)
+    except Uncountable as exc:
+        return Bad(f"refused before decoding: {str(exc)[:200]}")
     except Exception as exc:
         return Bad(f"not msgpack ({type(exc).__name__}: {str(exc)[:100]})")
     if type(obj) is not tuple or len(obj) < 3 or obj[0] != MAGIC:
@@ -226,10 +234,14 @@ def decode_reply(payload: bytes) -> tuple[bool, Any]:
     ``(False, ("BadReply", why))``. Never raises."""
     try:
         obj = _unpack(payload)
+    except Uncountable as exc:
+        return False, ("BadReply", f"refused before decoding: {str(exc)[:200]}")
     except Exception as exc:
         return False, ("BadReply", f"not msgpack: {type(exc).__name__}")
     if type(obj) is not tuple or len(obj) != 2 or obj[0] not in (OK, ERROR):
         return False, ("BadReply", "not an otpy reply")
+    if _too_deep(obj, MAX_DEPTH):
+        return False, ("BadReply", f"a reply nested deeper than {MAX_DEPTH} levels")
     if obj[0] == OK:
         return True, obj[1]
     err = obj[1]

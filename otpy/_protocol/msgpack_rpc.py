@@ -310,6 +310,26 @@ class _Partial:
         self.pos = 0
 
 
+class Uncountable(ValueError):
+    """A msgpack value refused before decoding (see :func:`check_objects`)."""
+
+
+def check_objects(data: bytes, max_objects: int) -> None:
+    """Raise :class:`Uncountable` (a ValueError), saying why, if the one msgpack value
+    in ``data`` holds more than ``max_objects`` objects, nests deeper than MAX_NESTING,
+    or is cut short: a walk of its type bytes, building nothing, before anyone decodes
+    it (an empty map is one byte on the wire and a dict in memory)."""
+    walker = _Partial(data)
+    try:
+        status = walker.walk(max_objects, max_objects)
+    except _Broken as exc:
+        raise Uncountable(str(exc)) from None
+    if status == OVER:
+        raise Uncountable(f"more than {max_objects} objects in {len(data)} bytes")
+    if status != DONE:
+        raise Uncountable(f"a value cut short at {len(data)} bytes")
+
+
 _PENDING = object()
 
 
