@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import structlog
 import trio
 import trio.testing
 
@@ -293,3 +294,19 @@ def test_a_runner_must_name_a_variable_it_has() -> None:
     assert runs is runs_callbacks("server")(runs)
     with pytest.raises(AssertionError, match="has no variable 'proc'"):
         runs_callbacks("proc")(runs)
+
+
+# -- the hot paths' objects keep CPython's fast attribute loads ----------------------------
+
+
+def test_the_scheduler_has_slots_however_many_subsystems_hook_it() -> None:
+    """Every step loads the scheduler's attributes and methods. An instance dict past
+    30 keys stops CPython 3.11 from specializing those loads (node.cast then cost ~10%
+    more instructions), so the scheduler declares slots, and its every attribute is one
+    of them: a new hook must be added to ``__slots__``, not set on the fly."""
+    from otpy._core.scheduler import Scheduler
+
+    sched = Scheduler(log=structlog.get_logger("otpy"), clock=lambda: 0.0)
+    assert not hasattr(sched, "__dict__")
+    with pytest.raises(AttributeError):
+        sched.hook = None  # type: ignore[attr-defined]
