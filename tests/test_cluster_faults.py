@@ -462,6 +462,7 @@ class _Proxy:
                 async with up, down, trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump, down, up)
                     await self._pump(up, down)
+                    nursery.cancel_scope.cancel()
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
@@ -469,9 +470,15 @@ class _Proxy:
 
     @staticmethod
     async def _pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
-        while data := await source.receive_some(65536):
-            await sink.send_all(data)
-        raise trio.ClosedResourceError
+        """Copy until either side ends (a node killed at the end resets its side);
+        then both sides close."""
+        try:
+            while data := await source.receive_some(65536):
+                await sink.send_all(data)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        await trio.aclose_forcefully(sink)
+        await trio.aclose_forcefully(source)
 
     def cut(self) -> None:
         self.open = False

@@ -331,11 +331,11 @@ class ClusterNode:
             self._failover[name] = supervisor
         key, value = token(name), msgpack.packb((self.node, self.creation))
         try:
-            rev = await self._names_kv.create(key, value)
+            rev = await self._create_name(key, value)
         except KeyExists as exc:
             existing = exc.existing
             if existing is None:
-                raise
+                raise self._taken(name, "another node") from None
             node, _creation = _unpack_pair(existing.value)
             if node != self.node and await self._alive(node):
                 if supervisor is not None:
@@ -354,8 +354,25 @@ class ClusterNode:
         await self.client.flush()
         log.info("cluster_name_registered", name=name, node=self.node)
 
+    async def _create_name(self, key: str, value: bytes) -> int:
+        """Create ``key``; KeyExists names its owner. A key that other nodes keep
+        creating and deleting under this one (KeyExists without an entry) is tried a
+        few more times before it is given up as taken."""
+        assert self._names_kv is not None
+        for _ in range(3):
+            try:
+                return await self._names_kv.create(key, value)
+            except KeyExists as exc:
+                if exc.existing is not None:
+                    raise
+        return await self._names_kv.create(key, value)
+
     def _own(self, name: str, rev: int) -> None:
-        sub = self.client.subscribe(self.name_subject(name), self._on_message)
+        owned = self._owned.get(name)
+        # Asserted again (after a reconnect): its subscription stays, so that calls to
+        # it are served throughout (a second one would deliver each message twice).
+        sub = owned[1] if owned is not None else self.client.subscribe(
+            self.name_subject(name), self._on_message)
         self._owned[name] = (rev, sub)
         self.names[name] = self.node
         self.sched.standby.discard(name)
@@ -807,12 +824,17 @@ class ClusterNode:
         log.info("cluster_reconnected", node=self.node)
         # Names and membership are asserted again, in case the server lost its store.
         async def reassert() -> None:
+            # Each keeps its subscription meanwhile: a name found taken is given up
+            # (register's standby gives it up by itself).
             for name in list(self._owned):
-                _rev, sub = self._owned.pop(name)
-                sub.unsubscribe()
                 try:
                     await self.register(name, self._failover.get(name))
-                except (OtpyError, NatsError) as exc:
+                except NatsError as exc:  # cut off again: the next reconnect retries
+                    log.warning("cluster_name_not_asserted", name=name, reason=str(exc))
+                except OtpyError as exc:
+                    owned = self._owned.pop(name, None)
+                    if owned is not None:
+                        owned[1].unsubscribe()
                     log.warning("cluster_name_lost", name=name, reason=str(exc))
         if self._nursery is not None:
             self._nursery.start_soon(reassert)
