@@ -170,6 +170,8 @@ async def open_node(
     ``http=(host, port)`` serves HTTP/1.1 (``node.http_address``): calls and casts in
     JSON, ``/metrics``, ``/healthz``, ``/readyz`` and the dashboard, for holders of the
     node's cookie (see docs/http.md); ``http_limits=otpy.HttpLimits(...)`` bounds it.
+    It speaks plain HTTP (``ssl=`` is not applied to it): bind it to loopback, or put a
+    TLS-terminating proxy in front of it.
     When the body ends, the HTTP endpoint drains first (it stops accepting and lets the
     requests in progress finish, within ``drain_grace``), then the tree shuts down.
 
