@@ -38,6 +38,7 @@ Rates are the best round (rounds are interleaved), ratios best over best with th
 median of per-round pairs beside. The machine is small and shared: read ranges.
 
     python bench/bench_cluster.py            # JSON lines, about 90 s
+    python bench/bench_cluster.py --remote   # remote calls against bare NATS only
     python bench/bench_cluster.py --profile [CONCURRENCY]   # cProfile of both ends
 """
 
@@ -439,7 +440,7 @@ def best_and_pairs(name: str, ours: list[float], theirs: list[float], what: str
                 paired=[round(p, 3) for p in paired], paired_median=statistics.median(paired))
 
 
-def main() -> None:
+def main(remote_only: bool = False) -> None:
     quiet_logging()
     emit("cluster_info", 0, "-", what="otpy cluster on one nats-server, 127.0.0.1",
          **python_info())
@@ -469,6 +470,8 @@ def main() -> None:
                            [v["rate"] for v in runs[f"remote_{load}"]],
                            [v["rate"] for v in runs[f"bare_{load}"]],
                            "remote node.call / bare NATS request, same client and server")
+        if remote_only:
+            return
 
         local: dict[str, list[dict[str, float]]] = {"plain": [], "clustered": []}
         for _ in range(LOCAL_ROUNDS):
@@ -609,5 +612,5 @@ if __name__ == "__main__":
         profile(int(args[0]) if args else 1)
     else:
         t0 = clock()
-        main()
+        main(remote_only=mode == "--remote")
         emit("cluster_bench_seconds", clock() - t0, "s")

@@ -72,7 +72,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import outcome
@@ -250,7 +250,17 @@ class _CallbackWaiter:
                       exc_info=exc)
 
 
-_Waiter = _TaskWaiter | _CallbackWaiter
+class Waiter(Protocol):
+    """What :meth:`Client.request_waiter` takes: called once with the outcome (never
+    raising), ``key`` set to the request's inbox, ``subject`` naming the request."""
+
+    key: str
+    subject: str
+
+    def __call__(self, result: Msg | NatsError) -> None: ...
+
+
+_Waiter = _TaskWaiter | _CallbackWaiter | Waiter
 
 
 class _Flush:
@@ -512,11 +522,16 @@ class Client:
         :class:`NotConnected` while reconnecting, :class:`OutgoingFull` when the
         outgoing buffer is full, :class:`PayloadTooLarge`, ``ValueError`` for a bad
         subject or header."""
+        if reply is not None:
+            self._check_subject(reply)
+        self._publish(subject, payload, reply, headers)
+
+    def _publish(self, subject: str, payload: bytes, reply: str | None,
+                 headers: HeaderInput | None) -> None:
+        """publish_nowait, ``reply`` taken as valid (a request's own inbox)."""
         if self.state != CONNECTED or self._closing:
             raise self._not_sendable()
         self._check_subject(subject)
-        if reply is not None:
-            self._check_subject(reply)
         if headers:
             block = proto.encode_headers(headers)
             size = len(block) + len(payload)
@@ -617,7 +632,7 @@ class Client:
             raise OutgoingFull(f"{len(self._pending)} requests are in flight; the limit is "
                                f"max_requests={self.max_requests}")
         reply = self._inbox_prefix + str(next(self._req_ids))
-        self.publish_nowait(subject, payload, reply=reply, headers=headers)
+        self._publish(subject, payload, reply, headers)
         waiter.key = reply
         self._pending[reply] = waiter
         deadline = trio.current_time() + timeout
@@ -661,6 +676,15 @@ class Client:
         be sent at all; then the callback is never called."""
         self._start_request(subject, payload, headers, timeout,
                             _CallbackWaiter(callback, subject))
+
+    def request_waiter(self, subject: str, payload: bytes, waiter: Waiter, *,
+                       timeout: float = DEFAULT_TIMEOUT) -> None:
+        """:meth:`request_nowait` for a caller that keeps its own record of the request:
+        ``waiter`` is called with the outcome as the callback would be, and must never
+        raise; its ``key`` is set to the request's inbox, and its ``subject`` (set by
+        the caller: ``subject``) names it in errors. One object per request instead of
+        two."""
+        self._start_request(subject, payload, None, timeout, waiter)
 
     def _on_reply(self, msg: Msg) -> None:
         waiter = self._pending.pop(msg.subject, None)

@@ -138,19 +138,29 @@ class _NatsCaller(Caller):
 
 class _Call:
     """A call this node made to another: answered once, by the reply or by its node's
-    death, whichever comes first."""
+    death, whichever comes first. It is its own request's waiter in the NATS client
+    (``key``: the inbox, ``subject``: where it went)."""
 
-    __slots__ = ("address", "caller", "cluster", "node", "timeout")
+    __slots__ = ("address", "caller", "cluster", "key", "node", "subject", "timeout")
 
     def __init__(self, cluster: ClusterNode, caller: Caller, node: str, address: Any,
-                 timeout: float | None) -> None:
+                 timeout: float | None, subject: str) -> None:
         self.cluster = cluster
         self.caller = caller
         self.node = node
         self.address = address
         self.timeout = timeout
+        self.subject = subject
+        self.key = ""
 
     def __call__(self, result: Msg | NatsError) -> None:
+        try:
+            self._answer(result)
+        except Exception as exc:  # the client's reader must go on
+            log.error("cluster_call_answer_failed", address=repr(self.address)[:100],
+                      exc_info=exc)
+
+    def _answer(self, result: Msg | NatsError) -> None:
         calls = self.cluster._calls.get(self.node)
         if calls is not None:
             calls.discard(self)
@@ -207,6 +217,8 @@ class ClusterNode:
         self._failover: dict[str, str] = {}  # cluster supervisor of each name that has one
         self._member_rev = 0
         self._calls: dict[str, set[_Call]] = {}  # node -> calls in flight to it
+        # name -> (owner, subject, target) of a cluster-scoped name another node runs
+        self._routes: dict[str, tuple[str, str, str]] = {}
         self._watching: dict[int, MonitorRef] = {}  # our monitors of remote servers
         self._remote_watchers: dict[tuple[str, int], MonitorRef] = {}
         self._probing: dict[str, float] = {}  # node -> when its probe went out
@@ -514,16 +526,25 @@ class ClusterNode:
         """(node, subject, target as that node reads it) for an address this node does
         not serve, or None when nothing in the cluster serves it."""
         if type(address) is str:
-            parts = split_remote(address)
-            if parts is not None:
-                name, node = parts
-                if node == self.node or node not in self.members:
+            if "@" not in address:  # a cluster-scoped name: the hot case
+                owner = self.names.get(address)
+                if owner is None or owner == self.node:
                     return None
-                return node, self.node_subject(node), f"{name}@{node}"
-            owner = self.names.get(address)
-            if owner is None or owner == self.node:
+                route = self._routes.get(address)
+                if route is None or route[0] != owner:
+                    # Made once per (name, owner): the subject and the target string.
+                    if len(self._routes) >= 4096:
+                        self._routes.clear()
+                    route = self._routes[address] = (
+                        owner, self.name_subject(address), f"{address}@{owner}")
+                return route
+            parts = split_remote(address)
+            if parts is None:
                 return None
-            return owner, self.name_subject(address), f"{address}@{owner}"
+            name, node = parts
+            if node == self.node or node not in self.members:
+                return None
+            return node, self.node_subject(node), f"{name}@{node}"
         if type(address) is Pid:
             if address.node == self.node or address.node not in self.members:
                 return None
@@ -556,22 +577,25 @@ class ClusterNode:
             return False
         node, subject, target = route
         try:
-            payload = wire.encode(self.cluster, wire.Call(target, request, vsn, timeout,
-                                                          self.releases.level))
+            payload = wire.encode_call(self.cluster, target, request, vsn, timeout,
+                                       self.releases.level)
         except wire.Unsendable as exc:
             caller._fail(TypeError(f"the request to {address!r} {exc}"))
             return True
-        call = _Call(self, caller, node, address, timeout)
+        call = _Call(self, caller, node, address, timeout, subject)
         if self.members.get(node) == "down":
             call.fail_noconnection(f"node {node!r} is down")
             return True
         try:
-            self.client.request_nowait(subject, payload, call,
+            self.client.request_waiter(subject, payload, call,
                                        timeout=NO_TIMEOUT if timeout is None else timeout)
         except NatsError as exc:
             call.fail_noconnection(f"this node cannot reach the cluster ({exc})")
             return True
-        self._calls.setdefault(node, set()).add(call)
+        calls = self._calls.get(node)
+        if calls is None:
+            calls = self._calls[node] = set()
+        calls.add(call)
         return True
 
     def send(self, kind: int, address: Any, message: Any) -> bool:

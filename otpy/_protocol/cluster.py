@@ -125,10 +125,22 @@ def _packb(obj: Any) -> bytes:
     return data
 
 
+def encode_call(cluster: str, target: Any, request: Any, vsn: str | None,
+                timeout: float | None, level: int) -> bytes:
+    """``encode(cluster, Call(...))`` without building the Call (every remote call
+    comes through here)."""
+    try:
+        data: bytes = msgpack.packb((MAGIC, cluster, "call", target, request, vsn, timeout,
+                                     level), use_bin_type=True, default=encode_ext)
+    except (TypeError, ValueError, OverflowError):
+        return _packb((MAGIC, cluster, "call", target, request, vsn, timeout, level))
+    return data
+
+
 def encode(cluster: str, message: Message) -> bytes:
     """The payload for ``message`` (:class:`Unsendable` if msgpack cannot carry it)."""
     if isinstance(message, Call):
-        return _packb((MAGIC, cluster, "call", *message))
+        return encode_call(cluster, *message)
     if isinstance(message, Cast):
         kind = "send" if message.info else "cast"
         return _packb((MAGIC, cluster, kind, message.target, message.message))
@@ -174,7 +186,11 @@ def _too_deep(obj: Any, limit: int) -> bool:
         obj = (*obj.keys(), *obj.values())
     elif type(obj) is not tuple:
         return False
-    return any(_too_deep(x, limit - 1) for x in obj if type(x) is tuple or type(x) is dict)
+    for x in obj:  # a loop, not any(genexpr): every message and reply comes through
+        t = type(x)
+        if (t is tuple or t is dict) and _too_deep(x, limit - 1):
+            return True
+    return False
 
 
 def _address(value: Any) -> bool:
