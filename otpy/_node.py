@@ -13,11 +13,9 @@ node with them.
 
 from __future__ import annotations
 
-import gc
 import math
 import secrets
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import outcome
@@ -25,21 +23,16 @@ import structlog
 import trio
 
 from ._core.names import Pid
-from ._core.release import Migration, Planner, Release, ReleaseInfo
+from ._core.release import Planner, Release, ReleaseInfo
 from ._core.runtime import Runtime
 from ._core.scheduler import CAST, INFO, Scheduler, TaskRef
 from ._core.server import WAITING, Caller, GenServer, TaskDone, TaskFailed
 from ._core.supervisor import Child, ChildInfo, Supervisor
 from ._exceptions import OtpyError, UpgradeFailed
+from ._install import commit, heap_frozen, migrate_in_chunks
 from ._watchdog import Watchdog
 
 DEFAULT_NODE_NAME = "nonode"
-
-# Servers migrated, and planned (a cheaper check), between two yields to the loop
-# during an upgrade: each chunk is well under a millisecond.
-_MIGRATION_CHUNK = 200
-_PLAN_CHUNK = 1000
-
 
 class TaskCaller(Caller):
     """A trio task waiting for a reply: answered at once, or parked until rescheduled."""
@@ -292,26 +285,11 @@ class Node:
         return self._rt.releases()
 
     async def _install(self, planner: Planner) -> dict[str, Any]:
-        """Drive a planned release to its commit (or its rollback), in chunks."""
-        # Plan, then migrate, in chunks, yielding to the loop between them, so that
-        # servers outside the release keep serving throughout; only the commit at the
-        # end is one synchronous act.
-        with _heap_frozen():
-            try:
-                while not planner.plan(_PLAN_CHUNK):
-                    await trio.lowlevel.checkpoint()
-            except BaseException:
-                planner.abort()
-                raise
-            migration = planner.finish()
-            migration.watch()
-            try:
-                while not migration.migrate(_MIGRATION_CHUNK):
-                    await trio.lowlevel.checkpoint()
-            except BaseException:
-                migration.abort()
-                raise
-            return _commit(migration)
+        """Drive a planned release to its commit (or its rollback), in chunks: servers
+        outside the release keep serving throughout; only the commit at the end is one
+        synchronous act."""
+        with heap_frozen():
+            return commit(await migrate_in_chunks(planner))
 
     # -- the loop --------------------------------------------------------------------
 
@@ -391,38 +369,3 @@ class Node:
             self._rt.shutdown()
         finally:
             self._watchdog.stop()
-
-
-@trio.lowlevel.enable_ki_protection
-def _commit(migration: Migration) -> dict[str, Any]:
-    """The commit, shielded from Ctrl-C: trio delivers a KeyboardInterrupt that
-    arrives meanwhile at the next checkpoint, so it never leaves a release half
-    swapped."""
-    return migration.finish()
-
-
-@contextmanager
-def _heap_frozen() -> Iterator[None]:
-    """Keep the collector out of the way while a release installs.
-
-    A migration allocates a few objects per server, enough to trigger CPython's full
-    collection, which walks every object of the node in one pause (~50 ms for 10k
-    servers) in the middle of the upgrade. Frozen, the existing (long-lived) objects are
-    skipped; unfrozen after, they count as long-lived again. And automatic collection
-    is off until the release is installed: at 100k servers the young collections set
-    off by the commit's own allocations were a third of it (the objects an install
-    makes are few per server and live on; garbage made meanwhile waits until after).
-    An application that freezes objects itself (gc.get_freeze_count() > 0), or has
-    turned the collector off, is left to do so."""
-    frozen = not gc.get_freeze_count()
-    enabled = gc.isenabled()
-    if frozen:
-        gc.freeze()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-        if frozen:
-            gc.unfreeze()

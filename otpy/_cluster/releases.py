@@ -46,6 +46,7 @@ import trio
 
 from .._core.release import Migration, Release
 from .._exceptions import UpgradeFailed
+from .._install import commit, heap_frozen, migrate_in_chunks
 from .._protocol.release_bundle import decode_bundle
 from .._release_files import ReleaseSource, load_in_thread
 from .jetstream import JetStream, KeyExists, KeyValue, KvChange, ObjectStore
@@ -60,7 +61,6 @@ log = structlog.get_logger("otpy")
 PREPARE_TIMEOUT = 60.0
 DECISION_TIMEOUT = 30.0
 ACK_TIMEOUT = 10.0
-_CHUNK_PLAN, _CHUNK_MIGRATE = 1000, 200
 
 
 class Proposal(NamedTuple):
@@ -320,7 +320,8 @@ class NodeReleases:
         try:
             release = None if proposal.downgrade else await self._release(proposal)
             migration = await self._migrate(release)
-            migration.finish(force=True)
+            with heap_frozen():
+                commit(migration, force=True)
             self._advance(proposal.number, migration)
             log.info("cluster_release_caught_up", release=proposal.vsn,
                      number=proposal.number, downgrade=proposal.downgrade)
@@ -366,22 +367,9 @@ class NodeReleases:
         return release
 
     async def _migrate(self, release: Release | None) -> Migration:
-        planner = self.rt.release_handler.planner(release, lenient=True)
-        try:
-            while not planner.plan(_CHUNK_PLAN):
-                await trio.lowlevel.checkpoint()
-        except BaseException:
-            planner.abort()
-            raise
-        migration = planner.finish()
-        migration.watch()
-        try:
-            while not migration.migrate(_CHUNK_MIGRATE):
-                await trio.lowlevel.checkpoint()
-        except BaseException:
-            migration.abort()
-            raise
-        return migration
+        with heap_frozen():
+            return await migrate_in_chunks(
+                self.rt.release_handler.planner(release, lenient=True))
 
     async def _prepare(self, proposal: Proposal) -> None:
         try:
@@ -441,7 +429,8 @@ class NodeReleases:
             if migration is None:
                 return  # it voted no (nothing was kept), or cannot commit what it lost
             if _is_commit(decision):
-                report = migration.finish(force=True)
+                with heap_frozen():
+                    report = commit(migration, force=True)
                 log.info("cluster_release_applied", number=number,
                          servers=len(report["servers"]))
                 self._advance(number, migration)
