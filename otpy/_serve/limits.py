@@ -135,7 +135,8 @@ class HttpLimits:
     ``read_timeout`` (seconds, default 10): a request must arrive whole (line, headers,
     body) within this time of its first byte; else 408 and the connection closes.
     ``idle_timeout`` (seconds, default 15): a keep-alive connection with no request in
-    progress is closed after this time.
+    progress is closed after this time. Both timeouts are checked every quarter of the
+    shorter one (at most every second), so they are honoured within that much.
     ``write_timeout`` (seconds, default 10): a client must take the responses pending
     for it within this time; else the connection closes.
     ``call_timeout`` (seconds, default 5.0): a call's timeout when the request names
