@@ -165,7 +165,9 @@ async def open_node(
     ``cluster_options={"cut_after": 5.0, "probe_interval": 0.05}`` tunes how the node
     watches the others: each is probed every ``probe_interval`` seconds, and one that
     stays silent for ``cut_after`` seconds is taken as cut off (its monitors get
-    ``ServerDown(..., "noconnection")``). See docs/cluster.md.
+    ``ServerDown(..., "noconnection")``); one down for ``forget_after`` seconds (60 by
+    default) is removed from the cluster's members (it joins again when it comes
+    back). See docs/cluster.md.
 
     ``http=(host, port)`` serves HTTP/1.1 (``node.http_address``): calls and casts in
     JSON, ``/metrics``, ``/healthz``, ``/readyz`` and the dashboard, for holders of the

@@ -481,6 +481,67 @@ async def test_a_node_silent_for_cut_after_is_down(nats_server: NatsServer) -> N
         assert trio.current_time() - start >= 0.2
 
 
+async def test_a_member_down_for_forget_after_is_forgotten(nats_server: NatsServer) -> None:
+    """A member whose process is gone is down at once and, after forget_after, removed
+    from the members bucket (so a node restarted under a new name is not probed for
+    ever); a second node sees it go too."""
+    from otpy._cluster.jetstream import JetStream
+
+    cluster = f"t{next(_clusters)}"
+    options = {"forget_after": 0.3}
+    async with otpy.open_node(tree(), cluster=nats_server.url, cluster_name=cluster,
+                              node_name="a", cluster_options=options) as a, \
+            otpy.open_node(tree(), cluster=nats_server.url, cluster_name=cluster,
+                           node_name="c") as c:
+        async with fake_member(nats_server, cluster, "b") as b:
+            with trio.fail_after(5):
+                while "b" not in a.cluster_info()["members"] or \
+                        "b" not in c.cluster_info()["members"]:  # type: ignore[index]
+                    await trio.sleep(0.01)
+            b.unsubscribe()  # its process is gone
+            with trio.fail_after(2):
+                while a.cluster_info()["members"].get("b") != "down":  # type: ignore[index]
+                    await trio.sleep(0.01)
+            down_at = trio.current_time()
+            with trio.fail_after(5):
+                while "b" in a.cluster_info()["members"] or \
+                        "b" in c.cluster_info()["members"]:  # type: ignore[index]
+                    await trio.sleep(0.01)
+            assert trio.current_time() - down_at >= 0.25
+            async with open_client(nats_server.url) as nc:
+                nodes = await JetStream(nc).key_value(f"otpy-{cluster}-nodes", create=False)
+                assert await nodes.get("b") is None
+                assert await nodes.get("a") is not None  # the living stay
+        assert {"a", "c"} == set(c.cluster_info()["members"])  # type: ignore[index]
+
+
+async def test_a_node_forgotten_while_alive_takes_its_place_again(
+        nats_server: NatsServer) -> None:
+    """A node whose entry the others removed while it lived (it was cut off for longer
+    than forget_after) puts it back as soon as it sees it go, and the others see it up
+    again."""
+    from otpy._cluster.jetstream import JetStream
+
+    async with nodes(nats_server, a=tree(otpy.Child("kv", Counter)), c=tree()) as opened:
+        a, c = opened["a"], opened["c"]
+        cluster = a.cluster_info()["cluster"]  # type: ignore[index]
+        async with open_client(nats_server.url) as nc:
+            kv = await JetStream(nc).key_value(f"otpy-{cluster}-nodes", create=False)
+            entry = await kv.get("a")
+            assert entry is not None
+            await kv.delete("a", last_revision=entry.revision)
+            with trio.fail_after(5):
+                while True:
+                    again = await kv.get("a")
+                    if again is not None and again.revision > entry.revision:
+                        break
+                    await trio.sleep(0.02)
+        with trio.fail_after(5):
+            while c.cluster_info()["members"].get("a") != "up":  # type: ignore[index]
+                await trio.sleep(0.01)
+        assert 1 == await c.call("kv@a", "incr")
+
+
 async def test_cluster_options_are_checked() -> None:
     """Unknown cluster options, durations that are not positive, a cut shorter than a
     probe, and options without a cluster are refused, saying which."""

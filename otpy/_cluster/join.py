@@ -24,6 +24,7 @@ from .._core.supervisor import Supervisor
 from .nats_client import Client, NatsError
 from .node import (
     CUT_AFTER,
+    FORGET_AFTER,
     PROBE_INTERVAL,
     ClusterError,
     ClusterNode,
@@ -37,7 +38,8 @@ from .states import ClusterStates
 log = structlog.get_logger("otpy")
 
 LEAVE_GRACE = 2.0
-CLUSTER_OPTIONS = {"probe_interval": PROBE_INTERVAL, "cut_after": CUT_AFTER}
+CLUSTER_OPTIONS = {"probe_interval": PROBE_INTERVAL, "cut_after": CUT_AFTER,
+                   "forget_after": FORGET_AFTER}
 
 
 def check_cluster_options(options: Mapping[str, float] | None) -> dict[str, float]:

@@ -68,7 +68,7 @@ log = structlog.get_logger("otpy")
 
 PROBE_INTERVAL = 0.05
 CUT_AFTER = 5.0
-LEASE = 10.0
+FORGET_AFTER = 60.0  # seconds a member stays down before it is removed from the cluster
 # A remote call with no timeout still needs one on the wire: a day.
 NO_TIMEOUT = 86_400.0
 _TOKEN = re.compile(r"[A-Za-z0-9_\-]+")
@@ -196,7 +196,7 @@ class ClusterNode:
 
     def __init__(self, rt: Runtime, client: Client, *, cluster: str,
                  probe_interval: float = PROBE_INTERVAL, cut_after: float = CUT_AFTER,
-                 lease: float = LEASE) -> None:
+                 forget_after: float = FORGET_AFTER) -> None:
         self.rt = rt
         self.sched: Scheduler = rt.sched
         self.client = client
@@ -206,9 +206,17 @@ class ClusterNode:
         self.creation = self.sched.creation
         self.probe_interval = probe_interval
         self.cut_after = cut_after
-        self.lease = lease
+        self.forget_after = forget_after
         self.prefix = f"otpy.{token(cluster)}"
         self.members: dict[str, str] = {}  # node -> "up" | "down"
+        # Members' entries in the members bucket (their revisions), and since when each
+        # down member has been found down while this node was connected: one down for
+        # forget_after is removed from the bucket (a node restarted under a new name
+        # must not be probed for ever).
+        self._member_revs: dict[str, int] = {}
+        self._down_since: dict[str, float] = {}
+        self._forgetting: set[str] = set()
+        self._leaving = False
         self.names: dict[str, str] = {}  # cluster-scoped name -> node that runs it
         self._names_kv: KeyValue | None = None
         self._nodes_kv: KeyValue | None = None
@@ -323,6 +331,7 @@ class ClusterNode:
     async def leave(self) -> None:
         """Give up this node's names and its place (an orderly exit)."""
         self.sched.remote = None
+        self._leaving = True
         for name in list(self._owned):
             await self.unregister(name)
         if self._nodes_kv is not None and self._member_rev:
@@ -513,12 +522,50 @@ class ClusterNode:
     def _member_changed(self, change: KvChange) -> None:
         node = _untoken(change.key)
         if node == self.node:
+            if change.operation != "PUT" and not self._leaving and \
+                    self._nursery is not None:
+                # Forgotten by the others while alive (cut off for longer than
+                # forget_after, say): take this node's place again.
+                self._nursery.start_soon(self._rejoin)
             return
         if change.operation == "PUT":
             self.members[node] = "up"
+            self._member_revs[node] = change.revision
+            self._down_since.pop(node, None)
         elif node in self.members:
             self._node_down(node, "it left the cluster")
             self.members.pop(node, None)
+            self._member_revs.pop(node, None)
+            self._down_since.pop(node, None)
+
+    async def _rejoin(self) -> None:
+        try:
+            await self._claim_node_name()
+        except (OtpyError, NatsError) as exc:
+            log.error("cluster_rejoin_failed", node=self.node, reason=str(exc))
+            return
+        log.info("cluster_rejoined", node=self.node)
+
+    def _forget_down(self, now: float) -> None:
+        """Remove from the members bucket each member down for forget_after (one
+        compare-and-swap on its entry: any node may do it, once)."""
+        for node, since in list(self._down_since.items()):
+            if (now - since >= self.forget_after and node not in self._forgetting
+                    and self.members.get(node) == "down" and self._nursery is not None):
+                self._forgetting.add(node)
+                self._nursery.start_soon(self._forget, node, now - since)
+
+    async def _forget(self, node: str, down_for: float) -> None:
+        rev = self._member_revs.get(node)
+        try:
+            if rev is not None and self._nodes_kv is not None:
+                await self._nodes_kv.delete(token(node), last_revision=rev)
+                log.info("cluster_node_forgotten", node=node,
+                         down_seconds=round(down_for, 1))
+        except (WrongRevision, NatsError):
+            pass  # another node forgot it first, or it came back: the watch says which
+        finally:
+            self._forgetting.discard(node)
 
     # -- the core's Remote -----------------------------------------------------------
 
@@ -800,12 +847,15 @@ class ClusterNode:
                         self._prober(node), timeout=self.cut_after)
                 except NatsError:
                     pass  # this node lost NATS: _on_disconnect said so
+            if self._down_since and self.client.is_connected:
+                self._forget_down(now)
             await trio.sleep(self.probe_interval)
 
     def _prober(self, node: str) -> Callable[[Msg | NatsError], None]:
         def answered(result: Msg | NatsError) -> None:
             if isinstance(result, Msg):
                 self._probing.pop(node, None)
+                self._down_since.pop(node, None)
                 if self.members.get(node) == "down":
                     self.members[node] = "up"
                     log.info("cluster_node_up", node=node)
@@ -830,6 +880,8 @@ class ClusterNode:
             log.warning("cluster_node_down", node=node, reason=why)
             if self.client.is_connected:
                 self._fail_over(node, trio.current_time())
+        if self.client.is_connected:  # found down by this node, not by its own cut
+            self._down_since.setdefault(node, trio.current_time())
         self.members[node] = "down"
         for call in self._calls.pop(node, set()):
             call.fail_noconnection(f"node {node!r} is down ({why})")
@@ -843,11 +895,16 @@ class ClusterNode:
     def _on_disconnect(self, reason: str) -> None:
         for node in list(self.members):
             self._node_down(node, f"this node lost NATS ({reason})")
+        self._down_since.clear()  # this node's cut says nothing of theirs
 
     def _on_reconnect(self) -> None:
         log.info("cluster_reconnected", node=self.node)
         # Names and membership are asserted again, in case the server lost its store.
         async def reassert() -> None:
+            try:  # this node's place first: the others may have forgotten it
+                await self._claim_node_name()
+            except (OtpyError, NatsError) as exc:
+                log.warning("cluster_rejoin_failed", node=self.node, reason=str(exc))
             # Each keeps its subscription meanwhile: a name found taken is given up
             # (register's standby gives it up by itself).
             for name in list(self._owned):
