@@ -207,18 +207,33 @@ class Node:
     async def start_child(self, sup: str, child: Child | Supervisor) -> ChildInfo:
         """Add ``child`` to supervisor ``sup`` and start it (a child with
         ``scope="cluster"`` is registered cluster-wide first: StartFailed if another
-        node runs that name)."""
+        node runs that name). Under a cluster supervisor, such a child's spec is also
+        given to the other nodes, which stand by for it and take it over if this node
+        dies, as for a child of the tree (its class must be importable by its module
+        path there, and its arg msgpack-able: TypeError before anything starts)."""
         await trio.lowlevel.checkpoint()
-        if self._cluster is not None:
-            from ._cluster.node import cluster_specs
+        cluster = self._cluster
+        if cluster is None:
+            return self._rt.start_child(sup, child)
+        from ._cluster.node import cluster_specs, encode_spec
 
-            scope = self._rt.supervisor(sup).spec.scope
-            wrapped = child if isinstance(child, Supervisor) else Supervisor(
-                [child], name=f"{child.id}.spec", scope=scope)
-            for name, failover in cluster_specs(wrapped):
-                await self._cluster.register(name, sup if failover == wrapped.name
-                                             else failover)
-        return self._rt.start_child(sup, child)
+        scope = self._rt.supervisor(sup).spec.scope
+        # A worker of a cluster supervisor that is restarted at all: its spec is shared.
+        spread = child if (isinstance(child, Child) and child.scope == "cluster" and
+                           scope == "cluster" and child.restart.value != "temporary") \
+            else None
+        shared = None if spread is None else encode_spec(sup, spread)
+        wrapped = child if isinstance(child, Supervisor) else Supervisor(
+            [child], name=f"{child.id}.spec", scope=scope)
+        for name, failover in cluster_specs(wrapped):
+            await cluster.register(name, sup if failover == wrapped.name else failover)
+        if spread is not None and (spread.durable if spread.durable is not None
+                                   else spread.server_class.durable):
+            await cluster.claim_dynamic(spread.id)
+        info = self._rt.start_child(sup, child)
+        if shared is not None:
+            await cluster.share_spec(child.id, shared)
+        return info
 
     def cluster_info(self) -> dict[str, Any] | None:
         """The cluster as this node sees it (its name, this node, the members and
@@ -237,9 +252,12 @@ class Node:
         return self._rt.restart_child(sup, id)
 
     async def delete_child(self, sup: str, id: str) -> None:
-        """Remove the spec of a child that is not running."""
+        """Remove the spec of a child that is not running (a child that start_child
+        gave to the cluster: on every node, and its cluster-wide name is given up)."""
         await trio.lowlevel.checkpoint()
         self._rt.delete_child(sup, id)
+        if self._cluster is not None:
+            await self._cluster.forget_spec(id)
 
     # -- releases --------------------------------------------------------------------
 

@@ -415,6 +415,126 @@ async def test_a_cluster_supervisors_child_stands_by_and_takes_over(
             assert 1 == await stands.call("kv", "incr")  # a new incarnation, from init
 
 
+class DurableCounter(Counter):
+    durable = True
+
+
+def pool() -> otpy.Supervisor:
+    """An empty cluster supervisor, for children added with start_child."""
+    return otpy.Supervisor([otpy.Supervisor([], name="pool", scope="cluster")],
+                           max_restarts=100)
+
+
+@asynccontextmanager
+async def two_nodes_a_stoppable(server: NatsServer, cluster: str) -> AsyncIterator[
+        tuple[otpy.Node, otpy.Node, trio.Event]]:
+    """Nodes a and b with a pool each; setting the event stops a (in order)."""
+    stop_a = trio.Event()
+
+    async def run_a(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with otpy.open_node(pool(), cluster=server.url, cluster_name=cluster,
+                                  node_name="a") as a:
+            task_status.started(a)
+            await stop_a.wait()
+
+    async with trio.open_nursery() as nursery:
+        a = await nursery.start(run_a)
+        async with otpy.open_node(pool(), cluster=server.url, cluster_name=cluster,
+                                  node_name="b") as b:
+            await settle({"a": a, "b": b})
+            yield a, b, stop_a
+        stop_a.set()
+
+
+async def until_status(node: otpy.Node, id: str, status: str | None) -> None:
+    """Until child ``id`` of the pool has ``status`` on ``node`` (None: is gone)."""
+    with trio.fail_after(5):
+        while {c.id: c.status for c in node.which_children("pool")}.get(id) != status:
+            await trio.sleep(0.01)
+
+
+async def test_a_child_added_to_a_cluster_supervisor_fails_over(
+        nats_server: NatsServer) -> None:
+    """start_child under a cluster supervisor gives the child's spec to the other
+    nodes: they stand by for it, and when its node goes, one of them runs it (from
+    init: it is not durable)."""
+    async with two_nodes_a_stoppable(nats_server, f"d{next(_clusters)}") as (a, b, stop_a):
+        await a.start_child("pool", otpy.Child("w", Counter, 10, scope="cluster"))
+        assert ["w"] == a.servers()
+        await until_status(b, "w", "standby")
+        assert [1, 2] == [await b.call("w", "incr"), await b.call("w", "incr")]
+        stop_a.set()
+        with trio.fail_after(5):
+            while "w" not in b.servers():
+                await trio.sleep(0.01)
+        assert 1 == await b.call("w", "incr")
+
+
+async def test_a_durable_child_added_to_a_cluster_supervisor_moves_with_its_state(
+        nats_server: NatsServer) -> None:
+    """A durable child added with start_child keeps its state in the cluster's store:
+    the node that takes it over resumes it."""
+    async with two_nodes_a_stoppable(nats_server, f"d{next(_clusters)}") as (a, b, stop_a):
+        await a.start_child("pool", otpy.Child("w", DurableCounter, scope="cluster"))
+        await until_status(b, "w", "standby")
+        assert [1, 2, 3] == [await b.call("w", "incr") for _ in range(3)]
+        stop_a.set()
+        with trio.fail_after(5):
+            while "w" not in b.servers():
+                await trio.sleep(0.01)
+        assert 4 == await b.call("w", "incr")
+
+
+async def test_deleting_an_added_child_deletes_it_everywhere(
+        nats_server: NatsServer) -> None:
+    """delete_child of a child added under a cluster supervisor drops the standbys'
+    specs and frees its name: another node may then start a child of that name."""
+    async with two_nodes_a_stoppable(nats_server, f"d{next(_clusters)}") as (a, b, _):
+        await a.start_child("pool", otpy.Child("w", Counter, scope="cluster"))
+        await until_status(b, "w", "standby")
+        await a.terminate_child("pool", "w")
+        await a.delete_child("pool", "w")
+        await until_status(b, "w", None)
+        with trio.fail_after(5):
+            while "w" in (b.cluster_info() or {})["names"]:
+                await trio.sleep(0.01)
+        await b.start_child("pool", otpy.Child("w", Counter, scope="cluster"))
+        assert ["w"] == b.servers()
+        await until_status(a, "w", "standby")
+
+
+async def test_a_node_that_joins_later_stands_by_for_added_children(
+        nats_server: NatsServer) -> None:
+    """The specs already shared reach a node that joins after them, once its tree
+    runs."""
+    async with nodes(nats_server, a=pool()) as opened:
+        a = opened["a"]
+        await a.start_child("pool", otpy.Child("w", Counter, scope="cluster"))
+        cluster = a.cluster_info()["cluster"]  # type: ignore[index]
+        async with otpy.open_node(pool(), cluster=nats_server.url, cluster_name=cluster,
+                                  node_name="c") as c:
+            await until_status(c, "w", "standby")
+            assert 1 == await c.call("w", "incr")
+
+
+async def test_a_child_the_other_nodes_cannot_rebuild_is_refused(
+        nats_server: NatsServer) -> None:
+    """A child whose class the other nodes cannot import by its path, or whose arg
+    msgpack cannot carry, is refused before anything starts, saying why."""
+
+    class Local(Counter):
+        pass
+
+    async with nodes(nats_server, a=pool()) as opened:
+        a = opened["a"]
+        with pytest.raises(TypeError, match="top level of a module"):
+            await a.start_child("pool", otpy.Child("x", Local, scope="cluster"))
+        with pytest.raises(TypeError, match="msgpack carries"):
+            await a.start_child("pool", otpy.Child("y", Counter, object(), scope="cluster"))
+        assert [] == a.servers() and [] == a.which_children("pool")
+        assert {} == a.cluster_info()["names"]  # type: ignore[index]
+
+
 # -- failure detection -------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ from .node import (
     ClusterNode,
     cluster_specs,
     durable_cluster_names,
+    has_cluster_supervisor,
     token,
 )
 from .server import default_cluster_dir, open_shared_server
@@ -107,10 +108,11 @@ async def open_cluster(rt: Runtime, cluster: str | bool, cluster_name: str,
                 for name, supervisor in cluster_specs(root):
                     await node.register(name, supervisor)
                 durable = durable_cluster_names(root)
-                if durable:
+                if durable or has_cluster_supervisor(root):
                     # Their states go to the cluster's bucket, so that another node
                     # resumes them; the ones this node runs are claimed before they
-                    # start (see otpy._cluster.states).
+                    # start (see otpy._cluster.states). A cluster supervisor may be
+                    # given durable children later (start_child): it needs it too.
                     states = await ClusterStates.open(client, token(cluster_name),
                                                       node=node.node, creation=node.creation)
                     await nursery.start(states.run)

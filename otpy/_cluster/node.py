@@ -33,11 +33,12 @@ an address names nothing local).
 
 from __future__ import annotations
 
+import importlib
 import re
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack  # type: ignore[import-untyped]
 import structlog
@@ -59,10 +60,14 @@ from .._exceptions import (
     remote_error,
 )
 from .._protocol import cluster as wire
+from .._protocol.msgpack_rpc import decode_ext, encode_ext
 from .jetstream import JetStream, KeyExists, KeyValue, KvChange, WrongRevision
 from .nats_client import Client, Msg, NatsError, NoResponders, RequestTimeout
 from .releases import NodeReleases, open_buckets
 from .states import ClusterStates
+
+if TYPE_CHECKING:
+    from .._core.supervisor import Child
 
 log = structlog.get_logger("otpy")
 
@@ -244,6 +249,13 @@ class ClusterNode:
         # has durable cluster-scoped children, and their names.
         self.states: ClusterStates | None = None
         self.state_names: set[str] = set()
+        # The specs of children added with start_child under a cluster supervisor, in
+        # the bucket otpy-<cluster>-specs: every node keeps them as standbys, so that
+        # such a child fails over as a child of the tree does. Until the tree runs
+        # (serve), those seen wait here.
+        self._specs_kv: KeyValue | None = None
+        self._pending_specs: dict[str, KvChange] | None = {}
+        self._dynamic: set[str] = set()  # names whose spec is in the specs bucket
 
     # -- subjects --------------------------------------------------------------------
 
@@ -262,6 +274,7 @@ class ClusterNode:
         try:
             self._nodes_kv = await self.js.key_value(f"{kv_prefix}-nodes")
             self._names_kv = await self.js.key_value(f"{kv_prefix}-names")
+            self._specs_kv = await self.js.key_value(f"{kv_prefix}-specs")
             self.releases = NodeReleases(self, *await open_buckets(self.js,
                                                                    token(self.cluster)))
         except NatsError as exc:
@@ -317,6 +330,8 @@ class ClusterNode:
             self._nursery = nursery
             await nursery.start(self._watch, self._names_kv, self._name_changed)
             await nursery.start(self._watch, self._nodes_kv, self._member_changed)
+            if self._specs_kv is not None:
+                await nursery.start(self._watch, self._specs_kv, self._spec_changed)
             await nursery.start(self.releases.run)
             nursery.start_soon(self._probe)
             task_status.started()
@@ -418,6 +433,8 @@ class ClusterNode:
         """Run ``name`` here: its node is gone. Compare-and-swap decides among the
         nodes standing by; the loser stays standby."""
         assert self._names_kv is not None
+        if await self._spec_gone(name):
+            return
         key, value = token(name), msgpack.packb((self.node, self.creation))
         rev = self._name_revs.get(name)
         try:
@@ -722,9 +739,113 @@ class ClusterNode:
 
     def serve(self) -> None:
         """The node's tree runs the cluster's releases: serve what waited, then all."""
+        pending, self._pending_specs = self._pending_specs, None
+        for change in (pending or {}).values():
+            self._spec_changed(change)
         held, self._held = self._held, None
         for msg in held or ():
             self._on_message(msg)
+
+    # -- children added with start_child under a cluster supervisor -----------------
+
+    async def share_spec(self, name: str, value: bytes) -> None:
+        """Put a child's spec (``encode_spec``; the child was just started here under
+        a cluster supervisor) in the specs bucket, so that the other nodes stand by for
+        it."""
+        assert self._specs_kv is not None
+        await self._specs_kv.put(token(name), value)
+        self._dynamic.add(name)
+
+    async def claim_dynamic(self, name: str) -> None:
+        """A durable child start_child adds under a cluster supervisor: its state goes
+        to the cluster's store, claimed here before it starts (unless another node runs
+        it: then this node stands by)."""
+        if self.states is None:
+            raise StartFailed(f"child {name!r} is durable and cluster-scoped, but this "
+                              f"node has no cluster store", child=name,
+                              reason="no_store")
+        self.state_names.add(name)
+        if name in self.sched.standby:
+            return
+        stored = await self.states.claim(name)
+        if self.sched.durable is not None:
+            self.sched.durable.offer(name, stored)
+
+    async def forget_spec(self, name: str) -> None:
+        """A shared child's spec was deleted here: the other nodes drop their standbys,
+        then its name is given up."""
+        if name not in self._dynamic or self._specs_kv is None:
+            return
+        self._dynamic.discard(name)
+        try:
+            await self._specs_kv.delete(token(name))
+        except NatsError as exc:
+            log.warning("cluster_spec_not_forgotten", name=name, reason=str(exc))
+        self._failover.pop(name, None)
+        await self.unregister(name)
+
+    async def _spec_gone(self, name: str) -> bool:
+        """Whether a shared child's spec was deleted (its node deleted the child): then
+        this standby is dropped instead of taking it over."""
+        if name not in self._dynamic or self._specs_kv is None:
+            return False
+        try:
+            entry = await self._specs_kv.get(token(name))
+        except NatsError:
+            return False
+        if entry is None:
+            self._drop_standby(name)
+            return True
+        return False
+
+    def _spec_changed(self, change: KvChange) -> None:
+        if self._pending_specs is not None:
+            self._pending_specs[change.key] = change
+            return
+        name = _untoken(change.key)
+        if change.operation != "PUT":
+            self._drop_standby(name)
+            return
+        try:
+            supervisor, child = decode_spec(name, change.value)
+        except (TypeError, ValueError) as exc:
+            log.error("cluster_spec_refused", name=name, reason=str(exc))
+            return
+        sup = self.sched.sups.get(supervisor)
+        if sup is None or sup.spec.scope != "cluster" or name in sup.specs:
+            return  # no such cluster supervisor here, or its own (or known) child
+        durable = child.durable if child.durable is not None else \
+            child.server_class.durable
+        if durable:
+            if self.states is None:
+                log.error("cluster_spec_refused", name=name,
+                          reason="it is durable and this node has no cluster store")
+                return
+            self.state_names.add(name)
+        self._failover[name] = supervisor
+        self._dynamic.add(name)
+        self.sched.standby.add(name)
+        try:
+            sup.start_child(child)  # a standby: its spec is kept, it does not start
+        except OtpyError as exc:
+            self.sched.standby.discard(name)
+            self._failover.pop(name, None)
+            log.error("cluster_spec_refused", name=name, reason=str(exc))
+            return
+        log.info("cluster_standby", name=name, runs_on=self.names.get(name, "?"),
+                 node=self.node)
+
+    def _drop_standby(self, name: str) -> None:
+        supervisor = self._failover.get(name)
+        sup = self.sched.sups.get(supervisor) if supervisor is not None else None
+        if sup is None or name not in self.sched.standby or sup.running(name) is not None:
+            return
+        sup.drop_spec(name)
+        self.sched.standby.discard(name)
+        self._failover.pop(name, None)
+        self._dynamic.discard(name)
+        self.state_names.discard(name)
+        log.info("cluster_standby_dropped", name=name, node=self.node)
 
     def _on_message(self, msg: Msg) -> None:
         held = self._held
@@ -973,6 +1094,79 @@ def durable_cluster_names(spec: Any) -> set[str]:
     if isinstance(spec, Supervisor):
         walk(spec)
     return found
+
+
+SPEC_FORMAT = 1
+
+
+def class_path(cls: type) -> str:
+    """``module:qualname`` of a server class, checked to import back to that class
+    (TypeError saying why not)."""
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    try:
+        found = import_class(path)
+    except (ImportError, AttributeError, ValueError) as exc:
+        found, why = None, str(exc)
+    else:
+        why = "it imports as another object"
+    if found is not cls:
+        raise TypeError(
+            f"{cls.__qualname__} cannot be found by the other nodes by its path {path!r} "
+            f"({why}); a child started with start_child under a cluster supervisor is "
+            f"rebuilt there from its spec: define its class at the top level of a module "
+            f"that every node can import")
+    return path
+
+
+def import_class(path: str) -> Any:
+    module, _, qualname = path.partition(":")
+    if not module or not qualname or "<" in qualname:
+        raise ValueError(f"{path!r} is not module:qualname of a top-level class")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def encode_spec(supervisor: str, child: Child) -> bytes:
+    """A child's spec as the other nodes rebuild it (TypeError if they cannot)."""
+    path = class_path(child.server_class)
+    try:
+        value: bytes = msgpack.packb(
+            (SPEC_FORMAT, supervisor, path, child.arg, child.restart.value, child.shutdown,
+             child.step_timeout, child.max_mailbox, child.durable), use_bin_type=True,
+            default=encode_ext)
+        return value
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(
+            f"the arg of child {child.id!r} cannot be sent to the other nodes ({exc}); a "
+            f"child started with start_child under a cluster supervisor is rebuilt there "
+            f"from its spec: give it an arg msgpack carries (None, bool, int, float, str, "
+            f"bytes, lists, dicts, pids)") from None
+
+
+def decode_spec(name: str, value: bytes) -> tuple[str, Child]:
+    """``(supervisor, child)`` from the specs bucket (TypeError/ValueError if not one)."""
+    from .._core.supervisor import Child
+
+    fields = msgpack.unpackb(value, raw=False, use_list=False, ext_hook=decode_ext,
+                             max_bin_len=len(value), max_str_len=len(value),
+                             max_array_len=len(value), max_map_len=len(value))
+    if type(fields) is not tuple or len(fields) != 9 or fields[0] != SPEC_FORMAT:
+        raise ValueError("not an otpy child spec")
+    _, supervisor, path, arg, restart, shutdown, step_timeout, max_mailbox, durable = fields
+    cls = import_class(str(path))
+    return str(supervisor), Child(name, cls, arg, restart=restart, shutdown=shutdown,
+                                  step_timeout=step_timeout, max_mailbox=max_mailbox,
+                                  scope="cluster", durable=durable)
+
+
+def has_cluster_supervisor(spec: Any) -> bool:
+    """Whether a tree spec has a supervisor with ``scope="cluster"``."""
+    from .._core.supervisor import Supervisor
+
+    return isinstance(spec, Supervisor) and any(
+        isinstance(s, Supervisor) and s.scope == "cluster" for s in spec.walk())
 
 
 def cluster_specs(spec: Any) -> list[tuple[str, str | None]]:

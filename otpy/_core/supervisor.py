@@ -529,6 +529,16 @@ class SupervisorRuntime:
         self._ended(spec)
         self.sched.class_by_name.pop(id, None)
 
+    def drop_spec(self, id: str) -> None:
+        """Forget the spec of child ``id``, which is not running here, without what
+        delete_child does when a child ends for good (its stored state stays: the node
+        that ran it deleted it, or runs it): a cluster standby whose child was deleted
+        on its own node."""
+        if self.running(id) is None:
+            self.pending.discard(id)
+            self.specs.pop(id, None)
+            self.child_restarts.pop(id, None)
+
     def _ended(self, spec: Child | Supervisor) -> None:
         """A child stopped for good (its spec goes, or a server ended and is never
         restarted): a durable server's stored state goes with it (on delete_child of a
