@@ -1029,18 +1029,14 @@ class Scheduler:
     def _target_of(self, kind: int, address: Any, message: Any) -> GenServer[Any] | None:
         """Where a cast or send goes: the server, or None when the message went to
         another node, or was dropped for a pid of this node whose incarnation is gone
-        (as in Erlang); NoSuchServer for a name that nothing runs anywhere."""
-        try:  # a name: resolve's first case, inlined (an unhashable address
-            proc = self.procs.get(address)  # is resolve's to refuse, below)
-        except TypeError:
-            proc = None
+        (as in Erlang); NoSuchServer for a name that nothing runs anywhere. (The hot
+        callers look a plain name up first themselves.)"""
+        proc = self.resolve(address)
         if proc is None:
-            proc = self.resolve(address)
-            if proc is None:
-                if self.remote is not None and self.remote.send(kind, address, message):
-                    return None
-                if not (type(address) is Pid and address.node == self.node):
-                    raise self.no_such(address)
+            if self.remote is not None and self.remote.send(kind, address, message):
+                return None
+            if not (type(address) is Pid and address.node == self.node):
+                raise self.no_such(address)
         return proc
 
     def cast_now(self, kind: int, address: Any, message: Any) -> None:
