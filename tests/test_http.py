@@ -618,6 +618,86 @@ async def test_repeated_refusals_from_one_peer_are_one_event_per_interval(
                                                 events[0]["kind"])
 
 
+# -- the timeout sweep and a busy loop ---------------------------------------------------
+#
+# The read and idle timeouts are enforced by one sweep task per endpoint, not by a
+# deadline on each wait. A request whose bytes arrive in time, while the loop is busy
+# (a long step, a GC pause) past the sweep's tick, must be served as if nothing
+# happened: the sweep may only end a connection still parked in its wait.
+
+
+class _Later:
+    """Starts the work at once (as a call does), answers after a moment."""
+
+    def __init__(self) -> None:
+        self.started = 0
+
+    def route(self, request: Request) -> Any:
+        self.started += 1
+
+        async def answer() -> Response:
+            await trio.sleep(0.01)
+            return Response(200, b'{"ok":1}')
+        return answer()
+
+
+async def _busy_loop_trial(limits: HttpLimits, router: Any, first: bytes,
+                           rest: bytes) -> bytes:
+    """Send ``first``, then ``rest`` from a thread in time, while the loop is blocked
+    past the deadline; what the client got back."""
+    import socket
+    import threading
+    import time
+
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(
+            functools.partial(serve_router, limits=limits), router, ("127.0.0.1", 0))
+        sock = socket.create_connection((host, port))
+        try:
+            if first:
+                sock.sendall(first)
+            await trio.sleep(0.03)  # the connection waits
+            timer = threading.Timer(0.1, sock.sendall, (rest,))
+            timer.start()
+            time.sleep(0.35)  # the loop is busy; the bytes arrive in time meanwhile
+            timer.join()
+            await trio.sleep(0.2)
+            sock.settimeout(0.3)
+            got = b""
+            try:
+                while chunk := sock.recv(65536):
+                    got += chunk
+            except TimeoutError:
+                pass
+        finally:
+            sock.close()
+            nursery.cancel_scope.cancel()
+    return got
+
+
+def test_a_request_finished_in_time_on_a_busy_loop_gets_no_408() -> None:
+    limits = HttpLimits(read_timeout=0.2, idle_timeout=30.0)
+    for _ in range(4):  # the race is hit in about half of the trials
+        got = trio.run(_busy_loop_trial, limits, _Ok(), b"GET / HTTP/1.1\r\nHost: x\r\n",
+                       b"\r\n")
+        assert got.startswith(b"HTTP/1.1 200"), got
+        assert b" 408 " not in got, got
+
+
+def test_a_request_sent_within_idle_timeout_on_a_busy_loop_is_answered() -> None:
+    limits = HttpLimits(read_timeout=30.0, idle_timeout=0.2)
+    for _ in range(4):
+        router = _Later()
+        got = trio.run(_busy_loop_trial, limits, router, b"",
+                       b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert router.started == 1 and got.startswith(b"HTTP/1.1 200"), got
+
+
+class _Ok:
+    def route(self, request: Request) -> Response:
+        return Response(200, b'{"ok":1}')
+
+
 # -- shutdown ----------------------------------------------------------------------------
 
 

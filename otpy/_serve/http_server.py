@@ -159,8 +159,8 @@ class _Connection:
         try:
             with self.scope:
                 await self._serve_connection()
-            if self.expired is not None:
-                await self._timed_out(self.expired)
+                if self.expired is not None:
+                    await self._timed_out(self.expired)
         except _SlowReader:
             server.refuse(self.peer, 0, "SlowReader",
                           f"the client did not take its responses within "
@@ -236,14 +236,21 @@ class _Connection:
                 await self._timed_out(idle)
                 return None
             # No deadline of its own: a cancel scope per wait cost about as much as
-            # two checkpoints, a sixth of a request; the server's sweep cancels a
-            # connection that waited past its deadline (see _Server._sweep).
+            # two checkpoints, a sixth of a request. The server's sweep wakes a
+            # connection that waited past its deadline (see _Server._sweep) with
+            # ClosedResourceError; one whose bytes arrived in time is not touched, even
+            # if it had not run yet when the sweep came.
             self.idle = idle
             self.waiting = True
             try:
                 await trio.lowlevel.wait_readable(fd)
+            except trio.ClosedResourceError:
+                if self.expired is None:
+                    raise
+                return None  # run() answers 408, or closes an idle connection
             finally:
                 self.idle = self.waiting = False
+            self.expired = None  # woken by its bytes, whatever the sweep decided
             try:
                 return os.read(fd, READ_SIZE)
             except BlockingIOError:
@@ -481,8 +488,11 @@ class _Server:
 
     async def _sweep(self) -> None:
         """End the connections that waited for a request past their deadline (read
-        or idle timeout), checked every quarter of the shorter timeout (at most 1 s):
-        a timeout is honoured within that much."""
+        or idle timeout), checked every quarter of the shorter timeout (at most 1 s,
+        at least 10 ms): a timeout is honoured within that much. A connection still
+        parked in its wait is woken with ClosedResourceError (notify_closing: its
+        descriptor is closed once it has answered); one already woken by its bytes,
+        not yet run, is left to serve them."""
         limits = self.limits
         tick = max(0.01, min(1.0, limits.read_timeout / 4, limits.idle_timeout / 4))
         while True:
@@ -493,7 +503,7 @@ class _Server:
                     deadline, idle = conn._deadline(now)
                     if now >= deadline:
                         conn.expired = idle
-                        conn.scope.cancel()
+                        trio.lowlevel.notify_closing(conn.fd)
 
     async def _drain(self, listeners: Sequence[trio.SocketListener],
                      accepting: trio.CancelScope) -> None:
