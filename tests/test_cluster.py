@@ -635,6 +635,39 @@ async def test_a_member_down_for_forget_after_is_forgotten(nats_server: NatsServ
         assert {"a", "c"} == set(c.cluster_info()["members"])  # type: ignore[index]
 
 
+async def test_a_member_back_before_its_forget_runs_is_not_forgotten(
+        nats_server: NatsServer) -> None:
+    """The decision to forget a member and the delete are a task apart: a member whose
+    new entry arrives between them (it came back) keeps it. Driven through the
+    membership's own hooks, in the order the race takes."""
+    from otpy._cluster.jetstream import JetStream, KvChange
+
+    cluster = f"t{next(_clusters)}"
+    async with otpy.open_node(tree(), cluster=nats_server.url, cluster_name=cluster,
+                              node_name="a", cluster_options={"forget_after": 1000}) as a, \
+            fake_member(nats_server, cluster, "b") as b:
+        membership = a._cluster
+        assert membership is not None
+        with trio.fail_after(5):
+            while membership.members.get("b") != "up":
+                await trio.sleep(0.01)
+        first = membership._member_revs["b"]
+        b.unsubscribe()
+        with trio.fail_after(5):
+            while membership.members.get("b") != "down":
+                await trio.sleep(0.01)
+        async with open_client(nats_server.url) as nc:
+            kv = await JetStream(nc).key_value(f"otpy-{cluster}-nodes", create=False)
+            value = msgpack.packb(("b", 2))
+            second = await kv.update("b", value, first)  # a new run of b
+            membership._down_since["b"] = trio.current_time() - 5000
+            membership._forget_down(trio.current_time())  # the probe loop: forget b
+            membership._member_changed(KvChange("b", value, second, "PUT", 0))
+            assert "up" == membership.members["b"]
+            await trio.sleep(0.3)
+            assert await kv.get("b") is not None, "b's new entry was deleted"
+
+
 async def test_a_node_forgotten_while_alive_takes_its_place_again(
         nats_server: NatsServer) -> None:
     """A node whose entry the others removed while it lived (it was cut off for longer

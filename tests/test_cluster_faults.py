@@ -547,3 +547,48 @@ async def _member_up(a: otpy.Node, node: str) -> bool:
 
 async def _runs_here(a: otpy.Node) -> bool:
     return "kv" in a.servers()
+
+
+async def test_a_node_that_died_while_this_one_was_cut_off_is_taken_over(
+        nats_server: NatsServer) -> None:
+    """Node c runs kv and this node stands by; this node is cut off from NATS, and c
+    dies meanwhile. Back, this node finds c's process gone and takes kv over (it had
+    marked c down when it lost NATS, with no failover possible then; the watch resumes
+    from its last revision, so nothing marks c up again first)."""
+    cluster = cluster_name()
+    proxy = _Proxy(nats_server.port)
+    async with trio.open_nursery() as nursery, open_client(nats_server.url) as nc:
+        await nursery.start(proxy.serve)
+        js = JetStream(nc)
+        nodes = await js.key_value(f"otpy-{cluster}-nodes")
+        names = await js.key_value(f"otpy-{cluster}-names")
+        # c: a member that runs kv (played by a bare client: it answers nothing)
+        await nodes.put("c", msgpack.packb(("c", 1)))
+        await names.put("kv", msgpack.packb(("c", 1)))
+        c = nc.subscribe(f"otpy.{cluster}.node.c", lambda msg: None)
+        await nc.flush()
+        from cluster_node import DurableCounter
+
+        service = otpy.Supervisor([otpy.Supervisor(
+            [otpy.Child("kv", DurableCounter, scope="cluster")], name="svc",
+            scope="cluster")])
+        async with otpy.open_node(service, cluster=f"nats://127.0.0.1:{proxy.port}",
+                                  cluster_name=cluster, node_name="b") as b:
+            assert "standby" == b.which_children("svc")[0].status
+            proxy.cut()
+            await until(lambda: _member_is(b, "c", "down"))
+            c.unsubscribe()  # c's process is gone, while b is cut off
+            await nc.flush()
+            await trio.sleep(0.3)
+            proxy.heal()
+            await until(lambda: _runs(b, "kv"), timeout=15)
+            assert 1 == await b.call("kv", "incr")
+        nursery.cancel_scope.cancel()
+
+
+async def _member_is(node: otpy.Node, member: str, status: str) -> bool:
+    return status == (node.cluster_info() or {}).get("members", {}).get(member)
+
+
+async def _runs(node: otpy.Node, name: str) -> bool:
+    return name in node.servers()

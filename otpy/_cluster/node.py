@@ -221,6 +221,7 @@ class ClusterNode:
         self._member_revs: dict[str, int] = {}
         self._down_since: dict[str, float] = {}
         self._forgetting: set[str] = set()
+        self._failed_over: set[str] = set()  # down members whose names were raced for
         self._leaving = False
         self.names: dict[str, str] = {}  # cluster-scoped name -> node that runs it
         self._names_kv: KeyValue | None = None
@@ -293,11 +294,17 @@ class ClusterNode:
         assert self._nodes_kv is not None
         value = msgpack.packb((self.node, self.creation))
         key = token(self.node)
-        try:
-            self._member_rev = await self._nodes_kv.create(key, value)
-            return
-        except KeyExists as exc:
-            existing = exc.existing
+        for _ in range(3):  # KeyExists with no entry: created and deleted meanwhile
+            try:
+                self._member_rev = await self._nodes_kv.create(key, value)
+                return
+            except KeyExists as exc:
+                existing = exc.existing
+            if existing is not None:
+                break
+        else:
+            raise ClusterError(f"the members entry of {self.node!r} in cluster "
+                               f"{self.cluster!r} keeps changing; try again")
         if existing is not None:
             _node, creation = _unpack_pair(existing.value)
             if creation != self.creation and await self._alive(self.node, creation):
@@ -549,16 +556,21 @@ class ClusterNode:
             self.members[node] = "up"
             self._member_revs[node] = change.revision
             self._down_since.pop(node, None)
+            self._failed_over.discard(node)
         elif node in self.members:
             self._node_down(node, "it left the cluster")
             self.members.pop(node, None)
             self._member_revs.pop(node, None)
             self._down_since.pop(node, None)
+            self._forgetting.discard(node)
+            self._failed_over.discard(node)
 
     async def _rejoin(self) -> None:
+        if self._leaving:
+            return
         try:
             await self._claim_node_name()
-        except (OtpyError, NatsError) as exc:
+        except Exception as exc:  # NATS, a live node of this name, a foreign entry
             log.error("cluster_rejoin_failed", node=self.node, reason=str(exc))
             return
         log.info("cluster_rejoined", node=self.node)
@@ -567,22 +579,25 @@ class ClusterNode:
         """Remove from the members bucket each member down for forget_after (one
         compare-and-swap on its entry: any node may do it, once)."""
         for node, since in list(self._down_since.items()):
+            rev = self._member_revs.get(node)
             if (now - since >= self.forget_after and node not in self._forgetting
-                    and self.members.get(node) == "down" and self._nursery is not None):
+                    and rev is not None and self.members.get(node) == "down"
+                    and self._nursery is not None):
                 self._forgetting.add(node)
-                self._nursery.start_soon(self._forget, node, now - since)
+                self._nursery.start_soon(self._forget, node, rev, now - since)
 
-    async def _forget(self, node: str, down_for: float) -> None:
-        rev = self._member_revs.get(node)
+    async def _forget(self, node: str, rev: int, down_for: float) -> None:
+        """Delete ``node``'s entry if it is still the one found down (``rev``, read
+        when the decision was made: an entry it wrote since, coming back, stays)."""
         try:
-            if rev is not None and self._nodes_kv is not None:
+            if node in self._down_since and self._nodes_kv is not None:
                 await self._nodes_kv.delete(token(node), last_revision=rev)
                 log.info("cluster_node_forgotten", node=node,
                          down_seconds=round(down_for, 1))
+                return  # stays in _forgetting until the watch delivers the delete
         except (WrongRevision, NatsError):
             pass  # another node forgot it first, or it came back: the watch says which
-        finally:
-            self._forgetting.discard(node)
+        self._forgetting.discard(node)
 
     # -- the core's Remote -----------------------------------------------------------
 
@@ -977,6 +992,7 @@ class ClusterNode:
             if isinstance(result, Msg):
                 self._probing.pop(node, None)
                 self._down_since.pop(node, None)
+                self._failed_over.discard(node)
                 if self.members.get(node) == "down":
                     self.members[node] = "up"
                     log.info("cluster_node_up", node=node)
@@ -999,10 +1015,13 @@ class ClusterNode:
             return
         if self.members[node] != "down":
             log.warning("cluster_node_down", node=node, reason=why)
-            if self.client.is_connected:
-                self._fail_over(node, trio.current_time())
         if self.client.is_connected:  # found down by this node, not by its own cut
             self._down_since.setdefault(node, trio.current_time())
+            if node not in self._failed_over:
+                # Once per death: also for a node that died while this one was cut
+                # off (it was marked down then, with no failover possible).
+                self._failed_over.add(node)
+                self._fail_over(node, trio.current_time())
         self.members[node] = "down"
         for call in self._calls.pop(node, set()):
             call.fail_noconnection(f"node {node!r} is down ({why})")
@@ -1022,13 +1041,17 @@ class ClusterNode:
         log.info("cluster_reconnected", node=self.node)
         # Names and membership are asserted again, in case the server lost its store.
         async def reassert() -> None:
+            if self._leaving:
+                return
             try:  # this node's place first: the others may have forgotten it
                 await self._claim_node_name()
-            except (OtpyError, NatsError) as exc:
+            except Exception as exc:  # NATS, a live node of this name, a foreign entry
                 log.warning("cluster_rejoin_failed", node=self.node, reason=str(exc))
             # Each keeps its subscription meanwhile: a name found taken is given up
             # (register's standby gives it up by itself).
             for name in list(self._owned):
+                if self._leaving:
+                    return
                 try:
                     await self.register(name, self._failover.get(name))
                 except NatsError as exc:  # cut off again: the next reconnect retries
