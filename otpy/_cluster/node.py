@@ -519,7 +519,7 @@ class ClusterNode:
                 pass
 
     def _name_changed(self, change: KvChange) -> None:
-        name = _untoken(change.key)
+        name = untoken(change.key)
         if change.operation == "PUT":
             try:
                 node, _creation = _unpack_pair(change.value)
@@ -544,7 +544,7 @@ class ClusterNode:
                                          trio.current_time())
 
     def _member_changed(self, change: KvChange) -> None:
-        node = _untoken(change.key)
+        node = untoken(change.key)
         if node == self.node:
             if change.operation != "PUT" and not self._leaving and \
                     self._nursery is not None:
@@ -817,7 +817,7 @@ class ClusterNode:
         if self._pending_specs is not None:
             self._pending_specs[change.key] = change
             return
-        name = _untoken(change.key)
+        name = untoken(change.key)
         if change.operation != "PUT":
             self._drop_standby(name)
             return
@@ -1090,7 +1090,8 @@ def _unpack_pair(value: bytes) -> tuple[str, int]:
     return str(node), int(creation)
 
 
-def _untoken(key: str) -> str:
+def untoken(key: str) -> str:
+    """The name a key or subject token made by :func:`token` stands for."""
     if key.startswith("="):
         try:
             return bytes.fromhex(key[1:]).decode()

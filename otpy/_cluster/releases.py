@@ -479,7 +479,7 @@ async def release_from_outside(url: str, cluster: str, bundle: bytes | None, *,
     command's ``--cluster URL``): ``bundle`` is the release to install (its encoded
     bundle), None takes back the newest one. The nodes that answer take part."""
     from .nats_client import open_client
-    from .node import token
+    from .node import token, untoken
 
     async with open_client(url, name=f"otpy-command:{cluster}") as client:
         js = JetStream(client)
@@ -488,7 +488,7 @@ async def release_from_outside(url: str, cluster: str, bundle: bytes | None, *,
             nodes = await js.key_value(f"{prefix}-nodes", create=False)
         except NatsError as exc:
             raise UpgradeFailed(f"no cluster {cluster!r} at {url}: {exc}") from None
-        members = [_untoken(k) for k in await nodes.keys()]
+        members = [untoken(k) for k in await nodes.keys()]
         if not members:
             raise UpgradeFailed(f"cluster {cluster!r} at {url} has no node")
         kv, code = await open_buckets(js, token(cluster))
@@ -507,12 +507,3 @@ async def release_from_outside(url: str, cluster: str, bundle: bytes | None, *,
             return await coordinate(kv, state, vsn=vsn, digest=digest,
                                     downgrade=downgrade, coordinator="otpy command",
                                     participants=members, timeout=timeout)
-
-
-def _untoken(key: str) -> str:
-    if key.startswith("="):
-        try:
-            return bytes.fromhex(key[1:]).decode()
-        except ValueError:
-            return key
-    return key
