@@ -668,6 +668,38 @@ async def test_a_member_back_before_its_forget_runs_is_not_forgotten(
             assert await kv.get("b") is not None, "b's new entry was deleted"
 
 
+async def test_names_nats_could_not_take_after_a_reconnect_are_asserted_again(
+        nats_server: NatsServer) -> None:
+    """After a reconnect, a name whose assertion fails for want of NATS (JetStream not
+    ready yet) is tried again, with a growing pause, until it is taken; it stays
+    subscribed meanwhile."""
+    from otpy._cluster.nats_client import NatsError
+
+    async with nodes(nats_server, a=tree(otpy.Child("kv", Counter, scope="cluster")),
+                     b=tree()) as opened:
+        a, b = opened["a"], opened["b"]
+        membership = a._cluster
+        assert membership is not None
+        register = membership.register
+        tries: list[str] = []
+
+        async def flaky(name: str, supervisor: str | None = None) -> None:
+            tries.append(name)
+            if len(tries) <= 2:
+                raise NatsError("JetStream is not ready")
+            await register(name, supervisor)
+
+        membership.register = flaky  # type: ignore[method-assign]
+        membership._on_reconnect()
+        with trio.fail_after(5):
+            while len(tries) < 3:
+                assert 1 <= await b.call("kv", "incr")  # served throughout
+                await trio.sleep(0.05)
+        assert ["kv", "kv", "kv"] == tries
+        await trio.sleep(1.0)
+        assert 3 == len(tries)  # taken: no more tries
+
+
 async def test_a_node_forgotten_while_alive_takes_its_place_again(
         nats_server: NatsServer) -> None:
     """A node whose entry the others removed while it lived (it was cut off for longer

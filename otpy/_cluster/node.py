@@ -73,6 +73,7 @@ log = structlog.get_logger("otpy")
 
 PROBE_INTERVAL = 0.05
 CUT_AFTER = 5.0
+REASSERT_FIRST, REASSERT_MAX = 0.25, 5.0  # pauses between re-assertions after a reconnect
 FORGET_AFTER = 60.0  # seconds a member stays down before it is removed from the cluster
 # A remote call with no timeout still needs one on the wire: a day.
 NO_TIMEOUT = 86_400.0
@@ -222,6 +223,7 @@ class ClusterNode:
         self._down_since: dict[str, float] = {}
         self._forgetting: set[str] = set()
         self._failed_over: set[str] = set()  # down members whose names were raced for
+        self._reconnects = 0
         self._leaving = False
         self.names: dict[str, str] = {}  # cluster-scoped name -> node that runs it
         self._names_kv: KeyValue | None = None
@@ -1040,29 +1042,51 @@ class ClusterNode:
     def _on_reconnect(self) -> None:
         log.info("cluster_reconnected", node=self.node)
         # Names and membership are asserted again, in case the server lost its store.
-        async def reassert() -> None:
-            if self._leaving:
+        self._reconnects += 1
+        if self._nursery is not None:
+            self._nursery.start_soon(self._reassert, self._reconnects)
+
+    async def _reassert(self, reconnect: int) -> None:
+        """This node's place, then each of its names, again; what NATS could not take
+        (JetStream not ready just after a server restart, say) is tried again with a
+        growing pause while this connection lasts (a later reconnect starts afresh)."""
+        backoff = REASSERT_FIRST
+        place, names = True, list(self._owned)
+        while place or names:
+            if self._leaving or reconnect != self._reconnects:
                 return
-            try:  # this node's place first: the others may have forgotten it
-                await self._claim_node_name()
-            except Exception as exc:  # NATS, a live node of this name, a foreign entry
-                log.warning("cluster_rejoin_failed", node=self.node, reason=str(exc))
+            if place:
+                try:  # this node's place first: the others may have forgotten it
+                    await self._claim_node_name()
+                    place = False
+                except NatsError as exc:
+                    log.warning("cluster_rejoin_failed", node=self.node, reason=str(exc))
+                except Exception as exc:  # a live node of this name, a foreign entry
+                    log.error("cluster_rejoin_failed", node=self.node, reason=str(exc))
+                    place = False
+            failed = []
             # Each keeps its subscription meanwhile: a name found taken is given up
             # (register's standby gives it up by itself).
-            for name in list(self._owned):
-                if self._leaving:
+            for name in names:
+                if self._leaving or reconnect != self._reconnects:
                     return
+                if name not in self._owned:
+                    continue  # given up meanwhile
                 try:
                     await self.register(name, self._failover.get(name))
-                except NatsError as exc:  # cut off again: the next reconnect retries
-                    log.warning("cluster_name_not_asserted", name=name, reason=str(exc))
+                except NatsError as exc:
+                    failed.append(name)
+                    log.warning("cluster_name_not_asserted", name=name, reason=str(exc),
+                                retry_in=backoff)
                 except OtpyError as exc:
                     owned = self._owned.pop(name, None)
                     if owned is not None:
                         owned[1].unsubscribe()
                     log.warning("cluster_name_lost", name=name, reason=str(exc))
-        if self._nursery is not None:
-            self._nursery.start_soon(reassert)
+            names = failed
+            if place or names:
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, REASSERT_MAX)
 
     # -- what the node shows ---------------------------------------------------------
 
