@@ -517,6 +517,23 @@ async def test_a_node_that_joins_later_stands_by_for_added_children(
             assert 1 == await c.call("w", "incr")
 
 
+async def test_an_added_child_nobody_runs_is_started_by_the_next_node(
+        nats_server: NatsServer) -> None:
+    """A permanent child added under a cluster supervisor outlives the node that
+    started it: when that node stops and another comes up later, the newcomer finds
+    the spec with nobody running it, and starts it."""
+    cluster = f"d{next(_clusters)}"
+    async with otpy.open_node(pool(), cluster=nats_server.url, cluster_name=cluster,
+                              node_name="a") as a:
+        await a.start_child("pool", otpy.Child("w", Counter, scope="cluster"))
+    async with otpy.open_node(pool(), cluster=nats_server.url, cluster_name=cluster,
+                              node_name="c") as c:
+        with trio.fail_after(5):
+            while "w" not in c.servers():
+                await trio.sleep(0.01)
+        assert 1 == await c.call("w", "incr")
+
+
 async def test_a_child_the_other_nodes_cannot_rebuild_is_refused(
         nats_server: NatsServer) -> None:
     """A child whose class the other nodes cannot import by its path, or whose arg

@@ -849,8 +849,15 @@ class ClusterNode:
             self._failover.pop(name, None)
             log.error("cluster_spec_refused", name=name, reason=str(exc))
             return
-        log.info("cluster_standby", name=name, runs_on=self.names.get(name, "?"),
-                 node=self.node)
+        owner = self.names.get(name)
+        log.info("cluster_standby", name=name, runs_on=owner or "?", node=self.node)
+        gone = owner is None or (name not in self._owned if owner == self.node else
+                                 self.members.get(owner, "down") == "down")
+        if gone and self._nursery is not None:
+            # Nobody runs it (its node is gone, or was an earlier run of this one, or
+            # all nodes restarted): race for it now rather than wait for a death.
+            self._nursery.start_soon(self._take_over, name, owner or "nobody",
+                                     trio.current_time())
 
     def _drop_standby(self, name: str) -> None:
         supervisor = self._failover.get(name)
