@@ -398,6 +398,7 @@ class Client:
         self._sids = itertools.count(1)
         self._subs: dict[int, Subscription] = {}
         self._valid_subjects: set[str] = set()
+        self._valid_prefixes: set[str] = set()
         self._inbox_prefix = f"_INBOX.{secrets.token_hex(11)}."
         self._req_ids = itertools.count(1)
         self._pending: dict[str, _Waiter] = {}
@@ -511,10 +512,21 @@ class Client:
             trio.lowlevel.reschedule(task)
 
     def _check_subject(self, subject: str) -> None:
-        if subject not in self._valid_subjects:
-            proto.check_subject(subject)
-            if len(self._valid_subjects) < 4096:
-                self._valid_subjects.add(subject)
+        """proto.check_subject, remembered: whole subjects, and the prefixes of those
+        whose last token is alphanumeric (reply inboxes, ``_INBOX.<id>.<n>``, differ
+        only in it: each reply would otherwise be checked afresh). Both bounded."""
+        if subject in self._valid_subjects:
+            return
+        prefix, dot, last = subject.rpartition(".")
+        numbered = bool(dot) and last.isalnum()
+        if numbered and prefix in self._valid_prefixes:
+            return  # a valid prefix, a dot, and a token of letters and digits: valid
+        proto.check_subject(subject)
+        if numbered:
+            if len(self._valid_prefixes) < 1024:
+                self._valid_prefixes.add(prefix)
+        elif len(self._valid_subjects) < 4096:
+            self._valid_subjects.add(subject)
 
     def publish_nowait(self, subject: str, payload: bytes = b"", *, reply: str | None = None,
                        headers: HeaderInput | None = None) -> None:

@@ -925,9 +925,16 @@ class ClusterNode:
                 self.sched.deliver_down(ref, message.pid, message.reason)
 
     def _local(self, target: Any) -> Any:
-        """A target as this node resolves it locally only (never routed on)."""
-        if type(target) is str and split_remote(target) is None:
-            return f"{target}@{self.node}"
+        """A target as this node resolves it locally only (never routed on): a
+        server of this node by its plain name (the core's fast lookup), anything
+        else as ``name@node``, which only this node's servers answer."""
+        if type(target) is str:
+            name, at, node = target.partition("@")  # as split_remote reads it
+            if not at:
+                name, node = target, self.node
+            if node == self.node and name in self.sched.procs:
+                return name
+            return target if at else f"{target}@{self.node}"
         return target
 
     def _monitored(self, message: wire.Monitor, reply: str | None) -> None:
