@@ -534,6 +534,38 @@ async def test_an_added_child_nobody_runs_is_started_by_the_next_node(
         assert 1 == await c.call("w", "incr")
 
 
+async def test_hostile_specs_are_refused_and_the_node_goes_on(
+        nats_server: NatsServer, logs: list[dict[str, Any]]) -> None:
+    """What another NATS client puts in the specs bucket is bounded like any message
+    from another node: a million empty maps are refused before they are built, a class
+    path that imports nothing and a spec of the wrong shape are refused; the node logs
+    each and goes on serving."""
+    from otpy._cluster.jetstream import JetStream
+
+    async with nodes(nats_server, a=pool()) as opened:
+        a = opened["a"]
+        cluster = a.cluster_info()["cluster"]  # type: ignore[index]
+        maps = b"\xdd" + (1_000_000).to_bytes(4, "big") + b"\x80" * 1_000_000
+        async with open_client(nats_server.url) as nc:
+            specs = await JetStream(nc).key_value(f"otpy-{cluster}-specs", create=False)
+            await specs.put("maps", maps)
+            await specs.put("nomodule", msgpack.packb(
+                (1, "pool", "no_such_module_here:Thing", None, "permanent", 5.0, None,
+                 None, None)))
+            await specs.put("shape", msgpack.packb(["not", "a", "spec"]))
+            with trio.fail_after(5):
+                while len([e for e in logs if e["event"] == "cluster_spec_refused"]) < 3:
+                    await trio.sleep(0.01)
+        refused = {e["name"]: e["reason"] for e in logs
+                   if e["event"] == "cluster_spec_refused"}
+        assert "refused before decoding" in refused["maps"]
+        assert "no_such_module_here" in refused["nomodule"]
+        assert "not an otpy child spec" in refused["shape"]
+        await a.start_child("pool", otpy.Child("ok", Counter, scope="cluster"))
+        assert 1 == await a.call("ok", "incr")
+        assert ["ok"] == [c.id for c in a.which_children("pool")]
+
+
 async def test_a_child_the_other_nodes_cannot_rebuild_is_refused(
         nats_server: NatsServer) -> None:
     """A child whose class the other nodes cannot import by its path, or whose arg

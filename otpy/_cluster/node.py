@@ -60,7 +60,7 @@ from .._exceptions import (
     remote_error,
 )
 from .._protocol import cluster as wire
-from .._protocol.msgpack_rpc import decode_ext, encode_ext
+from .._protocol.msgpack_rpc import encode_ext
 from .jetstream import JetStream, KeyExists, KeyValue, KvChange, WrongRevision
 from .nats_client import Client, Msg, NatsError, NoResponders, RequestTimeout
 from .releases import NodeReleases, open_buckets
@@ -825,8 +825,9 @@ class ClusterNode:
             return
         try:
             supervisor, child = decode_spec(name, change.value)
-        except (TypeError, ValueError) as exc:
-            log.error("cluster_spec_refused", name=name, reason=str(exc))
+        except Exception as exc:  # not msgpack, too big, its class not importable...
+            log.error("cluster_spec_refused", name=name,
+                      reason=f"{type(exc).__name__}: {exc}"[:300])
             return
         sup = self.sched.sups.get(supervisor)
         if sup is None or sup.spec.scope != "cluster" or name in sup.specs:
@@ -1211,9 +1212,7 @@ def decode_spec(name: str, value: bytes) -> tuple[str, Child]:
     """``(supervisor, child)`` from the specs bucket (TypeError/ValueError if not one)."""
     from .._core.supervisor import Child
 
-    fields = msgpack.unpackb(value, raw=False, use_list=False, ext_hook=decode_ext,
-                             max_bin_len=len(value), max_str_len=len(value),
-                             max_array_len=len(value), max_map_len=len(value))
+    fields = wire.decode_value(value)  # bounded as any message from another node
     if type(fields) is not tuple or len(fields) != 9 or fields[0] != SPEC_FORMAT:
         raise ValueError("not an otpy child spec")
     _, supervisor, path, arg, restart, shutdown, step_timeout, max_mailbox, durable = fields

@@ -179,6 +179,21 @@ def _unpack(payload: bytes) -> Any:
                            max_bin_len=n, max_array_len=n, max_map_len=n, max_ext_len=n)
 
 
+def decode_value(payload: bytes) -> Any:
+    """One msgpack value from another node (a child spec, say), within the bounds of a
+    message: at most MAX_OBJECTS objects, counted before they are built, and MAX_DEPTH
+    levels. ValueError saying which bound it broke, or that it is not msgpack."""
+    try:
+        obj = _unpack(payload)
+    except Uncountable as exc:
+        raise ValueError(f"refused before decoding: {str(exc)[:200]}") from None
+    except Exception as exc:
+        raise ValueError(f"not msgpack ({type(exc).__name__})") from None
+    if _too_deep(obj, MAX_DEPTH):
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    return obj
+
+
 def _too_deep(obj: Any, limit: int) -> bool:
     if limit <= 0:
         return True
