@@ -231,7 +231,9 @@ class Node:
                                    else spread.server_class.durable):
             await cluster.claim_dynamic(spread.id)
         info = self._rt.start_child(sup, child)
-        if shared is not None:
+        if shared is not None and child.id not in self._sched.standby:
+            # Started here: the others stand by for it. (Found running elsewhere, this
+            # node stands by for that one, whose spec is in the bucket already.)
             await cluster.share_spec(child.id, shared)
         return info
 

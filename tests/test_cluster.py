@@ -566,6 +566,43 @@ async def test_hostile_specs_are_refused_and_the_node_goes_on(
         assert ["ok"] == [c.id for c in a.which_children("pool")]
 
 
+async def test_deleting_an_added_child_where_it_only_stands_by_keeps_it_elsewhere(
+        nats_server: NatsServer) -> None:
+    """delete_child on a node that only stands by for an added child drops that node's
+    standby alone: the child goes on running where it runs, and the other standbys keep
+    standing by for it."""
+    async with nodes(nats_server, a=pool(), b=pool(), c=pool()) as opened:
+        a, b, c = opened["a"], opened["b"], opened["c"]
+        await a.start_child("pool", otpy.Child("w", Counter, scope="cluster"))
+        await until_status(b, "w", "standby")
+        await until_status(c, "w", "standby")
+        await b.delete_child("pool", "w")
+        await trio.sleep(0.3)
+        assert ["w"] == a.servers()
+        assert [] == b.which_children("pool")
+        assert "standby" == {x.id: x.status for x in c.which_children("pool")}["w"]
+
+
+async def test_a_refused_spec_changes_nothing_of_a_local_server_of_that_name(
+        nats_server: NatsServer, tmp_path: Any) -> None:
+    """A spec whose name a node uses for a local (durable) server is refused there,
+    and that server's states stay in the node's own store."""
+    cluster = f"r{next(_clusters)}"
+    b_tree = otpy.Supervisor([otpy.Supervisor([], name="pool", scope="cluster"),
+                              otpy.Child("cache", DurableCounter)], max_restarts=100)
+    async with otpy.open_node(pool(), cluster=nats_server.url, cluster_name=cluster,
+                              node_name="a") as a, \
+            otpy.open_node(b_tree, cluster=nats_server.url, cluster_name=cluster,
+                           node_name="b", store=str(tmp_path / "b")) as b:
+        assert 1 == await b.call("cache", "incr")
+        await a.start_child("pool", otpy.Child("cache", DurableCounter, scope="cluster"))
+        assert 1 == await a.call("cache", "incr")  # a's own: a reaches its local one
+        await trio.sleep(0.3)  # b has seen the spec, and refused it
+        assert b._cluster is not None and "cache" not in b._cluster.state_names
+        assert [2, 3] == [await b.call("cache", "incr"), await b.call("cache", "incr")]
+        assert "cache" in b.servers()
+
+
 async def test_a_child_the_other_nodes_cannot_rebuild_is_refused(
         nats_server: NatsServer) -> None:
     """A child whose class the other nodes cannot import by its path, or whose arg

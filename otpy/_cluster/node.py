@@ -259,6 +259,8 @@ class ClusterNode:
         self._specs_kv: KeyValue | None = None
         self._pending_specs: dict[str, KvChange] | None = {}
         self._dynamic: set[str] = set()  # names whose spec is in the specs bucket
+        self._spec_values: dict[str, bytes] = {}  # the specs this node put there
+        self._unforgotten: set[str] = set()  # deleted here, not yet in the bucket
 
     # -- subjects --------------------------------------------------------------------
 
@@ -772,6 +774,7 @@ class ClusterNode:
         assert self._specs_kv is not None
         await self._specs_kv.put(token(name), value)
         self._dynamic.add(name)
+        self._spec_values[name] = value
 
     async def claim_dynamic(self, name: str) -> None:
         """A durable child start_child adds under a cluster supervisor: its state goes
@@ -789,16 +792,37 @@ class ClusterNode:
             self.sched.durable.offer(name, stored)
 
     async def forget_spec(self, name: str) -> None:
-        """A shared child's spec was deleted here: the other nodes drop their standbys,
-        then its name is given up."""
-        if name not in self._dynamic or self._specs_kv is None:
+        """A shared child's spec was deleted here. On the node that runs it (or when
+        nobody does): the other nodes drop their standbys, then its name is given up;
+        if NATS cannot take the delete now, the name stays this node's (so that no
+        standby takes the child over) and the delete is tried again at the next
+        reconnect. On a node that only stands by for it: this node's standby alone."""
+        if name not in self._dynamic:
             return
         self._dynamic.discard(name)
-        try:
-            await self._specs_kv.delete(token(name))
-        except NatsError as exc:
-            log.warning("cluster_spec_not_forgotten", name=name, reason=str(exc))
         self._failover.pop(name, None)
+        self.state_names.discard(name)
+        self._spec_values.pop(name, None)
+        owner = self.names.get(name)
+        if owner is not None and owner != self.node and \
+                self.members.get(owner) == "up":
+            return  # it runs on another node: this node just stops standing by
+        await self._forget_everywhere(name)
+
+    async def _forget_everywhere(self, name: str) -> None:
+        if self._specs_kv is None:
+            return
+        for pause in (0.1, 0.3, None):
+            try:
+                await self._specs_kv.delete(token(name))
+                break
+            except NatsError as exc:
+                if pause is None:
+                    log.warning("cluster_spec_not_forgotten", name=name, reason=str(exc))
+                    self._unforgotten.add(name)
+                    return
+                await trio.sleep(pause)
+        self._unforgotten.discard(name)
         await self.unregister(name)
 
     async def _spec_gone(self, name: str) -> bool:
@@ -834,22 +858,28 @@ class ClusterNode:
             return  # no such cluster supervisor here, or its own (or known) child
         durable = child.durable if child.durable is not None else \
             child.server_class.durable
-        if durable:
-            if self.states is None:
-                log.error("cluster_spec_refused", name=name,
-                          reason="it is durable and this node has no cluster store")
-                return
-            self.state_names.add(name)
-        self._failover[name] = supervisor
-        self._dynamic.add(name)
+        if durable and self.states is None:
+            log.error("cluster_spec_refused", name=name,
+                      reason="it is durable and this node has no cluster store")
+            return
+        if (name in self.sched.procs or name in self.sched.sups
+                or name in self.sched.standby or name in self._failover):
+            # The name is this node's already (a local server, or a child of another
+            # supervisor): nothing of it changes.
+            log.error("cluster_spec_refused", name=name,
+                      reason="the name is used by another server or spec on this node")
+            return
         self.sched.standby.add(name)
         try:
             sup.start_child(child)  # a standby: its spec is kept, it does not start
         except OtpyError as exc:
             self.sched.standby.discard(name)
-            self._failover.pop(name, None)
             log.error("cluster_spec_refused", name=name, reason=str(exc))
             return
+        if durable:
+            self.state_names.add(name)
+        self._failover[name] = supervisor
+        self._dynamic.add(name)
         owner = self.names.get(name)
         log.info("cluster_standby", name=name, runs_on=owner or "?", node=self.node)
         gone = owner is None or (name not in self._owned if owner == self.node else
@@ -1067,7 +1097,8 @@ class ClusterNode:
         growing pause while this connection lasts (a later reconnect starts afresh)."""
         backoff = REASSERT_FIRST
         place, names = True, list(self._owned)
-        while place or names:
+        specs = list(self._spec_values)
+        while place or names or specs or self._unforgotten:
             if self._leaving or reconnect != self._reconnects:
                 return
             if place:
@@ -1079,6 +1110,19 @@ class ClusterNode:
                 except Exception as exc:  # a live node of this name, a foreign entry
                     log.error("cluster_rejoin_failed", node=self.node, reason=str(exc))
                     place = False
+            for name in list(self._unforgotten):  # deleted here while NATS was away
+                await self._forget_everywhere(name)
+            if self._specs_kv is not None:  # the specs this node shared, again
+                kept = []
+                for name in specs:
+                    value = self._spec_values.get(name)
+                    if value is None:
+                        continue
+                    try:
+                        await self._specs_kv.put(token(name), value)
+                    except NatsError:
+                        kept.append(name)
+                specs = kept
             failed = []
             # Each keeps its subscription meanwhile: a name found taken is given up
             # (register's standby gives it up by itself).
@@ -1093,13 +1137,13 @@ class ClusterNode:
                     failed.append(name)
                     log.warning("cluster_name_not_asserted", name=name, reason=str(exc),
                                 retry_in=backoff)
-                except OtpyError as exc:
+                except Exception as exc:  # taken by a live node, or a foreign entry
                     owned = self._owned.pop(name, None)
                     if owned is not None:
                         owned[1].unsubscribe()
                     log.warning("cluster_name_lost", name=name, reason=str(exc))
             names = failed
-            if place or names:
+            if place or names or specs or self._unforgotten:
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, REASSERT_MAX)
 
