@@ -40,7 +40,6 @@ left and returns.
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import time
@@ -59,6 +58,7 @@ from .._protocol.http1 import (
     Stream,
     encode,
 )
+from .limits import CAPACITY_ERRNOS
 from .limits import HttpLimits as HttpLimits
 
 READ_SIZE = 1 << 16
@@ -68,8 +68,6 @@ LOG_PEERS = 1024  # peers the refusal log remembers
 LINGER = 1.0  # seconds a refused connection is read (and discarded) before closing
 LINGER_BYTES = 1 << 20
 MAX_LINGERING = 64  # refused connections lingering at once; past that, closed at once
-# accept() errors that mean "out of something for now": wait and go on
-_ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 _log = structlog.get_logger("otpy")
 
@@ -531,7 +529,7 @@ class _Server:
                 try:
                     stream = await listener.accept()
                 except OSError as exc:
-                    if exc.errno not in _ACCEPT_ERRNOS:
+                    if exc.errno not in CAPACITY_ERRNOS:
                         raise
                     self.refuse("-", 0, "AcceptFailed",
                                 f"accept() failed: {os.strerror(exc.errno or 0)}; new "

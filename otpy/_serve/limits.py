@@ -3,6 +3,7 @@ MessagePack-RPC, ``otpy.HttpLimits`` for HTTP)."""
 
 from __future__ import annotations
 
+import errno
 import math
 from dataclasses import dataclass
 
@@ -13,6 +14,10 @@ from .._protocol.msgpack_rpc import (
     DEFAULT_MAX_OBJECTS,
     READ_SIZE,
 )
+
+# accept() failing for want of descriptors or memory: both endpoints survive these
+# (they log, wait a little and accept again); any other error is a bug.
+CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -82,7 +82,7 @@ from .._protocol.msgpack_rpc import (
 )
 from .._release_files import ReleaseSource, load_in_thread
 from ._ratelimit import Refusals
-from .limits import EndpointLimits
+from .limits import CAPACITY_ERRNOS, EndpointLimits
 
 Install = Callable[[Planner], Awaitable[dict[str, Any]]]
 
@@ -94,8 +94,8 @@ MAX_BATCH = 128
 # Descriptors the client endpoint leaves free under the process's limit, beside the
 # admin endpoint's connections (see _client_cap).
 FD_RESERVE = 64
-# accept() out of descriptors or memory: wait, from ACCEPT_BACKOFF doubling to the max.
-CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# accept() out of descriptors or memory (CAPACITY_ERRNOS): wait, from ACCEPT_BACKOFF
+# doubling to the max.
 ACCEPT_BACKOFF, ACCEPT_BACKOFF_MAX = 0.01, 1.0
 
 _log = structlog.get_logger("otpy")
