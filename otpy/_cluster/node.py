@@ -433,7 +433,7 @@ class ClusterNode:
         if owned is not None:
             owned[1].unsubscribe()
         sup = self._failover.get(name)
-        running = self.sched.procs.get(name)
+        running = self.sched.resolve(name)
         if running is not None and sup is not None and sup in self.sched.sups:
             log.warning("cluster_duplicate_stopped", name=name, runs_on=owner,
                         node=self.node)
@@ -960,12 +960,11 @@ class ClusterNode:
         server of this node by its plain name (the core's fast lookup), anything
         else as ``name@node``, which only this node's servers answer."""
         if type(target) is str:
-            name, at, node = target.partition("@")  # as split_remote reads it
-            if not at:
-                name, node = target, self.node
-            if node == self.node and name in self.sched.procs:
-                return name
-            return target if at else f"{target}@{self.node}"
+            parts = split_remote(target)
+            name, node = parts if parts is not None else (target, self.node)
+            if node != self.node:
+                return target  # another node's: names nothing here
+            return name if name in self.sched.procs else f"{name}@{node}"
         return target
 
     def _monitored(self, message: wire.Monitor, reply: str | None) -> None:

@@ -44,6 +44,7 @@ import msgpack  # type: ignore[import-untyped]
 import structlog
 import trio
 
+from .._core.names import split_remote
 from .._core.release import Migration, Release
 from .._exceptions import UpgradeFailed
 from .._install import commit, heap_frozen, migrate_in_chunks
@@ -342,8 +343,11 @@ class NodeReleases:
     def vsn_before(self, target: Any, level: int) -> str | None:
         """The version a server ran at cluster level ``level`` (what a caller of that
         level speaks), when a release since moved it; None when none did."""
-        name = getattr(target, "name", None) if not isinstance(target, str) else \
-            target.partition("@")[0]
+        if isinstance(target, str):
+            parts = split_remote(target)
+            name: Any = target if parts is None else parts[0]
+        else:
+            name = getattr(target, "name", None)  # a pid
         for number in sorted(n for n in self._before if n > level):
             vsn = self._before[number].get(str(name))
             if vsn is not None:
