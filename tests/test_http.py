@@ -510,7 +510,8 @@ async def test_an_idle_keep_alive_connection_is_closed_after_idle_timeout(
         assert 200 == (await c.request("GET", "/healthz")).status
         start = trio.current_time()
         assert await c.eof()
-        assert 3.0 == pytest.approx(trio.current_time() - start, abs=0.01)
+        # The endpoint's sweep honours a timeout within a quarter of the shorter one.
+        assert 3.0 <= trio.current_time() - start <= 3.0 + 3.0 / 4
         assert [] == c.done
 
 
@@ -701,23 +702,26 @@ class _Ok:
 # -- shutdown ----------------------------------------------------------------------------
 
 
+class Slow(otpy.GenServer[None]):
+    """Answers each call 2 s later (a call in progress while the endpoint drains)."""
+
+    def init(self, arg: Any) -> None:
+        return None
+
+    def handle_call(self, request: Any, caller: otpy.Caller, state: None) -> Any:
+        self.send_after(2.0, "slow", caller)
+        return otpy.NoReply(state)
+
+    def handle_info(self, caller: Any, state: None) -> None:
+        caller.reply("late")
+
+
 async def test_drain_finishes_a_call_in_progress_and_refuses_new_connections(
         autojump_clock: trio.testing.MockClock) -> None:
     """On shutdown the endpoint stops accepting, closes idle connections at once, lets a
     call in progress finish (its response says close), then returns."""
     shutdown = trio.Event()
     stats = HttpStats()
-
-    class Slow(otpy.GenServer[None]):
-        def init(self, arg: Any) -> None:
-            return None
-
-        def handle_call(self, request: Any, caller: otpy.Caller, state: None) -> Any:
-            self.send_after(2.0, "slow", caller)
-            return otpy.NoReply(state)
-
-        def handle_info(self, caller: Any, state: None) -> None:
-            caller.reply("late")
 
     root = otpy.Supervisor([otpy.Child("slow", Slow)])
     async with otpy.open_node(root) as node, trio.open_nursery() as nursery:
@@ -911,17 +915,6 @@ async def test_open_node_drains_http_before_the_tree_shuts_down(
         autojump_clock: trio.testing.MockClock) -> None:
     """A call in progress when the body ends is answered by the still-running tree:
     the endpoint stops accepting, finishes it, then the tree stops."""
-
-    class Slow(otpy.GenServer[None]):
-        def init(self, arg: Any) -> None:
-            return None
-
-        def handle_call(self, request: Any, caller: otpy.Caller, state: None) -> Any:
-            self.send_after(2.0, "slow", caller)
-            return otpy.NoReply(state)
-
-        def handle_info(self, caller: Any, state: None) -> None:
-            caller.reply("late")
 
     replies: list[Reply] = []
 
