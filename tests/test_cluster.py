@@ -603,6 +603,30 @@ async def test_a_refused_spec_changes_nothing_of_a_local_server_of_that_name(
         assert "cache" in b.servers()
 
 
+async def test_a_hostile_entry_in_the_names_bucket_is_ignored(
+        nats_server: NatsServer) -> None:
+    """A million empty maps (1 MB) written as a name's registration by another NATS
+    client are refused before they are built; the node goes on serving its names."""
+    from otpy._cluster.jetstream import JetStream
+
+    async with nodes(nats_server, a=tree(otpy.Child("kv", Counter, scope="cluster"))
+                     ) as opened:
+        a = opened["a"]
+        cluster = a.cluster_info()["cluster"]  # type: ignore[index]
+        maps = b"\xdd" + (1_000_000).to_bytes(4, "big") + b"\x80" * 1_000_000
+        async with open_client(nats_server.url) as nc:
+            names = await JetStream(nc).key_value(f"otpy-{cluster}-names", create=False)
+            await names.put("evil", maps)
+            await names.put("kv2", maps)
+        await trio.sleep(0.2)
+        assert {"kv": "a"} == a.cluster_info()["names"]  # type: ignore[index]
+        assert 1 == await a.call("kv", "incr")
+    from otpy._cluster.node import _unpack_pair
+
+    with pytest.raises(ValueError, match="refused before decoding"):
+        _unpack_pair(maps)  # counted, not built
+
+
 async def test_a_child_the_other_nodes_cannot_rebuild_is_refused(
         nats_server: NatsServer) -> None:
     """A child whose class the other nodes cannot import by its path, or whose arg

@@ -1165,11 +1165,13 @@ def _is_ping(payload: bytes) -> bool:
 
 
 def _unpack_pair(value: bytes) -> tuple[str, int]:
+    """``(node, creation)`` from the names or members bucket, which any NATS client
+    can write: decoded within a message's bounds (ValueError if it is not one)."""
     try:
-        node, creation = msgpack.unpackb(value, use_list=False, raw=False)
+        node, creation = wire.decode_value(value)
+        return str(node), int(creation)
     except Exception as exc:
         raise ValueError(f"not an otpy registration: {exc}") from None
-    return str(node), int(creation)
 
 
 def untoken(key: str) -> str:

@@ -52,6 +52,7 @@ import structlog
 import trio
 
 from .._exceptions import StoreError
+from .._protocol import cluster as wire
 from .._store.base import Store, StoredState
 from .jetstream import (
     ERR_WRONG_LAST_SEQUENCE,
@@ -304,14 +305,12 @@ class ClusterStates:
                 nursery.start_soon(one, name)
         self._claimed.extend(found)
 
-    def _fields(self, raw: bytes) -> list[Any] | None:
-        try:
-            fields = msgpack.unpackb(raw, raw=False, max_bin_len=self.max_value,
-                                     max_str_len=65_536, max_array_len=8, max_map_len=0,
-                                     max_ext_len=0)
-        except Exception:
+    def _fields(self, raw: bytes) -> tuple[Any, ...] | None:
+        try:  # any NATS client can write the bucket: within a message's bounds
+            fields = wire.decode_value(raw)
+        except ValueError:
             return None
-        if (not isinstance(fields, list) or len(fields) != 5 or fields[0] != FORMAT
+        if (not isinstance(fields, tuple) or len(fields) != 5 or fields[0] != FORMAT
                 or not isinstance(fields[1], str) or not isinstance(fields[2], int)
                 or not isinstance(fields[3], str) or not isinstance(fields[4], bytes)):
             return None
